@@ -1,0 +1,50 @@
+"""`sqltune <command>`: a thin dispatcher. Each command lives in its own module, which exposes
+`register(subparsers)`; heavy imports (torch, transformers) happen inside the command, so
+`sqltune --help` is instant."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+from collections.abc import Sequence
+
+from sqltune import __version__
+from sqltune.errors import SqltuneError
+
+# command modules, in the order `sqltune --help` lists them
+COMMAND_MODULES = (
+    "sqltune.train",
+    "sqltune.data",
+    "sqltune.config_cmd",
+)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="sqltune", description="Fine-tune an open LLM into a text-to-SQL model, publish, serve and evaluate it.")
+    parser.add_argument("--version", action="version", version=f"sqltune {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for module in COMMAND_MODULES:
+        importlib.import_module(module).register(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(sys.argv[1:] if argv is None else list(argv))
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 2
+    try:
+        return int(args.func(args) or 0)
+    except SqltuneError as e:
+        print(f"sqltune: error: {e}", file=sys.stderr)
+        return e.exit_code
+    except KeyboardInterrupt:
+        print("sqltune: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

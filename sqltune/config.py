@@ -1,0 +1,271 @@
+"""The one Config schema behind YAML files, environment variables and CLI flags.
+
+    sqltune config show --config configs/tiny-cpu.yaml --lora-r 16
+
+A field `lora_r` is YAML key `lora_r`, environment `LORA_R` (or `SQLTUNE_LORA_R`) and flag
+`--lora-r`: names are derived from the field, never listed twice. Precedence, lowest first:
+defaults < --config YAML < environment < flags. `load(argv, environ)` is pure, so tests hand it
+dicts instead of patching the process.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import difflib
+import os
+import typing
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from sqltune.errors import ConfigError
+
+# Fields whose values are secrets: read where used, never printed or written into an artifact.
+SECRET_FIELDS = frozenset({"api_key"})
+ENV_PREFIX = "SQLTUNE_"
+
+
+def _f(default: Any, help: str, *, choices: Sequence[str] | None = None, minimum: float | None = None,
+       aliases: Sequence[str] = (), env: Sequence[str] = (), group: str = "finetune") -> Any:
+    meta = {"help": help, "choices": tuple(choices) if choices else None, "minimum": minimum,
+            "aliases": tuple(aliases), "env": tuple(env), "group": group}
+    if isinstance(default, list):
+        return field(default_factory=lambda: list(default), metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+@dataclass
+class Config:
+    # --- model and method -------------------------------------------------------------------
+    model_name: str = _f("tiny", "Base model: a hub id, a local folder, or `tiny` (a small Llama "
+                         "built from scratch with a tokenizer trained on the data).", aliases=["--model"])
+    new_model: str = _f("sqltune-sql", "Name of the fine-tuned model (artifact and served model name).")
+    output: str = _f("", "Where the finished model goes: a folder, file://, gs:// or s3:// URL. "
+                     "Default: models/<new_model>.", aliases=["-o"])
+    method: str = _f("auto", "qlora (4-bit NF4 base + LoRA), lora, full; auto = full for `tiny`, qlora "
+                     "on CUDA with bitsandbytes, lora otherwise.", choices=["auto", "qlora", "lora", "full"])
+    dtype: str = _f("auto", "Compute dtype; auto = bf16 on GPUs that support it, fp16 on older GPUs, "
+                    "fp32 on CPU.", choices=["auto", "bf16", "fp16", "fp32"])
+    lora_r: int = _f(8, "LoRA rank.", minimum=1)
+    lora_alpha: int = _f(16, "LoRA alpha (scale = alpha / r).", minimum=1)
+    lora_dropout: float = _f(0.05, "LoRA dropout.", minimum=0.0)
+    target_modules: list[str] = _f(["all-linear"], "Modules that get LoRA adapters "
+                                   "(comma-separated, or all-linear).")
+    tiny_layers: int = _f(4, "Layers of the `tiny` model.", minimum=1)
+    tiny_vocab_size: int = _f(2048, "Tokenizer vocabulary of the `tiny` model.", minimum=300)
+    trust_remote_code: bool = _f(False, "Allow model repositories to run their own code.")
+
+    # --- data -------------------------------------------------------------------------------
+    dataset: str = _f("synthetic:3000", "Training data: a hub id, a .json/.jsonl/.parquet/.csv file, "
+                      "or synthetic:N.")
+    dataset_split: str = _f("train", "Split to read from a hub dataset.")
+    dataset_limit: int = _f(-1, "Use a seeded random subset of this many valid rows; -1 = all.", minimum=-1)
+    columns: str = _f("", "Column mapping for other datasets: question=q,context=schema,answer=sql.")
+    eval_fraction: float = _f(0.05, "Share of questions held out for evaluation (by question hash).",
+                              minimum=0.0)
+
+    # --- training ---------------------------------------------------------------------------
+    learning_rate: float = _f(2e-4, "Peak learning rate.", minimum=0.0)
+    lr_scheduler_type: str = _f("cosine", "Learning-rate schedule.",
+                                choices=["cosine", "linear", "constant", "constant_with_warmup"])
+    warmup_ratio: float = _f(0.03, "Share of steps spent warming up.", minimum=0.0)
+    weight_decay: float = _f(0.0, "AdamW weight decay.", minimum=0.0)
+    num_train_epochs: float = _f(1.0, "Epochs over the training split (ignored when max_steps > 0).",
+                                 minimum=0.0)
+    max_steps: int = _f(-1, "Stop after this many optimizer steps; -1 = run the epochs.", minimum=-1)
+    max_train_minutes: float = _f(0.0, "Stop training (checkpoint, merge, publish) after this many "
+                                  "minutes; 0 = no limit.", minimum=0.0)
+    train_batch_size: int = _f(8, "Per-device training batch size.", minimum=1)
+    eval_batch_size: int = _f(8, "Per-device evaluation batch size.", minimum=1)
+    gradient_accumulation_steps: int = _f(1, "Micro-batches per optimizer step.", minimum=1)
+    gradient_checkpointing: bool = _f(False, "Recompute activations to save memory (slower).")
+    max_seq_length: int = _f(512, "Longest example in tokens; longer examples are skipped and counted.",
+                             minimum=16)
+    logging_steps: int = _f(10, "Log one JSON line every N steps.", minimum=1)
+    save_steps: int = _f(100, "Checkpoint every N steps.", minimum=1)
+    save_total_limit: int = _f(2, "Checkpoints kept; older ones are pruned.", minimum=1)
+    eval_generate_limit: int = _f(200, "Held-out examples to generate SQL for after training "
+                                  "(exact match in the artifact); 0 = skip.", minimum=0)
+    seed: int = _f(42, "Seed for sampling, splitting and training.")
+    resume: str = _f("auto", "auto = newest complete checkpoint under the output, never, or a "
+                     "checkpoint path.")
+    log_level: str = _f("info", "Log level.", choices=["debug", "info", "warning", "error"], group="common")
+
+    # --- artifacts and buckets (models in buckets) -----------------------------------------------
+    # --- evaluation --------------------------------------------------------------------------
+    # --- serving -----------------------------------------------------------------------------
+    api_key: str = _f("", "Bearer key required on every route but /health and /ready.",
+                      group="serve")
+    # --- deployment --------------------------------------------------------------------------
+
+    def __post_init__(self) -> None:
+        for f in dataclasses.fields(self):
+            _check(f, getattr(self, f.name))
+
+    @property
+    def output_dir(self) -> str:
+        return self.output or f"models/{self.new_model}"
+
+    def to_dict(self, *, redact: bool = True) -> dict[str, Any]:
+        data = dataclasses.asdict(self)
+        if redact:
+            for name in SECRET_FIELDS:
+                data[name] = "***" if data.get(name) else ""
+        return data
+
+
+FIELDS: dict[str, dataclasses.Field[Any]] = {f.name: f for f in dataclasses.fields(Config)}
+_TYPES = typing.get_type_hints(Config)
+
+
+def flag_name(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def env_names(name: str) -> tuple[str, ...]:
+    extra = FIELDS[name].metadata["env"]
+    return (ENV_PREFIX + name.upper(), name.upper(), *extra)
+
+
+def _check(f: dataclasses.Field[Any], value: Any) -> None:
+    meta = f.metadata
+    if meta["choices"] and value not in meta["choices"]:
+        raise ConfigError(f"{flag_name(f.name)}: {value!r} is not allowed",
+                          f"use one of: {', '.join(meta['choices'])}")
+    if meta["minimum"] is not None and isinstance(value, (int, float)) and value < meta["minimum"]:
+        raise ConfigError(f"{flag_name(f.name)}: {value!r} is below the minimum {meta['minimum']}",
+                          f"set {flag_name(f.name)} to {meta['minimum']} or more")
+
+
+def parse_value(name: str, raw: Any, origin: str) -> Any:
+    """Convert a YAML, env or flag value to the field's type, or fail naming the flag."""
+    kind = _TYPES[name]
+    where = f"{origin} {flag_name(name)}" if origin == "flag" else f"{origin} value for {name}"
+    try:
+        if kind is bool:
+            if isinstance(raw, bool):
+                return raw
+            text = str(raw).strip().lower()
+            if text in ("1", "true", "yes", "on"):
+                return True
+            if text in ("0", "false", "no", "off", ""):
+                return False
+            raise ValueError
+        if kind is int:
+            if isinstance(raw, bool) or (isinstance(raw, float) and not raw.is_integer()):
+                raise ValueError
+            return int(raw)
+        if kind is float:
+            if isinstance(raw, bool):
+                raise ValueError
+            return float(raw)
+        if kind == list[str]:
+            items = raw if isinstance(raw, list) else str(raw).split(",")
+            return [str(i).strip() for i in items if str(i).strip()]
+        if raw is None or isinstance(raw, (dict, list)):
+            raise ValueError
+        return str(raw)
+    except (TypeError, ValueError):
+        expected = {bool: "true or false", int: "an integer", float: "a number"}.get(kind, "a string")
+        if kind == list[str]:
+            expected = "a list or comma-separated string"
+        raise ConfigError(f"{where}: {raw!r} is not {expected}",
+                          f"pass {flag_name(name)} {_example(name)}") from None
+
+
+def _example(name: str) -> str:
+    default = FIELDS[name].default
+    if default is dataclasses.MISSING:
+        return ",".join(FIELDS[name].default_factory())  # type: ignore[misc]
+    return str(default).lower() if isinstance(default, bool) else str(default) or "VALUE"
+
+
+def read_yaml(path: str | os.PathLike[str]) -> dict[str, Any]:
+    import yaml
+
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"config file {p} does not exist", "pass --config with a path to a YAML file")
+    try:
+        data = yaml.safe_load(p.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"config file {p} is not valid YAML: {e}", "fix the YAML syntax") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {p} must be a mapping of field: value", "see configs/tiny-cpu.yaml")
+    for key in data:
+        if key not in FIELDS:
+            near = difflib.get_close_matches(str(key), FIELDS, n=1)
+            hint = f"did you mean `{near[0]}`?" if near else "run `sqltune config show` to list the fields"
+            raise ConfigError(f"config file {p}: unknown key `{key}`", hint)
+    return data
+
+
+def resolve(yaml_path: str | None, environ: Mapping[str, str], flags: Mapping[str, Any]) -> tuple[Config, dict[str, str]]:
+    """Merge the layers; return the Config and, for each field not at its default, where it came from."""
+    values: dict[str, Any] = {}
+    sources: dict[str, str] = {}
+    if yaml_path:
+        for key, raw in read_yaml(yaml_path).items():
+            values[key], sources[key] = parse_value(key, raw, "config"), f"config {yaml_path}"
+    for name in FIELDS:
+        for env in env_names(name):
+            if env in environ:
+                values[name], sources[name] = parse_value(name, environ[env], f"env {env}"), f"env {env}"
+                break
+    for name, raw in flags.items():
+        values[name], sources[name] = parse_value(name, raw, "flag"), f"flag {flag_name(name)}"
+    return Config(**values), sources
+
+
+def add_arguments(parser: argparse.ArgumentParser, groups: Sequence[str] | None = None) -> None:
+    """Add `--config` and one flag per field. Flags default to SUPPRESS so only given ones count."""
+    parser.add_argument("--config", "-c", default=argparse.SUPPRESS, metavar="YAML",
+                        help="YAML file of config fields (see configs/).")
+    sections: dict[str, argparse._ArgumentGroup] = {}
+    for name, f in FIELDS.items():
+        group = f.metadata["group"]
+        if groups is not None and group not in groups and group != "common":
+            continue
+        section = sections.setdefault(group, parser.add_argument_group(f"{group} options"))
+        kind = _TYPES[name]
+        env = env_names(name)[1]
+        help_text = f"{f.metadata['help']} [env {env}]"
+        names = [flag_name(name), *f.metadata["aliases"]]
+        if kind is bool:
+            section.add_argument(*names, dest=name, default=argparse.SUPPRESS,
+                                 action=argparse.BooleanOptionalAction, help=help_text)
+        else:
+            section.add_argument(*names, dest=name, default=argparse.SUPPRESS, metavar=name.upper(),
+                                 choices=f.metadata["choices"], help=help_text)
+
+
+def from_namespace(ns: argparse.Namespace, environ: Mapping[str, str] | None = None) -> tuple[Config, dict[str, str]]:
+    flags = {k: v for k, v in vars(ns).items() if k in FIELDS}
+    return resolve(getattr(ns, "config", None), os.environ if environ is None else environ, flags)
+
+
+def load(argv: Sequence[str], environ: Mapping[str, str]) -> tuple[Config, dict[str, str]]:
+    """Resolve a Config from command-line arguments and an environment, without touching the process."""
+    parser = argparse.ArgumentParser(prog="sqltune", exit_on_error=False)
+    add_arguments(parser)
+    try:
+        ns = parser.parse_args(list(argv))
+    except argparse.ArgumentError as e:
+        raise ConfigError(str(e), "run `sqltune finetune --help` for the flags") from None
+    return from_namespace(ns, environ)
+
+
+def render(cfg: Config, sources: Mapping[str, str]) -> str:
+    """The resolved config as YAML, each non-default value annotated with where it came from."""
+    lines = []
+    for name, value in cfg.to_dict().items():
+        shown = ", ".join(value) if isinstance(value, list) else value
+        shown = f'"{shown}"' if isinstance(shown, str) and (shown == "" or ":" in shown) else shown
+        shown = str(shown).lower() if isinstance(shown, bool) else shown
+        note = f"  # {sources[name]}" if name in sources else ""
+        lines.append(f"{name}: {shown}{note}")
+    token = "set (hidden)" if os.environ.get("HF_TOKEN") else "not set"
+    lines.append(f"# HF_TOKEN: {token}")
+    return "\n".join(lines)

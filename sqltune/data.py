@@ -1,0 +1,253 @@
+"""Load, validate and split text-to-SQL examples.
+
+    sqltune data synth --n 2000 --out data/synthetic.jsonl
+    sqltune data check --dataset ../shared/data/sql-create-context/train.jsonl
+
+Sources: a hub id (datasets.load_dataset, HF_TOKEN read here), a local .json / .jsonl /
+.parquet / .csv file, or `synthetic:N`. Every row is validated; a bad row is skipped and
+counted by reason, never fatal. The train / eval split hashes the normalised question, so the
+same question never sits on both sides, whatever the limit, order or machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import random
+import re
+from collections import Counter
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from sqltune.errors import DataError
+
+FIELDS = ("question", "context", "answer")
+_CREATE = re.compile(r"^\s*CREATE\s+TABLE\s+[\w\"`\[\].]+\s*\(.+\)\s*$", re.IGNORECASE | re.DOTALL)
+LOCAL_SUFFIXES = {".json": "json", ".jsonl": "json", ".parquet": "parquet", ".csv": "csv"}
+
+
+@dataclass(frozen=True)
+class Example:
+    question: str
+    context: str
+    answer: str
+
+    def to_dict(self) -> dict[str, str]:
+        return {"question": self.question, "context": self.context, "answer": self.answer}
+
+
+@dataclass
+class DataReport:
+    """What loading did to the rows: the counts are printed and saved in the artifact."""
+
+    source: str
+    rows_read: int = 0
+    skipped: Counter[str] = field(default_factory=Counter)
+    duplicates: int = 0
+    limited_to: int | None = None
+    train: int = 0
+    eval: int = 0
+    fingerprint: str = ""
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"source": self.source, "rows_read": self.rows_read, "skipped": dict(self.skipped),
+                "skipped_total": sum(self.skipped.values()), "duplicates": self.duplicates,
+                "limited_to": self.limited_to, "train": self.train, "eval": self.eval,
+                "fingerprint": self.fingerprint}
+
+
+@dataclass
+class Splits:
+    train: list[Example]
+    eval: list[Example]
+    report: DataReport
+
+
+def parse_columns(spec: str) -> dict[str, str]:
+    """`question=q,context=schema,answer=sql` -> {"question": "q", ...}; unnamed fields map to themselves."""
+    mapping = {f: f for f in FIELDS}
+    for part in filter(None, (p.strip() for p in spec.split(","))):
+        ours, sep, theirs = part.partition("=")
+        if not sep or ours.strip() not in FIELDS or not theirs.strip():
+            raise DataError(f"column mapping `{part}` is not of the form field=column",
+                            "use e.g. --columns question=q,context=schema,answer=sql")
+        mapping[ours.strip()] = theirs.strip()
+    return mapping
+
+
+def _read_json_lines(path: Path) -> Iterator[dict[str, Any] | str]:
+    """Yield each row, or the string 'invalid_json' for a line that does not parse."""
+    with path.open(encoding="utf-8") as fh:
+        first = fh.read(1)
+        fh.seek(0)
+        if first == "[":  # a JSON array
+            try:
+                rows = json.load(fh)
+            except json.JSONDecodeError as e:
+                raise DataError(f"{path} is not valid JSON: {e}", "fix the file or save it as JSON lines") from None
+            yield from rows
+            return
+        for line in fh:
+            if not line.strip():
+                continue
+            try:
+                yield json.loads(line)
+            except json.JSONDecodeError:
+                yield "invalid_json"
+
+
+def read_rows(source: str, split: str = "train", seed: int = 0) -> Iterator[Any]:
+    """Raw rows from any supported source, before validation."""
+    if source.startswith("synthetic:"):
+        from sqltune import synthetic
+
+        count = source.split(":", 1)[1]
+        if not count.isdigit() or int(count) < 1:
+            raise DataError(f"`{source}`: N must be a positive integer", "use e.g. --dataset synthetic:2000")
+        yield from synthetic.generate(int(count), seed=seed)
+        return
+    path = Path(source)
+    if path.suffix.lower() in LOCAL_SUFFIXES or path.exists():
+        if not path.is_file():
+            raise DataError(f"dataset file {path} does not exist",
+                            "pass an existing .json/.jsonl/.parquet/.csv file, a hub id, or synthetic:N")
+        kind = LOCAL_SUFFIXES.get(path.suffix.lower())
+        if kind == "json":
+            yield from _read_json_lines(path)
+            return
+        if kind is None:
+            raise DataError(f"dataset file {path} has an unknown extension",
+                            f"use one of {', '.join(sorted(LOCAL_SUFFIXES))}")
+        import datasets
+
+        yield from datasets.load_dataset(kind, data_files=str(path), split="train")
+        return
+    import datasets
+
+    try:
+        ds = datasets.load_dataset(source, split=split, token=os.environ.get("HF_TOKEN") or None)
+    except Exception as e:  # the hub raises many types; all mean "cannot load this id"
+        raise DataError(f"cannot load dataset `{source}` (split {split}): {type(e).__name__}: {e}",
+                        "check the id and your network / HF_TOKEN, or pass a local file or synthetic:N") from None
+    yield from ds
+
+
+def validate(row: Any, mapping: dict[str, str]) -> Example | str:
+    """An Example, or the reason the row is skipped."""
+    if not isinstance(row, dict):
+        return row if row == "invalid_json" else "not_an_object"
+    values = {}
+    for ours, theirs in mapping.items():
+        if theirs not in row or row[theirs] is None:
+            return f"missing_{ours}"
+        value = row[theirs]
+        if not isinstance(value, str):
+            return f"non_text_{ours}"
+        if not value.strip():
+            return f"empty_{ours}"
+        values[ours] = value.strip()
+    statements = [s for s in values["context"].split(";") if s.strip()]
+    if not statements or not all(_CREATE.match(s) for s in statements):
+        return "context_not_create_table"
+    return Example(**values)
+
+
+def normalise_question(question: str) -> str:
+    return " ".join(re.sub(r"[^\w\s]", " ", question.lower()).split())
+
+
+def is_eval(question: str, fraction: float) -> bool:
+    """Deterministic split: a hash of the normalised question, not the row's position."""
+    digest = hashlib.sha256(normalise_question(question).encode()).digest()
+    return int.from_bytes(digest[:8], "big") / 2**64 < fraction
+
+
+def clean(rows: Iterable[Any], mapping: dict[str, str], report: DataReport) -> list[Example]:
+    seen: set[Example] = set()
+    kept: list[Example] = []
+    for row in rows:
+        report.rows_read += 1
+        result = validate(row, mapping)
+        if isinstance(result, str):
+            report.skipped[result] += 1
+        elif result in seen:
+            report.duplicates += 1
+        else:
+            seen.add(result)
+            kept.append(result)
+    return kept
+
+
+def fingerprint(examples: Iterable[Example]) -> str:
+    h = hashlib.sha256()
+    for ex in examples:
+        h.update(json.dumps(ex.to_dict(), sort_keys=True).encode())
+    return h.hexdigest()[:16]
+
+
+def load_splits(source: str, *, split: str = "train", columns: str = "", limit: int = -1,
+                eval_fraction: float = 0.05, seed: int = 42) -> Splits:
+    """Read, validate, deduplicate, subsample (seeded) and split a dataset."""
+    if not 0.0 <= eval_fraction < 1.0:
+        raise DataError(f"eval_fraction {eval_fraction} must be in [0, 1)", "use e.g. --eval-fraction 0.05")
+    report = DataReport(source=source)
+    examples = clean(read_rows(source, split, seed), parse_columns(columns), report)
+    if limit >= 0 and limit < len(examples):
+        examples = random.Random(seed).sample(examples, limit)
+        report.limited_to = limit
+    if not examples:
+        raise DataError(f"no usable rows in `{source}` (skipped: {dict(report.skipped) or 'none'})",
+                        "check the column mapping (--columns) and that the file has question/context/answer rows")
+    train = [ex for ex in examples if not is_eval(ex.question, eval_fraction)]
+    held = [ex for ex in examples if is_eval(ex.question, eval_fraction)]
+    if not train:
+        raise DataError("every row landed in the eval split", "lower --eval-fraction or add rows")
+    report.train, report.eval = len(train), len(held)
+    report.fingerprint = fingerprint(examples)
+    return Splits(train, held, report)
+
+
+def write_jsonl(examples: Iterable[dict[str, Any]], path: str | Path) -> int:
+    p = Path(path)
+    p.parent.mkdir(parents=True, exist_ok=True)
+    count = 0
+    with p.open("w", encoding="utf-8") as fh:
+        for ex in examples:
+            fh.write(json.dumps(ex, ensure_ascii=False) + "\n")
+            count += 1
+    return count
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("data", help="Generate or check datasets.")
+    dsub = p.add_subparsers(dest="data_command", metavar="ACTION", required=True)
+    synth = dsub.add_parser("synth", help="Write N synthetic examples as JSON lines.")
+    synth.add_argument("--n", type=int, default=1000, help="Number of examples.")
+    synth.add_argument("--seed", type=int, default=0, help="Generator seed.")
+    synth.add_argument("--out", required=True, help="Output .jsonl path.")
+    synth.set_defaults(func=_run_synth)
+    check = dsub.add_parser("check", help="Validate a dataset and print the counts by reason.")
+    check.add_argument("--dataset", required=True, help="Hub id, local file, or synthetic:N.")
+    check.add_argument("--columns", default="", help="Column mapping: question=q,context=schema,answer=sql.")
+    check.add_argument("--eval-fraction", type=float, default=0.05)
+    check.set_defaults(func=_run_check)
+
+
+def _run_synth(args: argparse.Namespace) -> int:
+    from sqltune import synthetic
+
+    if args.n < 1:
+        raise DataError(f"--n {args.n} must be at least 1", "use e.g. --n 1000")
+    count = write_jsonl(synthetic.generate(args.n, seed=args.seed), args.out)
+    print(f"wrote {count} examples to {args.out}")
+    return 0
+
+
+def _run_check(args: argparse.Namespace) -> int:
+    splits = load_splits(args.dataset, columns=args.columns, eval_fraction=args.eval_fraction)
+    print(json.dumps(splits.report.to_dict(), indent=2))
+    return 0

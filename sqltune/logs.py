@@ -1,0 +1,55 @@
+"""Structured logs: one JSON object per line on stderr with `severity`, `message` and fields,
+which Cloud Logging and kubectl log viewers parse and filter. Progress bars (tqdm) appear only
+on a terminal; the JSON lines are always there."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+import time
+from typing import Any
+
+_SEVERITY = {"DEBUG": "DEBUG", "INFO": "INFO", "WARNING": "WARNING", "ERROR": "ERROR", "CRITICAL": "CRITICAL"}
+
+
+class JsonFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        entry: dict[str, Any] = {
+            "severity": _SEVERITY.get(record.levelname, "DEFAULT"),
+            "message": record.getMessage(),
+            "time": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created)) + f".{int(record.msecs):03d}Z",
+            "logger": record.name,
+        }
+        fields = getattr(record, "fields", None)
+        if fields:
+            entry.update(fields)
+        if record.exc_info:
+            entry["exception"] = self.formatException(record.exc_info)
+        return json.dumps(entry, default=str)
+
+
+def setup(level: str = "info") -> None:
+    """Route sqltune's loggers to JSON on stderr. Only rank 0 logs below WARNING under torchrun."""
+    root = logging.getLogger("sqltune")
+    if not any(isinstance(h.formatter, JsonFormatter) for h in root.handlers):
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(JsonFormatter())
+        root.addHandler(handler)
+        root.propagate = False
+    rank = int(os.environ.get("RANK", "0"))
+    root.setLevel(level.upper() if rank == 0 else "WARNING")
+
+
+def get(name: str) -> logging.Logger:
+    return logging.getLogger(name if name.startswith("sqltune") else f"sqltune.{name}")
+
+
+def event(logger: logging.Logger, message: str, level: int = logging.INFO, **fields: Any) -> None:
+    """Log `message` with extra structured fields (step=..., loss=...)."""
+    logger.log(level, message, extra={"fields": fields})
+
+
+def show_progress() -> bool:
+    return sys.stderr.isatty() and os.environ.get("SQLTUNE_NO_PROGRESS", "") in ("", "0")
