@@ -123,3 +123,23 @@ def publish(local_dir: str | Path, dest: str) -> str:
                             "use a local --output")
     verify(local_dir, checksums=False)
     return str(local_dir)
+
+
+# --- hooks the fine-tuning job calls (local no-ops; buckets build on them) -----------------------
+
+def work_dir(output: str) -> Path:
+    """The local folder the job trains and exports into for `output` (the output itself when local)."""
+    if is_remote(output):
+        raise ArtifactError(f"cannot train into {output}: bucket URLs are not supported by this build",
+                            "use a local --output")
+    return local_path(output)
+
+
+def restore_checkpoints(output: str, local_checkpoints: Path) -> int:
+    """Bring complete checkpoints kept under `output` into `local_checkpoints`; returns how many."""
+    return 0
+
+
+def checkpoint_callback(output: str, local_checkpoints: Path, save_total_limit: int) -> Any:
+    """A transformers TrainerCallback that copies each complete checkpoint to `output`, or None."""
+    return None
