@@ -99,6 +99,56 @@ class Config:
     api_key: str = _f("", "Bearer key required on every route but /health and /ready.",
                       group="serve")
     # --- deployment --------------------------------------------------------------------------
+    gcp_project: str = _f("", "Google Cloud project for `sqltune deploy cloudrun` and image paths.",
+                          aliases=["--project"], env=["GOOGLE_CLOUD_PROJECT"], group="deploy")
+    gcp_region: str = _f("", "Region of the Cloud Run job, service, bucket and Artifact Registry "
+                         "(e.g. us-central1, which has L4 GPUs).", aliases=["--region"], group="deploy")
+    deploy_bucket: str = _f("", "Bucket the job publishes the model to and the service loads it from; "
+                            "default <project>-sqltune-models.", group="deploy")
+    bucket_mode: str = _f("gs", "How the containers reach the bucket: gs (gs:// URLs, atomic publish) or "
+                          "gcsfuse (the bucket mounted as a volume at /mnt/models).",
+                          choices=["gs", "gcsfuse"], group="deploy")
+    gpu_type: str = _f("nvidia-l4", "GPU type of the job and service (Cloud Run accelerator / GKE node "
+                       "label value).", group="deploy")
+    gpu_count: int = _f(1, "GPUs per container; 0 = CPU only. Above 1 (Kubernetes only) the job runs "
+                        "torchrun with one process per GPU.", minimum=0, group="deploy")
+    deploy_cpu: int = _f(8, "vCPUs per container (an L4 needs at least 4).", minimum=1, group="deploy")
+    deploy_memory: str = _f("32Gi", "Memory per container, e.g. 32Gi (an L4 needs at least 16Gi).",
+                            group="deploy")
+    job_max_retries: int = _f(0, "Retries of a failed fine-tuning task (Cloud Run maxRetries, "
+                              "Kubernetes backoffLimit).", minimum=0, group="deploy")
+    task_timeout: int = _f(3600, "Seconds one job task may run (Cloud Run caps GPU tasks at 3600).",
+                           minimum=1, group="deploy")
+    job_task_count: int = _f(1, "Tasks of the sharded evaluation job (each gets CLOUD_RUN_TASK_INDEX).",
+                             minimum=1, group="deploy")
+    job_parallelism: int = _f(1, "Evaluation tasks that run at once.", minimum=1, group="deploy")
+    image_registry: str = _f("", "Registry prefix of the images; default "
+                             "<region>-docker.pkg.dev/<project>/<image_repo>, or bare local names "
+                             "without a project.", group="deploy")
+    image_repo: str = _f("sqltune", "Artifact Registry repository that holds the images.", group="deploy")
+    image_tag: str = _f("", "Tag of both images; default the sqltune version.", group="deploy")
+    deploy_service_account: str = _f("sqltune-runner", "Service account (name before the @) the job "
+                                     "and service run as; also the Kubernetes ServiceAccount.",
+                                     group="deploy")
+    hf_token_secret: str = _f("HF_TOKEN", "Secret Manager secret (Kubernetes Secret, lower-cased) that "
+                              "holds the Hugging Face token.", group="deploy")
+    vpc_egress: str = _f("off", "Direct VPC egress of the job and service: off, private-ranges-only "
+                         "or all-traffic (faster bucket transfers through Private Google Access).",
+                         choices=["off", "private-ranges-only", "all-traffic"], group="deploy")
+    vpc_network: str = _f("default", "VPC network for Direct VPC egress.", group="deploy")
+    vpc_subnet: str = _f("default", "Subnet for Direct VPC egress.", group="deploy")
+    min_instances: int = _f(0, "Serving instances kept warm (Kubernetes replicas: at least 1).",
+                            minimum=0, group="deploy")
+    max_instances: int = _f(1, "Most serving instances (bounded by your GPU quota).", minimum=1,
+                            group="deploy")
+    container_concurrency: int = _f(8, "Requests one serving instance takes at once (the engine "
+                                    "batches them).", minimum=1, group="deploy")
+    deploy_job_name: str = _f("sqltune-finetune", "Name of the fine-tuning job (the evaluation job "
+                              "adds -eval).", group="deploy")
+    deploy_service_name: str = _f("sqltune-serve", "Name of the serving service.", group="deploy")
+    k8s_namespace: str = _f("default", "Kubernetes namespace of the rendered objects.", group="deploy")
+    k8s_accelerator_label: str = _f("cloud.google.com/gke-accelerator", "Node label that selects the "
+                                    "GPU type on Kubernetes; empty = no node selector.", group="deploy")
 
     def __post_init__(self) -> None:
         for f in dataclasses.fields(self):

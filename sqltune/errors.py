@@ -38,3 +38,7 @@ class TrainingInterrupted(SqltuneError):
     """The job was asked to stop (SIGTERM) and saved a checkpoint first."""
 
     exit_code = 143
+
+
+class DeployError(SqltuneError):
+    """A deployment that cannot be rendered or a cloud step that failed."""
