@@ -98,6 +98,36 @@ class Config:
     # --- serving -----------------------------------------------------------------------------
     api_key: str = _f("", "Bearer key required on every route but /health and /ready.",
                       group="serve")
+    serve_engine: str = _f("auto", "Generation engine; auto = vllm when CUDA and vllm are installed, else "
+                           "transformers.", choices=["auto", "transformers", "vllm"], aliases=["--engine"],
+                           group="serve")
+    serve_host: str = _f("0.0.0.0", "Address to listen on (127.0.0.1 keeps the server local).",
+                         aliases=["--host"], group="serve")
+    serve_port: int = _f(8000, "Port to listen on (Cloud Run and Vertex AI set PORT / AIP_HTTP_PORT).",
+                         minimum=1, aliases=["--port"], env=["PORT", "AIP_HTTP_PORT"], group="serve")
+    served_model_name: str = _f("", "Model id in the API; default: the artifact's new_model.", group="serve")
+    serve_device: str = _f("auto", "Device for the transformers engine; auto = cuda when available.",
+                           choices=["auto", "cpu", "cuda"], group="serve")
+    max_queue: int = _f(64, "Requests that may wait beyond those being generated; more get 429 with "
+                        "Retry-After.", minimum=0, group="serve")
+    max_batch_size: int = _f(16, "Sequences generated together (vLLM: max_num_seqs).", minimum=1, group="serve")
+    batch_wait_ms: float = _f(5.0, "How long the transformers engine waits for more requests to batch.",
+                              minimum=0.0, group="serve")
+    request_timeout: float = _f(120.0, "Seconds a request may take, queueing included; then 504.",
+                                minimum=0.1, group="serve")
+    max_body_bytes: int = _f(1_000_000, "Largest request body; larger ones get 413.", minimum=1024,
+                             group="serve")
+    default_max_tokens: int = _f(128, "max_tokens when a request does not set it.", minimum=1, group="serve")
+    max_tokens_limit: int = _f(1024, "Largest max_tokens a request may ask for.", minimum=1, group="serve")
+    max_model_len: int = _f(0, "Context length (prompt + completion); 0 = the model's own.", minimum=0,
+                            group="serve")
+    gpu_memory_utilization: float = _f(0.9, "Share of GPU memory vLLM may use.", minimum=0.01, group="serve")
+    tensor_parallel_size: int = _f(1, "GPUs one vLLM model is split across.", minimum=1, group="serve")
+    safetensors_load_strategy: str = _f("lazy", "lazy = memory-map weights; eager = read each file whole "
+                                        "first (much faster on gcsfuse and other network mounts).",
+                                        choices=["lazy", "eager"], group="serve")
+    shutdown_grace: float = _f(20.0, "Seconds in-flight requests get to finish after SIGTERM.", minimum=0.0,
+                               group="serve")
     # --- deployment --------------------------------------------------------------------------
     gcp_project: str = _f("", "Google Cloud project for `sqltune deploy cloudrun` and image paths.",
                           aliases=["--project"], env=["GOOGLE_CLOUD_PROJECT"], group="deploy")
