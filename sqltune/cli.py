@@ -17,6 +17,7 @@ COMMAND_MODULES = (
     "sqltune.train",
     "sqltune.data",
     "sqltune.config_cmd",
+    "sqltune.deploy.cli",
 )
 
 

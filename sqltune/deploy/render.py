@@ -1,0 +1,318 @@
+"""Pure renderers: Config -> Cloud Run Job and Service manifests, Kubernetes Job, Deployment and
+Service, and Cloud Build configs, as dicts and as YAML text. Nothing here reads the environment,
+calls the network or touches the disk except `write`, so the same Config always renders the same
+bytes (tests compare them with golden files).
+
+    sqltune deploy render --target cloudrun --config configs/gemma-2b-qlora.yaml --out deploy/
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from sqltune import __version__, config
+from sqltune.config import Config
+from sqltune.errors import DeployError
+
+TARGETS = ("cloudrun", "kubernetes")
+MOUNT_PATH = "/mnt/models"
+SERVE_PORT = 8080
+RUN_AS_UID = 1000  # the `sqltune` user created in docker/Dockerfile.*
+FINETUNE_IMAGE, SERVE_IMAGE = "sqltune-finetune", "sqltune-serve"
+# Minimum vCPU and GiB per GPU type on Cloud Run: https://cloud.google.com/run/docs/configuring/services/gpu
+GPU_MINIMUMS = {"nvidia-l4": (4, 16), "nvidia-rtx-pro-6000": (20, 80)}
+# "For tasks using GPUs, the maximum available timeout is 1 hour": https://cloud.google.com/run/docs/create-jobs
+CLOUDRUN_GPU_TASK_TIMEOUT = 3600
+# Without a GPU, Cloud Run allows 1, 2, 4, 6 or 8 vCPU and at most 4 GiB per vCPU:
+# https://cloud.google.com/run/docs/configuring/jobs/cpu
+CLOUDRUN_CPUS = (1, 2, 4, 6, 8)
+# The tutorial's job passes these as environment variables; they are always set, even at their
+# defaults, so the job's settings can be read off the manifest and edited in the console.
+TUTORIAL_FIELDS = ("model_name", "new_model", "method", "dataset", "dataset_limit", "lora_r", "lora_alpha",
+                   "lora_dropout", "learning_rate", "num_train_epochs", "max_steps", "train_batch_size",
+                   "gradient_accumulation_steps", "max_seq_length", "logging_steps")
+_NAME = re.compile(r"^[a-z]([-a-z0-9]{0,47}[a-z0-9])?$")
+_MEMORY = re.compile(r"^(\d+(?:\.\d+)?)(Mi|Gi)$")
+
+
+@dataclass(frozen=True)
+class Names:
+    """Everything a manifest needs that is derived from the Config rather than copied from it."""
+
+    project: str
+    region: str
+    bucket: str
+    registry: str
+    tag: str
+    finetune_image: str
+    serve_image: str
+    service_account: str  # email on Cloud Run ("" = the default compute identity)
+    model_url: str
+    job: str
+    eval_job: str
+    service: str
+    k8s_secret: str
+
+
+def names(cfg: Config) -> Names:
+    project, region = cfg.gcp_project, cfg.gcp_region
+    bucket = cfg.deploy_bucket or (f"{project}-sqltune-models" if project else "sqltune-models")
+    registry = cfg.image_registry.rstrip("/")
+    if not registry and project and region:
+        registry = f"{region}-docker.pkg.dev/{project}/{cfg.image_repo}"
+    tag = cfg.image_tag or __version__
+
+    def image(name: str) -> str:
+        return f"{registry}/{name}:{tag}" if registry else f"{name}:{tag}"
+
+    model_url = (f"gs://{bucket}/{cfg.new_model}" if cfg.bucket_mode == "gs"
+                 else f"{MOUNT_PATH}/{cfg.new_model}")
+    account = f"{cfg.deploy_service_account}@{project}.iam.gserviceaccount.com" if project else ""
+    return Names(project=project, region=region, bucket=bucket, registry=registry, tag=tag,
+                 finetune_image=image(FINETUNE_IMAGE), serve_image=image(SERVE_IMAGE),
+                 service_account=account, model_url=model_url, job=cfg.deploy_job_name,
+                 eval_job=f"{cfg.deploy_job_name}-eval", service=cfg.deploy_service_name,
+                 k8s_secret=cfg.hf_token_secret.lower().replace("_", "-"))
+
+
+def memory_gib(text: str) -> float:
+    m = _MEMORY.match(text)
+    if not m:
+        raise DeployError(f"--deploy-memory: {text!r} is not a memory size", "write it as 16Gi or 16384Mi")
+    return float(m.group(1)) / (1024 if m.group(2) == "Mi" else 1)
+
+
+def check(cfg: Config, target: str) -> None:
+    """Fail before rendering on what the platform would reject after an image build."""
+    if target not in TARGETS:
+        raise DeployError(f"unknown target {target!r}", f"use one of: {', '.join(TARGETS)}")
+    for flag, value in (("--deploy-job-name", cfg.deploy_job_name),
+                        ("--deploy-service-name", cfg.deploy_service_name),
+                        ("--k8s-namespace", cfg.k8s_namespace)):
+        if not _NAME.match(value):
+            raise DeployError(f"{flag}: {value!r} is not a valid resource name",
+                              "use lower-case letters, digits and hyphens, starting with a letter, "
+                              "at most 49 characters")
+    gib = memory_gib(cfg.deploy_memory)
+    if target != "cloudrun":
+        return
+    if cfg.gpu_count == 0:
+        if cfg.deploy_cpu not in CLOUDRUN_CPUS or gib > 4 * cfg.deploy_cpu:
+            raise DeployError(f"Cloud Run without a GPU takes 1, 2, 4, 6 or 8 vCPU with at most 4 GiB "
+                              f"each; got {cfg.deploy_cpu} vCPU and {cfg.deploy_memory}",
+                              "lower --deploy-memory or raise --deploy-cpu")
+        return
+    if cfg.gpu_type not in GPU_MINIMUMS:
+        raise DeployError(f"--gpu-type: Cloud Run has no GPU {cfg.gpu_type!r}",
+                          f"use one of: {', '.join(GPU_MINIMUMS)}")
+    if cfg.gpu_count != 1:
+        raise DeployError(f"--gpu-count: a Cloud Run instance has exactly one GPU, not {cfg.gpu_count}",
+                          "set --gpu-count 1, or render --target kubernetes for several GPUs per job")
+    min_cpu, min_gib = GPU_MINIMUMS[cfg.gpu_type]
+    if cfg.deploy_cpu < min_cpu or gib < min_gib:
+        raise DeployError(f"{cfg.gpu_type} on Cloud Run needs at least {min_cpu} vCPU and {min_gib}Gi; "
+                          f"got {cfg.deploy_cpu} vCPU and {cfg.deploy_memory}",
+                          f"set --deploy-cpu {max(min_cpu, cfg.deploy_cpu)} "
+                          f"--deploy-memory {max(min_gib, int(gib))}Gi")
+    if cfg.task_timeout > CLOUDRUN_GPU_TASK_TIMEOUT:
+        raise DeployError(f"--task-timeout: Cloud Run caps GPU tasks at {CLOUDRUN_GPU_TASK_TIMEOUT} s, "
+                          f"got {cfg.task_timeout}",
+                          "lower it and bound training with --max-train-minutes (the job checkpoints and "
+                          "publishes before the cap)")
+
+
+def env_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, list):
+        return ",".join(str(v) for v in value)
+    return str(value)
+
+
+def _default(name: str) -> Any:
+    f = config.FIELDS[name]
+    return f.default_factory() if f.default is dataclasses.MISSING else f.default  # type: ignore[misc]
+
+
+def config_env(cfg: Config, groups: tuple[str, ...], always: tuple[str, ...] = ()) -> list[dict[str, str]]:
+    """The fields of `groups` as `NAME=value` pairs under their tutorial names (`LORA_R`): the ones in
+    `always`, plus any that differ from the default. Secrets never appear; they come by reference."""
+    env = []
+    for name, f in config.FIELDS.items():
+        if name in config.SECRET_FIELDS or name == "output" or f.metadata["group"] not in groups:
+            continue
+        value = getattr(cfg, name)
+        if name in always or value != _default(name):
+            env.append({"name": config.env_names(name)[1], "value": env_value(value)})
+    return env
+
+
+def job_env(cfg: Config, n: Names) -> list[dict[str, str]]:
+    env = config_env(cfg, ("finetune", "common"), TUTORIAL_FIELDS)
+    env.append({"name": config.env_names("output")[1], "value": n.model_url})
+    return env
+
+
+def serve_args(n: Names) -> list[str]:
+    args = ["serve", "--model", n.model_url]
+    if "serve_port" in config.FIELDS:
+        args += ["--serve-port", str(SERVE_PORT)]
+    return args
+
+
+def _cloudrun_annotations(cfg: Config) -> dict[str, str]:
+    notes: dict[str, str] = {}
+    if cfg.gpu_count:
+        # The tutorial's --no-gpu-zonal-redundancy: cheaper, best-effort failover across zones.
+        # https://cloud.google.com/run/docs/configuring/services/gpu-zonal-redundancy
+        notes["run.googleapis.com/gpu-zonal-redundancy-disabled"] = "true"
+    if cfg.vpc_egress != "off":
+        # Direct VPC egress: https://cloud.google.com/run/docs/configuring/vpc-direct-vpc
+        notes["run.googleapis.com/vpc-access-egress"] = cfg.vpc_egress
+        notes["run.googleapis.com/network-interfaces"] = json.dumps(
+            [{"network": cfg.vpc_network, "subnetwork": cfg.vpc_subnet}], separators=(",", ":"))
+    return notes
+
+
+def _cloudrun_resources(cfg: Config) -> dict[str, Any]:
+    limits = {"cpu": str(cfg.deploy_cpu), "memory": cfg.deploy_memory}
+    if cfg.gpu_count:
+        limits["nvidia.com/gpu"] = str(cfg.gpu_count)
+    return {"limits": limits}
+
+
+def _metadata(name: str, n: Names) -> dict[str, Any]:
+    meta: dict[str, Any] = {"name": name}
+    if n.region:
+        meta["labels"] = {"cloud.googleapis.com/location": n.region}
+    # GPU jobs and services are configured through the BETA surface of the v1 API;
+    # BETA also accepts every GA field: https://cloud.google.com/run/docs/troubleshooting#launch-stage
+    meta["annotations"] = {"run.googleapis.com/launch-stage": "BETA"}
+    return meta
+
+
+def _cloudrun_pod(cfg: Config, n: Names, container: dict[str, Any], read_only: bool) -> dict[str, Any]:
+    spec: dict[str, Any] = {}
+    if n.service_account:
+        spec["serviceAccountName"] = n.service_account
+    if cfg.gpu_count:
+        spec["nodeSelector"] = {"run.googleapis.com/accelerator": cfg.gpu_type}
+    container["resources"] = _cloudrun_resources(cfg)
+    if cfg.bucket_mode == "gcsfuse":
+        # Cloud Storage volume mounts: https://cloud.google.com/run/docs/configuring/jobs/cloud-storage-volume-mounts
+        container["volumeMounts"] = [{"name": "models", "mountPath": MOUNT_PATH}]
+        spec["volumes"] = [{"name": "models", "csi": {"driver": "gcsfuse.run.googleapis.com", "readOnly": read_only,
+                                                      "volumeAttributes": {"bucketName": n.bucket}}}]
+    spec["containers"] = [container]
+    return spec
+
+
+def cloudrun_job(cfg: Config, n: Names, *, evaluation: bool = False) -> dict[str, Any]:
+    """The fine-tuning job (one task), or with `evaluation` the sharded evaluation job: taskCount
+    tasks, each reading CLOUD_RUN_TASK_INDEX / CLOUD_RUN_TASK_COUNT to pick its shard."""
+    if evaluation:
+        container = {"name": "eval", "image": n.finetune_image, "args": ["eval", "--model", n.model_url],
+                     "env": config_env(cfg, ("eval", "common"))}
+        tasks, parallel = cfg.job_task_count, cfg.job_parallelism
+    else:
+        # HF_TOKEN by reference to Secret Manager, never a value in the manifest:
+        # https://cloud.google.com/run/docs/configuring/jobs/secrets
+        secret = {"secretKeyRef": {"name": cfg.hf_token_secret, "key": "latest"}}
+        env = [*job_env(cfg, n), {"name": "HF_TOKEN", "valueFrom": secret}]
+        container = {"name": "finetune", "image": n.finetune_image, "args": ["finetune"], "env": env}
+        # Training is not sharded by task: N tasks would train N copies. Scale out with GPUs instead.
+        tasks, parallel = 1, 1
+    task = _cloudrun_pod(cfg, n, container, read_only=evaluation)
+    task = {"maxRetries": cfg.job_max_retries, "timeoutSeconds": cfg.task_timeout, **task}
+    template: dict[str, Any] = {"spec": {"taskCount": tasks, "parallelism": parallel, "template": {"spec": task}}}
+    notes = _cloudrun_annotations(cfg)
+    if notes:
+        template = {"metadata": {"annotations": notes}, **template}
+    return {"apiVersion": "run.googleapis.com/v1", "kind": "Job",
+            "metadata": _metadata(n.eval_job if evaluation else n.job, n), "spec": {"template": template}}
+
+
+def cloudrun_service(cfg: Config, n: Names) -> dict[str, Any]:
+    probe_port = {"port": SERVE_PORT}
+    container = {
+        "name": "serve", "image": n.serve_image, "args": serve_args(n),
+        "ports": [{"name": "http1", "containerPort": SERVE_PORT}],
+        # Loading weights takes minutes: the startup probe holds traffic until /ready answers, then
+        # liveness takes over. https://cloud.google.com/run/docs/configuring/healthchecks
+        "startupProbe": {"httpGet": {"path": "/ready", **probe_port}, "periodSeconds": 10,
+                         "timeoutSeconds": 5, "failureThreshold": 48},
+        "livenessProbe": {"httpGet": {"path": "/health", **probe_port}, "periodSeconds": 30,
+                          "timeoutSeconds": 5, "failureThreshold": 3},
+    }
+    pod = _cloudrun_pod(cfg, n, container, read_only=True)
+    spec = {"containerConcurrency": cfg.container_concurrency, "timeoutSeconds": 600, **pod}
+    notes = {"autoscaling.knative.dev/minScale": str(cfg.min_instances),
+             "autoscaling.knative.dev/maxScale": str(cfg.max_instances),
+             # GPU services need CPU always allocated (instance-based billing):
+             # https://cloud.google.com/run/docs/configuring/services/gpu
+             "run.googleapis.com/cpu-throttling": "false",
+             "run.googleapis.com/startup-cpu-boost": "true",
+             **_cloudrun_annotations(cfg)}
+    return {"apiVersion": "serving.knative.dev/v1", "kind": "Service", "metadata": _metadata(n.service, n),
+            "spec": {"template": {"metadata": {"annotations": notes}, "spec": spec}}}
+
+
+def cloudbuild(dockerfile: str, image: str) -> dict[str, Any]:
+    """A Cloud Build config that builds one image from the repository root with a Dockerfile that is
+    not at the root (`gcloud builds submit --tag` only finds ./Dockerfile):
+    https://cloud.google.com/build/docs/building/build-containers"""
+    return {"steps": [{"name": "gcr.io/cloud-builders/docker",
+                       "args": ["build", "-f", dockerfile, "-t", image, "."]}],
+            "images": [image],
+            # torch and CUDA layers take longer than the default 10 minutes to build and push.
+            "timeout": "3600s",
+            "options": {"machineType": "E2_HIGHCPU_8"}}
+
+
+def to_yaml(doc: dict[str, Any], header: str) -> str:
+    lines = "".join(f"# {line}\n" if line else "#\n" for line in header.splitlines())
+    return lines + yaml.safe_dump(doc, sort_keys=False, default_flow_style=False, width=1000)
+
+
+def render(cfg: Config, target: str) -> dict[str, str]:
+    """File name -> YAML text for `target`; the same Config always gives the same bytes."""
+    check(cfg, target)
+    n = names(cfg)
+    if target == "kubernetes":
+        from sqltune.deploy import k8s
+
+        return k8s.render(cfg, n)
+    region = n.region or "REGION"
+    head = "Rendered by `sqltune deploy render --target cloudrun` from the config; edit the config, not this file.\n"
+    return {
+        "job.yaml": to_yaml(cloudrun_job(cfg, n), head + f"Apply: gcloud run jobs replace job.yaml --region {region}"
+                            f"\nRun:   gcloud run jobs execute {n.job} --region {region} --wait"),
+        "eval-job.yaml": to_yaml(cloudrun_job(cfg, n, evaluation=True),
+                                 head + f"Apply: gcloud run jobs replace eval-job.yaml --region {region}\n"
+                                 f"Each of the {cfg.job_task_count} tasks scores its shard; "
+                                 "`sqltune eval merge` joins them."),
+        "service.yaml": to_yaml(cloudrun_service(cfg, n),
+                                head + f"Apply: gcloud run services replace service.yaml --region {region}"),
+        "cloudbuild-finetune.yaml": to_yaml(cloudbuild("docker/Dockerfile.finetune", n.finetune_image),
+                                            head + "Build, from the repository root: gcloud builds submit --config THIS_FILE ."),
+        "cloudbuild-serve.yaml": to_yaml(cloudbuild("docker/Dockerfile.serve", n.serve_image),
+                                         head + "Build, from the repository root: gcloud builds submit --config THIS_FILE ."),
+    }
+
+
+def write(files: dict[str, str], out_dir: str | Path) -> list[Path]:
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for name, text in files.items():
+        path = out / name
+        path.write_text(text)
+        paths.append(path)
+    return paths
