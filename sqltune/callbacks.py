@@ -1,0 +1,94 @@
+"""Trainer callbacks of the fine-tuning job: JSON log lines, checkpoint manifests, graceful stops."""
+
+from __future__ import annotations
+
+import contextlib
+import signal
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from transformers import TrainerCallback
+
+from sqltune import artifacts, logs
+
+log = logs.get("train")
+
+
+class JsonLogs(TrainerCallback):
+    """One JSON line per logging step: step, loss, lr, grad norm, tokens/s, ETA."""
+
+    def __init__(self) -> None:
+        self._t0 = time.time()
+        self._last: tuple[float, int] | None = None
+
+    def on_train_begin(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
+        self._t0 = time.time()
+        self._start_step = state.global_step
+        logs.event(log, "training", max_steps=state.max_steps, start_step=state.global_step,
+                   batch_size=args.per_device_train_batch_size, world_size=args.world_size)
+
+    def on_log(self, args: Any, state: Any, control: Any, logs_: dict[str, Any] | None = None, **kw: Any) -> None:
+        entry = dict(kw.get("logs") or logs_ or {})
+        if not state.is_world_process_zero or "loss" not in entry:
+            return
+        now, seen = time.time(), int(getattr(state, "num_input_tokens_seen", 0) or 0)
+        fields: dict[str, Any] = {"step": state.global_step, "max_steps": state.max_steps,
+                                  "loss": round(entry["loss"], 4), "lr": entry.get("learning_rate"),
+                                  "grad_norm": _round(entry.get("grad_norm")), "epoch": _round(entry.get("epoch"))}
+        if self._last and now > self._last[0]:
+            fields["tokens_per_s"] = round((seen - self._last[1]) / (now - self._last[0]), 1)
+        done = state.global_step - self._start_step
+        if done > 0 and state.max_steps:
+            fields["eta_s"] = round((now - self._t0) / done * (state.max_steps - state.global_step), 1)
+        self._last = (now, seen)
+        logs.event(log, "train step", **fields)
+
+
+def _round(value: Any) -> Any:
+    return round(float(value), 4) if isinstance(value, (int, float)) else value
+
+
+class CheckpointManifest(TrainerCallback):
+    """Write each checkpoint's manifest.json once it is fully saved: a checkpoint is complete when its
+    manifest is, so a job killed mid-save never resumes from half a checkpoint."""
+
+    def on_save(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
+        if not state.is_world_process_zero:
+            return
+        folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+        if folder.is_dir():
+            artifacts.write_manifest(folder, exclude=(), step=state.global_step)
+            logs.event(log, "checkpoint saved", step=state.global_step, path=str(folder))
+
+
+class StopControl(TrainerCallback):
+    """Stop at a step boundary on SIGTERM (save first, then exit non-zero) or after a time budget."""
+
+    def __init__(self, max_minutes: float = 0.0) -> None:
+        self.max_s = max_minutes * 60
+        self.reason: str | None = None
+        self._t0 = time.time()
+
+    @contextlib.contextmanager
+    def installed(self) -> Iterator[None]:
+        def handler(signum: int, frame: Any) -> None:
+            self.reason = "sigterm"
+            logs.event(log, "SIGTERM received: saving a checkpoint at the end of this step")
+
+        previous = signal.signal(signal.SIGTERM, handler)
+        try:
+            yield
+        finally:
+            signal.signal(signal.SIGTERM, previous)
+
+    def on_train_begin(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
+        self._t0 = time.time()
+
+    def on_step_end(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
+        if self.reason is None and self.max_s and time.time() - self._t0 >= self.max_s:
+            self.reason = "time"
+        if self.reason:
+            control.should_save = True
+            control.should_training_stop = True

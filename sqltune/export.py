@@ -1,0 +1,180 @@
+"""Export: merge the adapter into a full-precision base, check parity, write a complete model folder.
+
+The folder is written into a staging directory beside the output, then moved in file by file
+with the old manifest removed first and the new one written last: at every moment the output
+is either a finished model (manifest present and matching) or visibly unfinished.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import json
+import os
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+from sqltune import __version__, artifacts, logs
+from sqltune.config import Config
+from sqltune.errors import ModelError
+from sqltune.prompts import TEMPLATE_KEY, PromptTemplate
+
+log = logs.get("export")
+
+PARITY_PROMPTS = (
+    "Question: How many heads of the departments are older than 56?\nContext: CREATE TABLE head (age INTEGER)\nAnswer:",
+    "Question: What is the name of the oldest singer?\nContext: CREATE TABLE singer (name VARCHAR, age INTEGER)\nAnswer:",
+    "Question: List all cities.\nContext: CREATE TABLE city (name VARCHAR, population INTEGER)\nAnswer:",
+)
+
+
+def _versions() -> dict[str, str]:
+    out = {"sqltune": __version__}
+    for pkg in ("torch", "transformers", "peft", "trl", "datasets", "accelerate", "bitsandbytes"):
+        try:
+            out[pkg] = importlib.metadata.version(pkg)
+        except importlib.metadata.PackageNotFoundError:
+            pass
+    return out
+
+
+def _logits(model: Any, tokenizer: Any) -> Any:
+    import torch
+
+    device = next(model.parameters()).device
+    with torch.inference_mode():
+        outs = []
+        for text in PARITY_PROMPTS:
+            ids = tokenizer(text, return_tensors="pt", add_special_tokens=False).to(device)
+            outs.append(model(**ids).logits.float().cpu())
+        return outs
+
+
+def check_parity(reference: list[Any], candidate: list[Any], tolerance: float) -> float:
+    """Max abs logit difference relative to the logit scale; raise when above tolerance."""
+    worst = 0.0
+    for a, b in zip(reference, candidate, strict=True):
+        scale = float(a.abs().max()) or 1.0
+        worst = max(worst, float((a - b).abs().max()) / scale)
+    if worst > tolerance:
+        raise ModelError(f"merged model disagrees with base+adapter: relative logit difference {worst:.2e} "
+                         f"> tolerance {tolerance:.0e}",
+                         "the merge or save is broken; the adapter is kept in adapter/ for a manual merge")
+    return worst
+
+
+def _merge(trainer: Any, method: str, precision: Any, base_name: str, run_dir: Path, stage: Path,
+           trust_remote_code: bool) -> tuple[Any, list[Any], float]:
+    """Save the adapter, reload the base in 16/32-bit, merge; returns (merged, reference logits, tolerance)."""
+    import torch
+    from peft import PeftModel
+
+    from sqltune.modeling import Precision, load_base
+
+    tokenizer = trainer.processing_class
+    adapter_dir = run_dir / "adapter"
+    trainer.model.save_pretrained(adapter_dir)
+    if method == "full":
+        model = trainer.model
+        return model, _logits(model, tokenizer), 1e-4
+    # never merge into 4-bit weights: the base is reloaded un-quantised in the compute dtype
+    merge_precision = Precision(precision.name, precision.device, "merge") if precision.name != "fp32" else precision
+    del trainer.model
+    trainer.model = None
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    base = load_base(base_name, merge_precision, trust_remote_code=trust_remote_code)
+    base.to(precision.device)
+    peft_model = PeftModel.from_pretrained(base, adapter_dir)
+    reference = _logits(peft_model, tokenizer)
+    merged = peft_model.merge_and_unload()
+    tolerance = 1e-4 if precision.name == "fp32" else 2e-2
+    return merged, reference, tolerance
+
+
+def export(trainer: Any, cfg: Config, *, method: str, precision: Any, base_name: str, run_dir: Path,
+           template: PromptTemplate, data_report: dict[str, Any], metrics: dict[str, Any],
+           eval_examples: list[Any]) -> Path:
+    from transformers import AutoModelForCausalLM
+
+    t0 = time.time()
+    stage = run_dir / f".export-{os.getpid()}"
+    shutil.rmtree(stage, ignore_errors=True)
+    stage.mkdir(parents=True)
+    tokenizer = trainer.processing_class
+    merged, reference, tolerance = _merge(trainer, method, precision, base_name, run_dir, stage, cfg.trust_remote_code)
+    merged.config.use_cache = True
+    gen = merged.generation_config
+    gen.eos_token_id, gen.pad_token_id = tokenizer.eos_token_id, tokenizer.pad_token_id
+    gen.do_sample, gen.max_new_tokens = False, 128
+    for attr in ("temperature", "top_p", "top_k"):
+        if hasattr(gen, attr):
+            setattr(gen, attr, None)
+    merged.save_pretrained(stage)
+    tokenizer.save_pretrained(stage)
+
+    reloaded = AutoModelForCausalLM.from_pretrained(stage, dtype=precision.torch_dtype).to(precision.device)
+    worst = check_parity(reference, _logits(reloaded, tokenizer), tolerance)
+    logs.event(log, "merge parity ok", max_relative_logit_diff=f"{worst:.2e}", tolerance=tolerance)
+    del reloaded
+
+    history = [h for h in trainer.state.log_history if "loss" in h]
+    _plot_loss(history, stage / "loss.png")
+    meta = {
+        "name": cfg.new_model,
+        "base_model": cfg.model_name,
+        "method": method,
+        "dtype": precision.name,
+        TEMPLATE_KEY: template.to_dict(),
+        "eos_token": tokenizer.eos_token,
+        "config": cfg.to_dict(),
+        "data": data_report,
+        "metrics": metrics,
+        "loss_history": [{"step": h["step"], "loss": h["loss"]} for h in history],
+        "versions": _versions(),
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
+    (stage / artifacts.SQLTUNE_META).write_text(json.dumps(meta, indent=2, default=str))
+
+    if cfg.eval_generate_limit and eval_examples:
+        from sqltune import heldout
+
+        result = heldout.score(stage, eval_examples[: cfg.eval_generate_limit], precision)
+        metrics["heldout"] = result
+        (stage / artifacts.SQLTUNE_META).write_text(json.dumps(meta, indent=2, default=str))
+
+    _move_in(stage, run_dir)
+    artifacts.write_manifest(run_dir, exclude=(artifacts.CHECKPOINTS, "adapter"), name=cfg.new_model)
+    logs.event(log, "model exported", path=str(run_dir), export_s=round(time.time() - t0, 1))
+    return run_dir
+
+
+def _move_in(stage: Path, run_dir: Path) -> None:
+    """Replace the previous model's files with the staged ones; the manifest goes first, so a crash
+    here leaves a folder that readers refuse rather than a mix they accept."""
+    (run_dir / artifacts.MANIFEST).unlink(missing_ok=True)
+    keep = {artifacts.CHECKPOINTS, "adapter", stage.name}
+    for old in run_dir.iterdir():
+        if old.name not in keep and not old.name.startswith("."):
+            shutil.rmtree(old) if old.is_dir() else old.unlink()
+    for item in stage.iterdir():
+        os.replace(item, run_dir / item.name)
+    stage.rmdir()
+
+
+def _plot_loss(history: list[dict[str, Any]], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 3.5), dpi=100)
+    ax.plot([h["step"] for h in history], [h["loss"] for h in history], lw=1.5)
+    ax.set_xlabel("step")
+    ax.set_ylabel("training loss (completion tokens)")
+    ax.set_title("sqltune finetune")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)

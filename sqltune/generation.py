@@ -1,0 +1,116 @@
+"""Batched generation from a finished sqltune model folder, with the template stored in it.
+
+The same code answers the fine-tuning job's held-out check, `sqltune eval --model` and the
+server's transformers engine, so all three see the same prompt and the same decoding.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from sqltune import artifacts, prompts
+
+
+@dataclass
+class Completion:
+    text: str
+    prompt_tokens: int
+    completion_tokens: int
+    finish_reason: str  # "stop" (EOS or a stop string) | "length"
+
+
+@dataclass
+class Loaded:
+    model: Any
+    tokenizer: Any
+    template: prompts.PromptTemplate
+    path: Path
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def device(self) -> Any:
+        return next(self.model.parameters()).device
+
+    @property
+    def max_length(self) -> int:
+        return int(getattr(self.model.config, "max_position_embeddings", 2048))
+
+
+def load(model: str | Path, device: str = "auto", dtype: str = "auto") -> Loaded:
+    """Load a finished model (local folder or bucket URL), checking its manifest and template."""
+    from sqltune.modeling import choose_precision
+
+    return from_folder(artifacts.resolve_model(str(model)), choose_precision(dtype), device)
+
+
+def from_folder(path: Path, precision: Any, device: str = "auto") -> Loaded:
+    """Load a model folder as it is (no manifest check: the exporter uses it before the manifest exists)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    template = prompts.load_template(path)
+    device = precision.device if device == "auto" else device
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    tokenizer.padding_side = "left"  # decoder-only batches are left-padded so every row continues its own prompt
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    net = AutoModelForCausalLM.from_pretrained(path, dtype=precision.torch_dtype).to(device)
+    net.eval()
+    return Loaded(net, tokenizer, template, Path(path), artifacts.read_meta(path))
+
+
+def _cut(text: str, stops: Sequence[str]) -> tuple[str, bool]:
+    hits = [text.index(s) for s in stops if s and s in text]
+    return (text[: min(hits)], True) if hits else (text, False)
+
+
+def generate(loaded: Loaded, prompts_: Sequence[str], max_new_tokens: int | Sequence[int] = 128,
+             temperature: float = 0.0, top_p: float = 1.0, stop: Sequence[str] | None = None,
+             seed: int | None = None) -> list[Completion]:
+    """Generate one completion per prompt in a single padded batch. Greedy when temperature is 0."""
+    import torch
+
+    if not prompts_:
+        return []
+    limits = [max_new_tokens] * len(prompts_) if isinstance(max_new_tokens, int) else list(max_new_tokens)
+    tok = loaded.tokenizer
+    batch = tok(list(prompts_), return_tensors="pt", padding=True, add_special_tokens=False).to(loaded.device)
+    kwargs: dict[str, Any] = {"max_new_tokens": max(limits), "pad_token_id": tok.pad_token_id,
+                              "eos_token_id": loaded.model.generation_config.eos_token_id or tok.eos_token_id}
+    if temperature > 0:
+        if seed is not None:
+            torch.manual_seed(seed)
+        kwargs.update(do_sample=True, temperature=temperature, top_p=top_p)
+    else:
+        kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
+    with torch.inference_mode():
+        out = loaded.model.generate(**batch, **kwargs)
+    new = out[:, batch["input_ids"].shape[1]:]
+    eos_ids = kwargs["eos_token_id"]
+    eos_ids = set(eos_ids if isinstance(eos_ids, list) else [eos_ids])
+    results = []
+    for row, mask, limit in zip(new.tolist(), batch["attention_mask"], limits, strict=True):
+        ids, finished = [], False
+        for t in row[:limit]:
+            if t in eos_ids:
+                finished = True
+                break
+            ids.append(t)
+        text, stopped = _cut(tok.decode(ids, skip_special_tokens=True), stop or ())
+        if stopped:
+            ids = tok(text, add_special_tokens=False)["input_ids"]
+        reason = "stop" if finished or stopped else "length"
+        results.append(Completion(text, int(mask.sum()), len(ids) + (1 if finished and not stopped else 0), reason))
+    return results
+
+
+def generate_sql(loaded: Loaded, pairs: Sequence[tuple[str, str]], max_new_tokens: int = 128,
+                 batch_size: int = 16) -> list[str]:
+    """SQL for each (question, context), built with the artifact's template and cut at the first statement."""
+    out: list[str] = []
+    for i in range(0, len(pairs), batch_size):
+        chunk = [loaded.template.build_prompt(q, c) for q, c in pairs[i:i + batch_size]]
+        out += [prompts.extract_sql(c.text) for c in generate(loaded, chunk, max_new_tokens)]
+    return out

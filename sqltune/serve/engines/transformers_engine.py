@@ -1,0 +1,230 @@
+"""The transformers engine: dynamic batching on one worker thread, token by token.
+
+Requests that arrive within `batch_wait_ms` of each other (up to `max_batch_size`) are left-padded
+into one batch and decoded together with a shared KV cache; each row keeps its own max_tokens,
+stop strings, temperature and seed, and leaves the batch (its cache rows dropped) when it
+finishes, so short answers do not pay for long ones. Torch runs on a thread of its own so the
+event loop keeps serving /health, /metrics and new requests while a batch decodes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import queue
+import threading
+import time
+from collections.abc import AsyncIterator, Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from sqltune import logs
+from sqltune.config import Config
+from sqltune.prompts import PromptTemplate
+from sqltune.serve.engines import Delta, SamplingParams, model_context_length, model_id_for
+from sqltune.serve.engines.text import TextStream
+
+log = logs.get("serve.engine")
+
+
+@dataclass(eq=False)
+class _Request:
+    prompt_ids: list[int]
+    params: SamplingParams
+    out: asyncio.Queue[Delta]
+    loop: asyncio.AbstractEventLoop
+    cancelled: threading.Event = field(default_factory=threading.Event)
+    text: TextStream | None = None
+    generator: Any = None
+
+    def send(self, delta: Delta) -> None:
+        self.loop.call_soon_threadsafe(self.out.put_nowait, delta)
+
+
+class TransformersEngine:
+    name = "transformers"
+
+    def __init__(self, cfg: Config, model_dir: Path, template: PromptTemplate, meta: dict) -> None:
+        self.cfg = cfg
+        self.model_dir = Path(model_dir)
+        self.template = template
+        self.model_id = model_id_for(cfg, self.model_dir, meta)
+        self.capacity = cfg.max_batch_size
+        self._own_len = model_context_length(self.model_dir)
+        self._pending: queue.Queue[_Request | None] = queue.Queue()
+        self._thread: threading.Thread | None = None
+        self._on_batch: Callable[[int], None] | None = None
+        self.loaded: Any = None
+
+    @property
+    def max_model_len(self) -> int:
+        return min(self.cfg.max_model_len or self._own_len, self._own_len)
+
+    @property
+    def eos_token(self) -> str | None:
+        return self.loaded.tokenizer.eos_token if self.loaded else None
+
+    async def start(self, on_batch: Callable[[int], None] | None = None) -> None:
+        self._on_batch = on_batch
+        self.loaded = await asyncio.to_thread(self._load)
+        self._thread = threading.Thread(target=self._worker, name="sqltune-generate", daemon=True)
+        self._thread.start()
+
+    def _load(self) -> Any:
+        from sqltune import generation
+        from sqltune.modeling import choose_precision
+
+        if self.cfg.safetensors_load_strategy == "eager":
+            _read_whole(self.model_dir)
+        started = time.perf_counter()
+        loaded = generation.from_folder(self.model_dir, choose_precision(self.cfg.dtype), self.cfg.serve_device)
+        eos = loaded.model.generation_config.eos_token_id
+        eos = eos if isinstance(eos, list) else [eos if eos is not None else loaded.tokenizer.eos_token_id]
+        self._eos = {int(e) for e in eos if e is not None}
+        logs.event(log, "model loaded", engine=self.name, model=str(self.model_dir), device=str(loaded.device),
+                   seconds=round(time.perf_counter() - started, 2), max_model_len=self.max_model_len)
+        return loaded
+
+    async def close(self) -> None:
+        if self._thread is not None:
+            self._pending.put(None)
+            await asyncio.to_thread(self._thread.join, 10)
+            self._thread = None
+
+    def encode(self, prompt: str) -> list[int]:
+        # as in training and sqltune.generation: the template carries the text, no special tokens added
+        return list(self.loaded.tokenizer(prompt, add_special_tokens=False)["input_ids"])
+
+    async def stream(self, prompt_ids: Sequence[int], params: SamplingParams) -> AsyncIterator[Delta]:
+        loop = asyncio.get_running_loop()
+        req = _Request(list(prompt_ids), params, asyncio.Queue(), loop)
+        self._pending.put(req)
+        try:
+            while True:
+                delta = await req.out.get()
+                yield delta
+                if delta.finish_reason:
+                    return
+        finally:
+            req.cancelled.set()  # the worker drops the row at its next step
+
+    # --- worker thread -------------------------------------------------------------------------
+
+    def _worker(self) -> None:
+        import torch
+
+        torch.set_grad_enabled(False)
+        while True:
+            first = self._pending.get()
+            if first is None:
+                return
+            batch = [first]
+            deadline = time.monotonic() + self.cfg.batch_wait_ms / 1000
+            stop = False
+            while len(batch) < self.capacity:
+                try:
+                    nxt = self._pending.get(timeout=max(0.0, deadline - time.monotonic()))
+                except queue.Empty:
+                    break
+                if nxt is None:
+                    stop = True
+                    break
+                batch.append(nxt)
+            batch = [r for r in batch if not r.cancelled.is_set()]
+            if batch:
+                try:
+                    self._run(batch)
+                except Exception as e:  # a failed batch fails its requests, not the server
+                    log.exception("generation failed")
+                    for r in batch:
+                        r.send(Delta("", len(r.prompt_ids), 0, "error", f"{type(e).__name__}: {e}"))
+            if stop:
+                return
+
+    def _run(self, batch: list[_Request]) -> None:
+        import torch
+        from transformers import DynamicCache
+
+        model, tok = self.loaded.model, self.loaded.tokenizer
+        device = self.loaded.device
+        if self._on_batch:
+            self._on_batch(len(batch))
+        width = max(len(r.prompt_ids) for r in batch)
+        pad = tok.pad_token_id if tok.pad_token_id is not None else 0
+        ids = torch.tensor([[pad] * (width - len(r.prompt_ids)) + r.prompt_ids for r in batch], device=device)
+        mask = torch.tensor([[0] * (width - len(r.prompt_ids)) + [1] * len(r.prompt_ids) for r in batch],
+                            device=device)
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        for r in batch:
+            r.text = TextStream(tok, r.params.stop)
+            if r.params.temperature > 0:
+                r.generator = torch.Generator(device=device)
+                r.generator.manual_seed(r.params.seed if r.params.seed is not None else int(time.time_ns() % 2**63))
+        cache = DynamicCache()
+        rows = list(batch)
+        logits = model(input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=cache,
+                       use_cache=True).logits[:, -1, :]
+        while rows:
+            tokens = self._sample(logits, rows)
+            keep = [i for i, (r, t) in enumerate(zip(rows, tokens.tolist(), strict=True)) if self._advance(r, t)]
+            if not keep:
+                return
+            if len(keep) < len(rows):
+                index = torch.tensor(keep, device=device)
+                cache.batch_select_indices(index)
+                rows, tokens, mask, positions = [rows[i] for i in keep], tokens[index], mask[index], positions[index]
+            mask = torch.cat([mask, mask.new_ones((len(rows), 1))], dim=1)
+            positions = positions[:, -1:] + 1
+            logits = model(input_ids=tokens[:, None], attention_mask=mask, position_ids=positions,
+                           past_key_values=cache, use_cache=True).logits[:, -1, :]
+
+    def _sample(self, logits: Any, rows: list[_Request]) -> Any:
+        import torch
+
+        greedy = logits.argmax(dim=-1)
+        if all(r.params.temperature <= 0 for r in rows):
+            return greedy
+        out = greedy.clone()
+        for i, r in enumerate(rows):
+            if r.params.temperature <= 0:
+                continue
+            probs = torch.softmax(logits[i].float() / r.params.temperature, dim=-1)
+            if r.params.top_p < 1.0:
+                sorted_p, order = probs.sort(descending=True)
+                cut = sorted_p.cumsum(0) - sorted_p > r.params.top_p  # keep the smallest set reaching top_p
+                sorted_p[cut] = 0.0
+                probs = torch.zeros_like(probs).scatter(0, order, sorted_p)
+            out[i] = torch.multinomial(probs, 1, generator=r.generator)[0]
+        return out
+
+    def _advance(self, r: _Request, token: int) -> bool:
+        """Feed one sampled token to its request; False when the request is finished."""
+        assert r.text is not None
+        n_prompt = len(r.prompt_ids)
+        if r.cancelled.is_set():
+            return False
+        if token in self._eos:
+            r.send(Delta(r.text.flush(), n_prompt, len(r.text.ids) + 1, "stop"))
+            return False
+        piece = r.text.push(token)
+        generated = len(r.text.ids)
+        if r.text.stopped:
+            r.send(Delta(piece, n_prompt, generated, "stop"))
+            return False
+        if generated >= r.params.max_tokens or n_prompt + generated >= self.max_model_len:
+            r.send(Delta(piece + r.text.flush(), n_prompt, generated, "length"))
+            return False
+        if piece:
+            r.send(Delta(piece, n_prompt, generated))
+        return True
+
+
+def _read_whole(model_dir: Path, chunk: int = 16 << 20) -> None:
+    """Read every weight file front to back once: on gcsfuse and other network mounts a sequential
+    read is much faster than the random access of memory-mapping, and it leaves the pages cached."""
+    started, total = time.perf_counter(), 0
+    for path in sorted(model_dir.glob("*.safetensors")):
+        with path.open("rb", buffering=0) as fh:
+            while block := fh.read(chunk):
+                total += len(block)
+    logs.event(log, "weights read eagerly", bytes=total, seconds=round(time.perf_counter() - started, 2))

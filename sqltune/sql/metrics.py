@@ -1,0 +1,192 @@
+"""Compare a predicted query with the gold one: results, text, names, features.
+
+Results are compared as multisets of rows (order only when the gold query has a top-level ORDER
+BY), allowing the columns to come in another order, as test-suite accuracy does: a user who
+asked for name and age gets the same answer either way. Floats are rounded to 6 places, so
+AVG's 2.0 equals SUM's 2. Exact match comes raw (trimmed) and normalised by sqlglot: keyword
+case, whitespace, quoting, identifier case (SQLite's identifiers ignore case), table aliases
+(T1/T2 replaced by the table names when that is unambiguous) and the order of AND-ed conditions.
+"""
+
+from __future__ import annotations
+
+import itertools
+import re
+from collections import Counter
+from collections.abc import Sequence
+from typing import Any
+
+from sqlglot import exp
+
+from sqltune.sql.schema import DIALECT, Schema
+
+Row = tuple[Any, ...]
+_ORDER_BY = re.compile(r"\border\s+by\b", re.IGNORECASE)
+_WIKISQL_TABLE = re.compile(r"^table_(name_)?\d+(_\d+)?$", re.IGNORECASE)
+AGGREGATES = (exp.Count, exp.Sum, exp.Avg, exp.Min, exp.Max)
+PERMUTATION_CAP = 720
+
+
+def _cell(value: Any) -> Any:
+    if isinstance(value, float):
+        if value != value or value in (float("inf"), float("-inf")):
+            return str(value)
+        rounded = round(value, 6)
+        return int(rounded) if rounded.is_integer() else rounded
+    return value
+
+
+def _normal(rows: Sequence[Row]) -> list[Row]:
+    return [tuple(_cell(v) for v in row) for row in rows]
+
+
+def _column_orders(gold: list[Row], pred: list[Row], width: int) -> list[tuple[int, ...]]:
+    """Orders of the predicted columns under which each matches a gold column's values."""
+    if not gold:
+        return [tuple(range(width))]
+    gold_cols = [Counter(r[j] for r in gold) for j in range(width)]
+    pred_cols = [Counter(r[i] for r in pred) for i in range(width)]
+    candidates = [[i for i in range(width) if pred_cols[i] == gold_cols[j]] for j in range(width)]
+    orders = []
+    for order in itertools.product(*candidates):
+        if len(set(order)) == width:
+            orders.append(order)
+            if len(orders) >= PERMUTATION_CAP:
+                break
+    return orders
+
+
+def same_result(gold: Sequence[Row], pred: Sequence[Row], *, gold_width: int, pred_width: int,
+                ordered: bool) -> bool:
+    """True when the predicted rows equal the gold rows (as a multiset unless `ordered`)."""
+    if gold_width != pred_width or len(gold) != len(pred):
+        return False
+    g, p = _normal(gold), _normal(pred)
+    for order in _column_orders(g, p, gold_width):
+        moved = [tuple(row[i] for i in order) for row in p]
+        if (moved == g) if ordered else (Counter(moved) == Counter(g)):
+            return True
+    return False
+
+
+def is_ordered(gold_sql: str, gold: exp.Expression | None) -> bool:
+    """Order matters only when the gold query's outermost statement has ORDER BY."""
+    if gold is None:
+        return bool(_ORDER_BY.search(gold_sql))
+    return bool(gold.args.get("order"))
+
+
+def strip_sql(sql: str) -> str:
+    return sql.strip().rstrip(";").strip()
+
+
+def exact_match_raw(gold: str, pred: str) -> bool:
+    return strip_sql(gold) == strip_sql(pred)
+
+
+def normalise(expression: exp.Expression) -> str:
+    """A canonical text for exact match after normalisation."""
+    tree = expression.copy()
+    for ident in tree.find_all(exp.Identifier):
+        ident.set("this", ident.name.lower())
+        ident.set("quoted", False)
+    _drop_aliases(tree)
+    for where in tree.find_all(exp.Where):
+        conjuncts = list(where.this.flatten()) if isinstance(where.this, exp.And) else [where.this]
+        if len(conjuncts) > 1:
+            ordered = sorted(conjuncts, key=lambda c: c.sql(dialect=DIALECT))
+            where.set("this", exp.and_(*(c.copy() for c in ordered), copy=False))
+    return " ".join(tree.sql(dialect=DIALECT).split())
+
+
+def _drop_aliases(tree: exp.Expression) -> None:
+    """Replace table aliases by table names when every alias names one table and every table
+    has one alias (a self-join or reused alias keeps its aliases: renaming would be unsafe)."""
+    by_alias: dict[str, set[str]] = {}
+    by_table: dict[str, set[str]] = {}
+    for t in tree.find_all(exp.Table):
+        if t.alias:
+            by_alias.setdefault(t.alias, set()).add(t.name)
+            by_table.setdefault(t.name, set()).add(t.alias)
+    if any(len(v) > 1 for v in (*by_alias.values(), *by_table.values())):
+        return
+    if set(by_alias) & {t.name for t in tree.find_all(exp.Table)} - set(by_table):
+        return
+    mapping = {alias: next(iter(names)) for alias, names in by_alias.items()}
+    for t in tree.find_all(exp.Table):
+        if t.alias:
+            t.set("alias", None)
+    for col in tree.find_all(exp.Column):
+        if col.table in mapping:
+            col.set("table", exp.to_identifier(mapping[col.table]))
+    tables = {t.name for t in tree.find_all(exp.Table)}
+    if len(tables) == 1 and not tree.find(exp.Subquery):
+        for col in tree.find_all(exp.Column):
+            col.set("table", None)
+
+
+def exact_match_norm(gold: exp.Expression | None, pred: exp.Expression | None) -> bool:
+    if gold is None or pred is None:
+        return False
+    return normalise(gold) == normalise(pred)
+
+
+def unknown_names(expression: exp.Expression, schema: Schema) -> list[str]:
+    """Tables and columns the query names that the context does not define."""
+    derived = {c.alias.lower() for c in expression.find_all(exp.CTE) if c.alias}
+    derived |= {s.alias.lower() for s in expression.find_all(exp.Subquery) if s.alias}
+    scopes: dict[str, Any] = {d: None for d in derived}
+    unknown: list[str] = []
+    for t in expression.find_all(exp.Table):
+        if not t.name or t.name.lower() in derived:
+            continue
+        table = schema.table(t.name)
+        if table is None:
+            unknown.append(f"table {t.name}")
+        scopes[t.name.lower()] = table
+        if t.alias:
+            scopes[t.alias.lower()] = table
+    aliases = {a.alias.lower() for a in expression.find_all(exp.Alias) if a.alias}
+    for col in expression.find_all(exp.Column):
+        if isinstance(col.this, exp.Star):
+            continue
+        if col.table:
+            if col.table.lower() not in scopes:
+                unknown.append(f"table {col.table}")
+            elif scopes[col.table.lower()] is not None and not scopes[col.table.lower()].column(col.name):
+                unknown.append(f"column {col.table}.{col.name}")
+        elif not (schema.has_column(col.name) or col.name.lower() in aliases or derived):
+            unknown.append(f"column {col.name}")
+    return sorted(set(unknown))
+
+
+def features(expression: exp.Expression | None, sql: str = "") -> dict[str, Any]:
+    """What kind of query the gold is, for the breakdown."""
+    if expression is None:
+        return {"aggregate": False, "where_conditions": 0, "group_by": False, "order_by": bool(_ORDER_BY.search(sql)),
+                "join": bool(re.search(r"\bjoin\b", sql, re.I)), "nested": sql.lower().count("select") > 1}
+    where_conditions = sum(1 for w in expression.find_all(exp.Where)
+                           for _ in w.find_all(exp.EQ, exp.NEQ, exp.GT, exp.GTE, exp.LT, exp.LTE, exp.Like,
+                                               exp.ILike, exp.In, exp.Between, exp.Is))
+    nested = isinstance(expression, exp.SetOperation) or any(
+        s is not expression for s in expression.find_all(exp.Select))
+    return {"aggregate": expression.find(*AGGREGATES) is not None, "where_conditions": where_conditions,
+            "group_by": expression.find(exp.Group) is not None, "order_by": expression.find(exp.Order) is not None,
+            "join": expression.find(exp.Join) is not None, "nested": nested}
+
+
+def categories(feats: dict[str, Any]) -> list[str]:
+    """The breakdown rows an example counts in (one example can be in several)."""
+    cats = [name for name in ("aggregate", "group_by", "order_by", "join", "nested") if feats[name]]
+    n = feats["where_conditions"]
+    cats.append(f"where={n}" if n < 3 else "where=3+")
+    if not any(feats[k] for k in ("aggregate", "group_by", "order_by", "join", "nested")):
+        cats.append("plain_select")
+    return cats
+
+
+def source_of(schema: Schema) -> str:
+    """wikisql_like (one generic `table_name_N` table) or spider_like (named, often several tables)."""
+    if len(schema.tables) == 1 and _WIKISQL_TABLE.match(schema.tables[0].name):
+        return "wikisql_like"
+    return "spider_like"

@@ -1,0 +1,211 @@
+"""CREATE TABLE contexts as schemas, and SQL parsed the way SQLite reads it.
+
+    schema = parse_schema("CREATE TABLE head (age INTEGER, name VARCHAR)")
+    parsed = parse_sql('SELECT name FROM head WHERE name = "Ann"', schema)   # "Ann" is a string
+
+sql-create-context (WikiSQL and Spider rewritten) quotes strings with double quotes. SQLite reads
+a double-quoted token as an identifier when such a column exists and as a string otherwise, so
+parsing follows that rule: a bare double-quoted "identifier" that names no column or alias
+becomes a string literal. A string such as "73,405" compared with a numeric column becomes the
+number, so `attendance = "73,405"` and `attendance = 73405` mean the same on an INTEGER column.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from functools import lru_cache
+
+import sqlglot
+from sqlglot import exp
+from sqlglot.errors import SqlglotError
+
+from sqltune.errors import DataError
+
+DIALECT = "sqlite"
+_NUMBER_TEXT = re.compile(r"^-?\d{1,3}(,\d{3})+(\.\d+)?$|^-?\d+(\.\d+)?$")
+
+
+def affinity(type_name: str) -> str:
+    """SQLite's column affinity for a declared type (https://sqlite.org/datatype3.html#affname)."""
+    t = type_name.upper()
+    if "INT" in t:
+        return "INTEGER"
+    if any(k in t for k in ("CHAR", "CLOB", "TEXT")):
+        return "TEXT"
+    if not t or "BLOB" in t:
+        return "BLOB"
+    if any(k in t for k in ("REAL", "FLOA", "DOUB")):
+        return "REAL"
+    return "NUMERIC"
+
+
+@dataclass(frozen=True)
+class Column:
+    name: str
+    type: str = "VARCHAR"
+    not_null: bool = False
+
+    @property
+    def affinity(self) -> str:
+        return affinity(self.type)
+
+    @property
+    def numeric(self) -> bool:
+        return self.affinity in ("INTEGER", "REAL", "NUMERIC")
+
+
+@dataclass(frozen=True)
+class Table:
+    name: str
+    columns: tuple[Column, ...]
+
+    def column(self, name: str) -> Column | None:
+        key = name.lower()
+        return next((c for c in self.columns if c.name.lower() == key), None)
+
+
+@dataclass(frozen=True)
+class Schema:
+    tables: tuple[Table, ...]
+    _columns: frozenset[str] = field(default=frozenset(), repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "_columns", frozenset(c.name.lower() for t in self.tables for c in t.columns))
+
+    def table(self, name: str) -> Table | None:
+        key = name.lower()
+        return next((t for t in self.tables if t.name.lower() == key), None)
+
+    def has_column(self, name: str) -> bool:
+        return name.lower() in self._columns
+
+    def tables_with(self, column: str) -> list[Table]:
+        return [t for t in self.tables if t.column(column)]
+
+    def ddl(self) -> list[str]:
+        def q(name: str) -> str:
+            return '"' + name.replace('"', '""') + '"'
+
+        return [f"CREATE TABLE {q(t.name)} ({', '.join(f'{q(c.name)} {c.type}' for c in t.columns)})"
+                for t in self.tables]
+
+
+@lru_cache(maxsize=8192)
+def parse_schema(context: str) -> Schema:
+    """Tables and columns of a `CREATE TABLE ...; CREATE TABLE ...` context. A table created
+    twice (it happens in sql-create-context) gets the union of its columns."""
+    try:
+        statements = [s for s in sqlglot.parse(context, read=DIALECT) if s is not None]
+    except SqlglotError as e:
+        raise DataError(f"context is not valid CREATE TABLE SQL: {_first_line(e)}",
+                        "give each example a context of CREATE TABLE statements") from None
+    merged: dict[str, tuple[str, list[Column]]] = {}
+    for st in statements:
+        if not isinstance(st, exp.Create) or not isinstance(st.this, exp.Schema):
+            raise DataError(f"context statement is not CREATE TABLE: {st.sql(DIALECT)[:80]}",
+                            "give each example a context of CREATE TABLE statements")
+        name = st.this.this.name
+        _, cols = merged.setdefault(name.lower(), (name, []))
+        for coldef in st.this.expressions:
+            if not isinstance(coldef, exp.ColumnDef) or any(c.name.lower() == coldef.name.lower() for c in cols):
+                continue
+            kind = coldef.args.get("kind")
+            constraints = [c.args.get("kind") for c in coldef.args.get("constraints") or []]
+            not_null = any(isinstance(k, (exp.NotNullColumnConstraint, exp.PrimaryKeyColumnConstraint))
+                           and not (isinstance(k, exp.NotNullColumnConstraint) and k.args.get("allow_null"))
+                           for k in constraints)
+            cols.append(Column(coldef.name, kind.sql() if kind else "", not_null))  # declared name, e.g. VARCHAR
+    if not merged:
+        raise DataError("context has no CREATE TABLE statement", "give each example its CREATE TABLE context")
+    return Schema(tuple(Table(name, tuple(cols)) for name, cols in merged.values()))
+
+
+@dataclass(frozen=True)
+class Parsed:
+    """A statement parsed for scoring; `error` says why it is not, never None-as-failure."""
+
+    ok: bool
+    expression: exp.Expression | None = None
+    error: str = ""
+    rewritten: bool = False  # literals were changed, so execute expression.sql() not the raw text
+
+    def sql(self, raw: str) -> str:
+        if self.rewritten and self.expression is not None:
+            return self.expression.sql(dialect=DIALECT)
+        return raw
+
+
+def parse_sql(sql: str, schema: Schema) -> Parsed:
+    """Parse one statement as SQLite would read it against `schema`."""
+    text = sql.strip().rstrip(";").strip()
+    if not text:
+        return Parsed(False, error="empty query")
+    try:
+        statements = [s for s in sqlglot.parse(text, read=DIALECT) if s is not None]
+    except (SqlglotError, RecursionError, ValueError) as e:
+        return Parsed(False, error=_first_line(e))
+    if len(statements) != 1:
+        return Parsed(False, error=f"{len(statements)} statements; expected exactly one")
+    expression = statements[0]
+    # SQLite applies the double-quote rule itself, so only the number rewrite changes what runs
+    _resolve_strings(expression, schema, text)
+    return Parsed(True, expression, rewritten=_numbers_for_numeric_columns(expression, schema))
+
+
+def _select_aliases(expression: exp.Expression) -> set[str]:
+    return {a.alias.lower() for a in expression.find_all(exp.Alias) if a.alias}
+
+
+def _resolve_strings(expression: exp.Expression, schema: Schema, text: str) -> bool:
+    """Apply SQLite's double-quoted-string rule: an unresolvable "name" is a string literal."""
+    aliases = _select_aliases(expression)
+    changed = False
+    for col in list(expression.find_all(exp.Column)):
+        ident = col.this
+        if col.table or not isinstance(ident, exp.Identifier) or not ident.quoted:
+            continue
+        name = ident.name
+        if schema.has_column(name) or name.lower() in aliases or f'"{name}"' not in text:
+            continue
+        col.replace(exp.Literal.string(name))
+        changed = True
+    return changed
+
+
+def column_of(col: exp.Column, expression: exp.Expression, schema: Schema) -> tuple[str, str] | None:
+    """(table, column) in the schema that a column reference names, resolving table aliases."""
+    tables = {}
+    for t in expression.find_all(exp.Table):
+        tables[t.name.lower()] = t.name
+        if t.alias:
+            tables[t.alias.lower()] = t.name
+    if col.table:
+        table = schema.table(tables.get(col.table.lower(), col.table))
+        return (table.name, col.name) if table and table.column(col.name) else None
+    in_query = [schema.table(n) for n in tables.values()]
+    candidates = [t for t in in_query if t and t.column(col.name)] or schema.tables_with(col.name)
+    return (candidates[0].name, col.name) if candidates else None
+
+
+def _numbers_for_numeric_columns(expression: exp.Expression, schema: Schema) -> bool:
+    changed = False
+    for pred in list(expression.find_all(exp.EQ, exp.NEQ, exp.GT, exp.GTE, exp.LT, exp.LTE)):
+        col, lit = pred.this, pred.expression
+        if isinstance(lit, exp.Column):
+            col, lit = lit, col
+        if not (isinstance(col, exp.Column) and isinstance(lit, exp.Literal) and lit.is_string):
+            continue
+        if not _NUMBER_TEXT.match(lit.this) or "," not in lit.this:
+            continue
+        ref = column_of(col, expression, schema)
+        table = schema.table(ref[0]) if ref else None
+        column = table.column(ref[1]) if table and ref else None
+        if column is not None and column.numeric:
+            lit.replace(exp.Literal.number(lit.this.replace(",", "")))
+            changed = True
+    return changed
+
+
+def _first_line(e: BaseException) -> str:
+    return (str(e).splitlines() or [type(e).__name__])[0][:200]

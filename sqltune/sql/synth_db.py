@@ -1,0 +1,276 @@
+"""Small seeded databases on which a gold query selects something.
+
+    plan = make_plan(schema, parsed_gold.expression, question)
+    rows = synthesise(plan, seed=7)            # {"head": [(69, "Ann"), ...], ...}
+
+Test-suite accuracy (Zhong et al., 2020) runs gold and predicted SQL on several databases and
+counts a match only if they agree on all of them. Random rows rarely satisfy `name = "Ann" AND
+age > 60`, so every condition of the gold query is turned into values that satisfy it (the
+literal, just past a bound, a string matching a LIKE) and values that just miss it (neighbours:
+69 -> 68, 70; "1,019" -> "1,018"; "ann" -> "Ann"). Row 0 of each table satisfies all of its
+conditions; the other rows mix hits, near misses, question words, small domains (so DISTINCT
+and GROUP BY see duplicates) and NULLs (so COUNT(*) and COUNT(col) differ). Columns joined in
+the gold query, or sharing a name across tables, draw from one small key pool so joins match.
+Values are stored as the column's affinity wants: numbers in numeric columns, text in text ones.
+"""
+
+from __future__ import annotations
+
+import random
+import re
+from dataclasses import dataclass, field
+from typing import Any
+
+from sqlglot import exp
+
+from sqltune.sql.schema import Column, Schema, column_of
+
+Value = Any  # str | int | float | None
+_NUM = re.compile(r"-?\d[\d,]*(\.\d+)?")
+_QUOTED = re.compile(r"['\"]([^'\"]{1,40})['\"]")
+_WORD = re.compile(r"[A-Za-z][\w'.-]{2,}")
+_OPS = {exp.EQ: "eq", exp.NEQ: "neq", exp.GT: "gt", exp.GTE: "gte", exp.LT: "lt", exp.LTE: "lte",
+        exp.Like: "like", exp.ILike: "like"}
+_FLIP = {"gt": "lt", "gte": "lte", "lt": "gt", "lte": "gte"}
+
+
+@dataclass(frozen=True)
+class Condition:
+    table: str
+    column: str
+    op: str  # eq neq gt gte lt lte like in between null notnull
+    values: tuple[Value, ...] = ()
+
+
+@dataclass
+class Plan:
+    """What the gold query needs of a database; built once per example, reused for every seed."""
+
+    schema: Schema
+    conditions: dict[tuple[str, str], list[Condition]] = field(default_factory=dict)
+    key_class: dict[tuple[str, str], int] = field(default_factory=dict)  # (table, col) -> join class
+    class_literals: dict[int, list[Value]] = field(default_factory=dict)
+    numbers: list[int | float] = field(default_factory=list)  # from the question and the gold
+    words: list[str] = field(default_factory=list)        # from the question
+
+
+def _literal(node: exp.Expression) -> Value | None:
+    if isinstance(node, exp.Neg) and isinstance(node.this, exp.Literal) and not node.this.is_string:
+        return _number(f"-{node.this.this}")
+    if isinstance(node, exp.Literal):
+        return str(node.this) if node.is_string else _number(str(node.this))
+    if isinstance(node, exp.Null):
+        return None
+    return None
+
+
+def _number(text: str) -> int | float | str:
+    try:
+        value = float(text)
+    except ValueError:
+        return text
+    return int(value) if value.is_integer() and "." not in text and "e" not in text.lower() else value
+
+
+def make_plan(schema: Schema, gold: exp.Expression | None, question: str) -> Plan:
+    plan = Plan(schema)
+    keys: dict[tuple[str, str], tuple[str, str]] = {}  # union-find over (table, column)
+
+    def find(k: tuple[str, str]) -> tuple[str, str]:
+        while keys.get(k, k) != k:
+            k = keys[k]
+        return k
+
+    def union(a: tuple[str, str], b: tuple[str, str]) -> None:
+        keys.setdefault(a, a)
+        keys.setdefault(b, b)
+        keys[find(a)] = find(b)
+
+    for i, t in enumerate(schema.tables):  # same-named columns across tables are join keys
+        for c in t.columns:
+            for other in schema.tables[i + 1:]:
+                if other.column(c.name):
+                    union((t.name, c.name.lower()), (other.name, c.name.lower()))
+    if gold is not None:
+        for cond in _conditions(gold, schema):
+            plan.conditions.setdefault((cond.table, cond.column.lower()), []).append(cond)
+        for eq in gold.find_all(exp.EQ):
+            if isinstance(eq.this, exp.Column) and isinstance(eq.expression, exp.Column):
+                a, b = column_of(eq.this, gold, schema), column_of(eq.expression, gold, schema)
+                if a and b and a[0] != b[0]:
+                    union((a[0], a[1].lower()), (b[0], b[1].lower()))
+        plan.numbers += [v for v in (_literal(n) for n in gold.find_all(exp.Literal))
+                         if isinstance(v, (int, float))]
+    roots = sorted({find(k) for k in keys})
+    for k in keys:
+        plan.key_class[k] = roots.index(find(k))
+    for (table, column), conds in plan.conditions.items():
+        if (table, column) in plan.key_class:
+            cls = plan.key_class[(table, column)]
+            plan.class_literals.setdefault(cls, []).extend(
+                v for c in conds if c.op == "eq" for v in c.values)
+    found = (_number(m.group().replace(",", "")) for m in _NUM.finditer(question))
+    plan.numbers += [v for v in found if isinstance(v, (int, float))][:6]
+    quoted = [m.group(1) for m in _QUOTED.finditer(question)]
+    plan.words = quoted + [w for w in _WORD.findall(question) if w[0].isupper()][:6]
+    return plan
+
+
+def _conditions(gold: exp.Expression, schema: Schema) -> list[Condition]:
+    out = []
+    for node in gold.find_all(*_OPS, exp.In, exp.Between, exp.Is):
+        col = node.this
+        op = _OPS.get(type(node))
+        other = node.args.get("expression")
+        if op and not isinstance(col, exp.Column) and isinstance(other, exp.Column):
+            col, other, op = other, col, _FLIP.get(op, op)
+        if not isinstance(col, exp.Column):
+            continue
+        ref = column_of(col, gold, schema)
+        if ref is None:
+            continue
+        if isinstance(node, exp.In):
+            values = tuple(v for v in map(_literal, node.expressions) if v is not None)
+            cond = Condition(*ref, "in", values) if values else None
+        elif isinstance(node, exp.Between):
+            low, high = _literal(node.args["low"]), _literal(node.args["high"])
+            cond = Condition(*ref, "between", (low, high)) if low is not None and high is not None else None
+        elif isinstance(node, exp.Is):
+            negated = isinstance(node.parent, exp.Not)
+            cond = Condition(*ref, "notnull" if negated else "null")
+        else:
+            value = _literal(other) if other is not None else None
+            cond = Condition(*ref, op, (value,)) if value is not None else None
+        if cond is not None:
+            out.append(cond)
+    return out
+
+
+def _shift(value: Value, delta: float) -> Value:
+    """`value` moved by `delta`, written the way it was written ("1,019" -> "1,020", "78%" -> "79%")."""
+    if isinstance(value, (int, float)):
+        return value + delta if isinstance(value, float) else int(value + delta)
+    text = str(value)
+    m = _NUM.search(text)
+    if not m:
+        return text + ("x" if delta > 0 else "")
+    raw = m.group()
+    num = _number(raw.replace(",", ""))
+    if not isinstance(num, (int, float)):
+        return text
+    moved = num + delta if isinstance(num, float) else int(num + delta)
+    shown = f"{moved:,}" if "," in raw else str(moved)
+    return text[: m.start()] + shown + text[m.end():]
+
+
+def _variants(value: Value) -> list[Value]:
+    """Near misses of a literal: numeric neighbours, or other spellings of a string."""
+    if isinstance(value, (int, float)) or (isinstance(value, str) and _NUM.search(value)):
+        return [_shift(value, -1), _shift(value, 1), _shift(value, 10)]
+    text = str(value)
+    other_case = text.title() if text != text.title() else text.lower()
+    return [other_case, text + " jr", text[: max(1, len(text) // 2)]]
+
+
+def _fill_like(pattern: str, rng: random.Random) -> str:
+    out = []
+    for ch in pattern:
+        out.append(rng.choice(["", "ab", "zx"]) if ch == "%" else rng.choice("aeiou") if ch == "_" else ch)
+    return "".join(out)
+
+
+def _hits(cond: Condition, rng: random.Random) -> list[Value]:
+    v = cond.values
+    if cond.op == "eq":
+        return [v[0]]
+    if cond.op == "neq":
+        return _variants(v[0])
+    if cond.op in ("gt", "gte"):
+        return [_shift(v[0], 1), _shift(v[0], 7)] + ([v[0]] if cond.op == "gte" else [])
+    if cond.op in ("lt", "lte"):
+        return [_shift(v[0], -1), _shift(v[0], -7)] + ([v[0]] if cond.op == "lte" else [])
+    if cond.op == "like":
+        return [_fill_like(str(v[0]), rng)]
+    if cond.op in ("in", "between"):
+        return list(v)
+    if cond.op == "null":
+        return [None]
+    return []
+
+
+def _misses(cond: Condition) -> list[Value]:
+    if cond.op in ("null", "notnull") or not cond.values:
+        return []
+    if cond.op == "neq":
+        return [cond.values[0]]
+    return [m for v in cond.values for m in _variants(v)]
+
+
+def _store(value: Value, column: Column) -> Value:
+    """The value as the column's affinity keeps it."""
+    if value is None:
+        return None
+    if column.numeric:
+        if isinstance(value, str):
+            num = _number(value.replace(",", ""))
+            return num if isinstance(num, (int, float)) else value
+        return value
+    if isinstance(value, float) and value.is_integer():
+        return str(int(value))
+    return str(value)
+
+
+def synthesise(plan: Plan, seed: int, *, plant: bool = True) -> dict[str, list[tuple[Value, ...]]]:
+    """Rows for every table of the plan's schema, deterministic in `seed`."""
+    rng = random.Random(seed)
+    pools: dict[int, list[Value]] = {}
+    for cls in set(plan.key_class.values()):
+        literals = plan.class_literals.get(cls, [])
+        pools[cls] = (literals[:1] + [rng.randint(1, 40) for _ in range(3)])[:3]
+    data: dict[str, list[tuple[Value, ...]]] = {}
+    for table in plan.schema.tables:
+        n_rows = rng.randint(4, 9)
+        domains = {c.name.lower(): _domain(c, plan, rng) for c in table.columns}
+        rows = []
+        for r in range(n_rows):
+            row = []
+            for c in table.columns:
+                key = (table.name, c.name.lower())
+                conds = plan.conditions.get(key, [])
+                if key in plan.key_class:
+                    pool = pools[plan.key_class[key]]
+                    value: Value = pool[0] if (plant and r == 0) else rng.choice(pool)
+                    if conds and r and rng.random() < 0.3:
+                        value = rng.choice(_hits(rng.choice(conds), rng) or pool)
+                elif conds and plant and r == 0:
+                    value = rng.choice(_hits(conds[0], rng) or domains[c.name.lower()])
+                elif conds and rng.random() < 0.75:
+                    cond = rng.choice(conds)
+                    choices = _hits(cond, rng) if rng.random() < 0.55 else _misses(cond)
+                    value = rng.choice(choices or domains[c.name.lower()])
+                else:
+                    value = rng.choice(domains[c.name.lower()])
+                if not c.not_null and r and rng.random() < 0.08:
+                    value = None
+                row.append(_store(value, c))
+            rows.append(tuple(row))
+        data[table.name] = rows
+    return data
+
+
+def _domain(column: Column, plan: Plan, rng: random.Random) -> list[Value]:
+    """A few values per column, so rows repeat (DISTINCT, GROUP BY) and questions' words appear."""
+    if column.numeric:
+        values: list[Value] = [rng.randint(0, 30) for _ in range(3)]
+        if plan.numbers:
+            values.append(rng.choice(plan.numbers))
+        if column.affinity == "REAL":
+            values = [float(v) + rng.choice([0.0, 0.5]) for v in values]
+        return values
+    stem = re.sub(r"\W", "", column.name.lower())[:10] or "v"
+    values = [f"{stem}{rng.randint(1, 9)}" for _ in range(3)]
+    if plan.words:
+        values.append(rng.choice(plan.words))
+    if plan.numbers:
+        values.append(str(_number(str(rng.choice(plan.numbers)))))
+    return values
