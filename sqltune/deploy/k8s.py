@@ -16,6 +16,7 @@ from sqltune.deploy.render import (
     Names,
     job_env,
     serve_args,
+    serve_env,
     to_yaml,
 )
 
@@ -95,6 +96,7 @@ def deployment(cfg: Config, n: Names) -> dict[str, Any]:
     http = {"path": "/ready", "port": "http"}
     container = {
         "name": "serve", "image": n.serve_image, "args": serve_args(n),
+        **serve_env(cfg),
         "ports": [{"name": "http", "containerPort": SERVE_PORT}],
         # startup: weights load for minutes; readiness: out of the Service while not /ready;
         # liveness: restart a wedged server. https://kubernetes.io/docs/tasks/configure-pod-container/configure-liveness-readiness-startup-probes/

@@ -24,7 +24,7 @@ from sqltune.errors import DeployError
 TARGETS = ("cloudrun", "kubernetes")
 MOUNT_PATH = "/mnt/models"
 SERVE_PORT = 8080
-RUN_AS_UID = 1000  # the `sqltune` user created in docker/Dockerfile.*
+RUN_AS_UID = 10001  # the `sqltune` user created in docker/Dockerfile.*
 FINETUNE_IMAGE, SERVE_IMAGE = "sqltune-finetune", "sqltune-serve"
 # Minimum vCPU and GiB per GPU type on Cloud Run: https://cloud.google.com/run/docs/configuring/services/gpu
 GPU_MINIMUMS = {"nvidia-l4": (4, 16), "nvidia-rtx-pro-6000": (20, 80)}
@@ -141,12 +141,13 @@ def _default(name: str) -> Any:
     return f.default_factory() if f.default is dataclasses.MISSING else f.default  # type: ignore[misc]
 
 
-def config_env(cfg: Config, groups: tuple[str, ...], always: tuple[str, ...] = ()) -> list[dict[str, str]]:
+def config_env(cfg: Config, groups: tuple[str, ...], always: tuple[str, ...] = (),
+               exclude: tuple[str, ...] = ("output",)) -> list[dict[str, str]]:
     """The fields of `groups` as `NAME=value` pairs under their tutorial names (`LORA_R`): the ones in
     `always`, plus any that differ from the default. Secrets never appear; they come by reference."""
     env = []
     for name, f in config.FIELDS.items():
-        if name in config.SECRET_FIELDS or name == "output" or f.metadata["group"] not in groups:
+        if name in config.SECRET_FIELDS or name in exclude or f.metadata["group"] not in groups:
             continue
         value = getattr(cfg, name)
         if name in always or value != _default(name):
@@ -158,6 +159,12 @@ def job_env(cfg: Config, n: Names) -> list[dict[str, str]]:
     env = config_env(cfg, ("finetune", "common"), TUTORIAL_FIELDS)
     env.append({"name": config.env_names("output")[1], "value": n.model_url})
     return env
+
+
+def serve_env(cfg: Config) -> dict[str, Any]:
+    """The serving fields set away from their defaults, as the container's `env` (absent if none)."""
+    env = config_env(cfg, ("serve",), exclude=("serve_port",))  # the port is the platform's: 8080
+    return {"env": env} if env else {}
 
 
 def serve_args(n: Names) -> list[str]:
@@ -243,6 +250,7 @@ def cloudrun_service(cfg: Config, n: Names) -> dict[str, Any]:
     probe_port = {"port": SERVE_PORT}
     container = {
         "name": "serve", "image": n.serve_image, "args": serve_args(n),
+        **serve_env(cfg),
         "ports": [{"name": "http1", "containerPort": SERVE_PORT}],
         # Loading weights takes minutes: the startup probe holds traffic until /ready answers, then
         # liveness takes over. https://cloud.google.com/run/docs/configuring/healthchecks
@@ -276,9 +284,14 @@ def cloudbuild(dockerfile: str, image: str) -> dict[str, Any]:
             "options": {"machineType": "E2_HIGHCPU_8"}}
 
 
+class _Dumper(yaml.SafeDumper):
+    def ignore_aliases(self, data: Any) -> bool:
+        return True  # a shared probe dict is written out twice, not as a &id001 anchor
+
+
 def to_yaml(doc: dict[str, Any], header: str) -> str:
     lines = "".join(f"# {line}\n" if line else "#\n" for line in header.splitlines())
-    return lines + yaml.safe_dump(doc, sort_keys=False, default_flow_style=False, width=1000)
+    return lines + yaml.dump(doc, Dumper=_Dumper, sort_keys=False, default_flow_style=False, width=1000)
 
 
 def render(cfg: Config, target: str) -> dict[str, str]:
