@@ -84,18 +84,22 @@ def exact_match_raw(gold: str, pred: str) -> bool:
     return strip_sql(gold) == strip_sql(pred)
 
 
-def normalise(expression: exp.Expression) -> str:
-    """A canonical text for exact match after normalisation."""
-    tree = expression.copy()
-    for ident in tree.find_all(exp.Identifier):
-        ident.set("this", ident.name.lower())
-        ident.set("quoted", False)
+def normalise(expression: exp.Expression, *, copy: bool = True) -> str:
+    """A canonical text for exact match after normalisation (copy=False rewrites in place)."""
+    tree = expression.copy() if copy else expression
+    wheres = []
+    for node in tree.walk():
+        if isinstance(node, exp.Identifier):
+            node.set("this", node.name.lower())
+            node.set("quoted", False)
+        elif isinstance(node, exp.Where):
+            wheres.append(node)
     _drop_aliases(tree)
-    for where in tree.find_all(exp.Where):
+    for where in wheres:
         conjuncts = list(where.this.flatten()) if isinstance(where.this, exp.And) else [where.this]
         if len(conjuncts) > 1:
             ordered = sorted(conjuncts, key=lambda c: c.sql(dialect=DIALECT))
-            where.set("this", exp.and_(*(c.copy() for c in ordered), copy=False))
+            where.set("this", exp.and_(*ordered, copy=False))
     return " ".join(tree.sql(dialect=DIALECT).split())
 
 
@@ -125,19 +129,31 @@ def _drop_aliases(tree: exp.Expression) -> None:
             col.set("table", None)
 
 
-def exact_match_norm(gold: exp.Expression | None, pred: exp.Expression | None) -> bool:
+def exact_match_norm(gold: exp.Expression | None, pred: exp.Expression | None, *, gold_sql: str = "",
+                     pred_sql: str = "", copy: bool = True) -> bool:
+    if gold_sql and " ".join(strip_sql(gold_sql).split()) == " ".join(strip_sql(pred_sql).split()):
+        return True  # the same text normalises to the same text
     if gold is None or pred is None:
         return False
-    return normalise(gold) == normalise(pred)
+    return normalise(gold, copy=copy) == normalise(pred, copy=copy)
 
 
 def unknown_names(expression: exp.Expression, schema: Schema) -> list[str]:
     """Tables and columns the query names that the context does not define."""
-    derived = {c.alias.lower() for c in expression.find_all(exp.CTE) if c.alias}
-    derived |= {s.alias.lower() for s in expression.find_all(exp.Subquery) if s.alias}
+    derived: set[str] = set()
+    tables, columns, aliases = [], [], set()
+    for node in expression.walk():
+        if isinstance(node, (exp.CTE, exp.Subquery)) and node.alias:
+            derived.add(node.alias.lower())
+        elif isinstance(node, exp.Table):
+            tables.append(node)
+        elif isinstance(node, exp.Column):
+            columns.append(node)
+        elif isinstance(node, exp.Alias) and node.alias:
+            aliases.add(node.alias.lower())
     scopes: dict[str, Any] = {d: None for d in derived}
     unknown: list[str] = []
-    for t in expression.find_all(exp.Table):
+    for t in tables:
         if not t.name or t.name.lower() in derived:
             continue
         table = schema.table(t.name)
@@ -146,8 +162,7 @@ def unknown_names(expression: exp.Expression, schema: Schema) -> list[str]:
         scopes[t.name.lower()] = table
         if t.alias:
             scopes[t.alias.lower()] = table
-    aliases = {a.alias.lower() for a in expression.find_all(exp.Alias) if a.alias}
-    for col in expression.find_all(exp.Column):
+    for col in columns:
         if isinstance(col.this, exp.Star):
             continue
         if col.table:
@@ -160,19 +175,30 @@ def unknown_names(expression: exp.Expression, schema: Schema) -> list[str]:
     return sorted(set(unknown))
 
 
+_CONDITIONS = (exp.EQ, exp.NEQ, exp.GT, exp.GTE, exp.LT, exp.LTE, exp.Like, exp.ILike, exp.In, exp.Between, exp.Is)
+
+
 def features(expression: exp.Expression | None, sql: str = "") -> dict[str, Any]:
-    """What kind of query the gold is, for the breakdown."""
+    """What kind of query the gold is, for the breakdown (one walk over the tree)."""
     if expression is None:
         return {"aggregate": False, "where_conditions": 0, "group_by": False, "order_by": bool(_ORDER_BY.search(sql)),
                 "join": bool(re.search(r"\bjoin\b", sql, re.I)), "nested": sql.lower().count("select") > 1}
-    where_conditions = sum(1 for w in expression.find_all(exp.Where)
-                           for _ in w.find_all(exp.EQ, exp.NEQ, exp.GT, exp.GTE, exp.LT, exp.LTE, exp.Like,
-                                               exp.ILike, exp.In, exp.Between, exp.Is))
-    nested = isinstance(expression, exp.SetOperation) or any(
-        s is not expression for s in expression.find_all(exp.Select))
-    return {"aggregate": expression.find(*AGGREGATES) is not None, "where_conditions": where_conditions,
-            "group_by": expression.find(exp.Group) is not None, "order_by": expression.find(exp.Order) is not None,
-            "join": expression.find(exp.Join) is not None, "nested": nested}
+    found = {"aggregate": False, "where_conditions": 0, "group_by": False, "order_by": False, "join": False,
+             "nested": isinstance(expression, exp.SetOperation)}
+    for node in expression.walk():
+        if isinstance(node, AGGREGATES):
+            found["aggregate"] = True
+        elif isinstance(node, exp.Group):
+            found["group_by"] = True
+        elif isinstance(node, exp.Order):
+            found["order_by"] = True
+        elif isinstance(node, exp.Join):
+            found["join"] = True
+        elif isinstance(node, exp.Select) and node is not expression:
+            found["nested"] = True
+        elif isinstance(node, _CONDITIONS) and node.find_ancestor(exp.Where) is not None:
+            found["where_conditions"] += 1
+    return found
 
 
 def categories(feats: dict[str, Any]) -> list[str]:

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
-from functools import lru_cache
+from functools import cached_property, lru_cache
 
 import sqlglot
 from sqlglot import exp
@@ -46,11 +46,11 @@ class Column:
     type: str = "VARCHAR"
     not_null: bool = False
 
-    @property
+    @cached_property
     def affinity(self) -> str:
         return affinity(self.type)
 
-    @property
+    @cached_property
     def numeric(self) -> bool:
         return self.affinity in ("INTEGER", "REAL", "NUMERIC")
 
@@ -173,23 +173,29 @@ def _resolve_strings(expression: exp.Expression, schema: Schema, text: str) -> b
     return changed
 
 
-def column_of(col: exp.Column, expression: exp.Expression, schema: Schema) -> tuple[str, str] | None:
-    """(table, column) in the schema that a column reference names, resolving table aliases."""
-    tables = {}
+def table_scope(expression: exp.Expression) -> dict[str, str]:
+    """Table names and aliases in a query -> the table name they stand for (lower-case keys)."""
+    scope: dict[str, str] = {}
     for t in expression.find_all(exp.Table):
-        tables[t.name.lower()] = t.name
+        scope[t.name.lower()] = t.name
         if t.alias:
-            tables[t.alias.lower()] = t.name
+            scope[t.alias.lower()] = t.name
+    return scope
+
+
+def column_of(col: exp.Column, scope: dict[str, str], schema: Schema) -> tuple[str, str] | None:
+    """(table, column) in the schema that a column reference names, resolving table aliases."""
     if col.table:
-        table = schema.table(tables.get(col.table.lower(), col.table))
+        table = schema.table(scope.get(col.table.lower(), col.table))
         return (table.name, col.name) if table and table.column(col.name) else None
-    in_query = [schema.table(n) for n in tables.values()]
+    in_query = [schema.table(n) for n in scope.values()]
     candidates = [t for t in in_query if t and t.column(col.name)] or schema.tables_with(col.name)
     return (candidates[0].name, col.name) if candidates else None
 
 
 def _numbers_for_numeric_columns(expression: exp.Expression, schema: Schema) -> bool:
     changed = False
+    scope = table_scope(expression)
     for pred in list(expression.find_all(exp.EQ, exp.NEQ, exp.GT, exp.GTE, exp.LT, exp.LTE)):
         col, lit = pred.this, pred.expression
         if isinstance(lit, exp.Column):
@@ -198,7 +204,7 @@ def _numbers_for_numeric_columns(expression: exp.Expression, schema: Schema) -> 
             continue
         if not _NUMBER_TEXT.match(lit.this) or "," not in lit.this:
             continue
-        ref = column_of(col, expression, schema)
+        ref = column_of(col, scope, schema)
         table = schema.table(ref[0]) if ref else None
         column = table.column(ref[1]) if table and ref else None
         if column is not None and column.numeric:

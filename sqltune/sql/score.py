@@ -21,7 +21,7 @@ from typing import Any
 from sqltune.errors import DataError
 from sqltune.sql import metrics
 from sqltune.sql.sandbox import ExecResult, Sandbox
-from sqltune.sql.schema import Schema, parse_schema, parse_sql
+from sqltune.sql.schema import Parsed, Schema, parse_schema, parse_sql
 from sqltune.sql.synth_db import make_plan, synthesise
 
 
@@ -113,21 +113,25 @@ def score_example(item: Item, settings: Settings) -> dict[str, Any]:
     if failed is not None:
         return _record(item, **common, gold_error_kind=kind, gold_error=failed.error or kind)
     try:
-        return _score_prediction(item, schema, gold_expr, boxes, ordered, common)
+        return _score_prediction(item, schema, gold, boxes, ordered, common)
     finally:
         for box, _ in boxes:
             box.close()
 
 
-def _score_prediction(item: Item, schema: Schema, gold_expr: Any, boxes: list[tuple[Sandbox, ExecResult]],
+def _score_prediction(item: Item, schema: Schema, gold: Parsed, boxes: list[tuple[Sandbox, ExecResult]],
                       ordered: bool, common: dict[str, Any]) -> dict[str, Any]:
-    pred = parse_sql(item.predicted, schema)
+    gold_expr = gold.expression if gold.ok else None
+    same_text = metrics.strip_sql(item.predicted) == metrics.strip_sql(item.gold)
+    pred = gold if same_text else parse_sql(item.predicted, schema)
     unknown = metrics.unknown_names(pred.expression, schema) if pred.ok and pred.expression is not None else []
     fields: dict[str, Any] = {
         **common, "gold_ok": True, "gold_empty": not any(_informative(r) for _, r in boxes),
-        "unknown_names": unknown, "schema_ok": pred.ok and not unknown,
-        "em_norm": metrics.exact_match_norm(gold_expr, pred.expression if pred.ok else None)}
+        "unknown_names": unknown, "schema_ok": pred.ok and not unknown}
     sql = pred.sql(item.predicted)
+    # last use of both trees, so normalise them in place rather than copy them
+    fields["em_norm"] = metrics.exact_match_norm(gold_expr, pred.expression if pred.ok else None,
+                                                 gold_sql=item.gold, pred_sql=item.predicted, copy=False)
     ex = True
     for box, gold_result in boxes:
         result = box.run(sql)

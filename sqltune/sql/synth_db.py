@@ -23,7 +23,7 @@ from typing import Any
 
 from sqlglot import exp
 
-from sqltune.sql.schema import Column, Schema, column_of
+from sqltune.sql.schema import Column, Schema, column_of, table_scope
 
 Value = Any  # str | int | float | None
 _NUM = re.compile(r"-?\d[\d,]*(\.\d+)?")
@@ -92,11 +92,12 @@ def make_plan(schema: Schema, gold: exp.Expression | None, question: str) -> Pla
                 if other.column(c.name):
                     union((t.name, c.name.lower()), (other.name, c.name.lower()))
     if gold is not None:
-        for cond in _conditions(gold, schema):
+        scope = table_scope(gold)
+        for cond in _conditions(gold, scope, schema):
             plan.conditions.setdefault((cond.table, cond.column.lower()), []).append(cond)
         for eq in gold.find_all(exp.EQ):
             if isinstance(eq.this, exp.Column) and isinstance(eq.expression, exp.Column):
-                a, b = column_of(eq.this, gold, schema), column_of(eq.expression, gold, schema)
+                a, b = column_of(eq.this, scope, schema), column_of(eq.expression, scope, schema)
                 if a and b and a[0] != b[0]:
                     union((a[0], a[1].lower()), (b[0], b[1].lower()))
         plan.numbers += [v for v in (_literal(n) for n in gold.find_all(exp.Literal))
@@ -116,7 +117,7 @@ def make_plan(schema: Schema, gold: exp.Expression | None, question: str) -> Pla
     return plan
 
 
-def _conditions(gold: exp.Expression, schema: Schema) -> list[Condition]:
+def _conditions(gold: exp.Expression, scope: dict[str, str], schema: Schema) -> list[Condition]:
     out = []
     for node in gold.find_all(*_OPS, exp.In, exp.Between, exp.Is):
         col = node.this
@@ -126,7 +127,7 @@ def _conditions(gold: exp.Expression, schema: Schema) -> list[Condition]:
             col, other, op = other, col, _FLIP.get(op, op)
         if not isinstance(col, exp.Column):
             continue
-        ref = column_of(col, gold, schema)
+        ref = column_of(col, scope, schema)
         if ref is None:
             continue
         if isinstance(node, exp.In):
