@@ -67,6 +67,8 @@ def run_cloudrun(args: argparse.Namespace) -> int:
 
     cfg, _ = config.from_namespace(args)
     cloudrun.require(cfg)
+    if not args.teardown:
+        render.check(cfg, "cloudrun")  # what Cloud Run would reject fails before any gcloud call
     gcloud = cloudrun.Gcloud()
     n = render.names(cfg)
     where = f"project {n.project}, region {n.region}"
