@@ -62,7 +62,8 @@ class Config:
                       "or synthetic:N.")
     dataset_split: str = _f("train", "Split to read from a hub dataset.")
     dataset_limit: int = _f(-1, "Use a seeded random subset of this many valid rows; -1 = all.", minimum=-1)
-    columns: str = _f("", "Column mapping for other datasets: question=q,context=schema,answer=sql.")
+    column_map: str = _f("", "Column mapping for other datasets: question=q,context=schema,answer=sql "
+                         "(named so the shell's COLUMNS never leaks in).")
     eval_fraction: float = _f(0.05, "Share of questions held out for evaluation (by question hash).",
                               minimum=0.0)
 
@@ -94,6 +95,12 @@ class Config:
     log_level: str = _f("info", "Log level.", choices=["debug", "info", "warning", "error"], group="common")
 
     # --- artifacts and buckets (models in buckets) -----------------------------------------------
+    bucket_endpoint: str = _f("", "Endpoint of an S3-compatible store for s3:// URLs (MinIO, R2, Ceph); "
+                              "default: AWS_ENDPOINT_URL, else AWS.", env=["AWS_ENDPOINT_URL"], group="buckets")
+    transfer_workers: int = _f(16, "Files and byte ranges in flight at once when uploading to or "
+                               "downloading from a bucket.", minimum=1, group="buckets")
+    model_cache: str = _f("", "Local cache for models fetched from buckets and for bucket runs' staging; "
+                          "default: $SQLTUNE_CACHE or ~/.cache/sqltune.", env=["SQLTUNE_CACHE"], group="buckets")
     # --- evaluation --------------------------------------------------------------------------
     # --- serving -----------------------------------------------------------------------------
     api_key: str = _f("", "Bearer key required on every route but /health and /ready.",

@@ -74,7 +74,7 @@ def parse_columns(spec: str) -> dict[str, str]:
         ours, sep, theirs = part.partition("=")
         if not sep or ours.strip() not in FIELDS or not theirs.strip():
             raise DataError(f"column mapping `{part}` is not of the form field=column",
-                            "use e.g. --columns question=q,context=schema,answer=sql")
+                            "use e.g. --column-map question=q,context=schema,answer=sql")
         mapping[ours.strip()] = theirs.strip()
     return mapping
 
@@ -201,7 +201,7 @@ def load_splits(source: str, *, split: str = "train", columns: str = "", limit: 
         report.limited_to = limit
     if not examples:
         raise DataError(f"no usable rows in `{source}` (skipped: {dict(report.skipped) or 'none'})",
-                        "check the column mapping (--columns) and that the file has question/context/answer rows")
+                        "check the column mapping (--column-map) and that the file has question/context/answer rows")
     train = [ex for ex in examples if not is_eval(ex.question, eval_fraction)]
     held = [ex for ex in examples if is_eval(ex.question, eval_fraction)]
     if not train:
@@ -232,7 +232,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     synth.set_defaults(func=_run_synth)
     check = dsub.add_parser("check", help="Validate a dataset and print the counts by reason.")
     check.add_argument("--dataset", required=True, help="Hub id, local file, or synthetic:N.")
-    check.add_argument("--columns", default="", help="Column mapping: question=q,context=schema,answer=sql.")
+    check.add_argument("--column-map", dest="columns", default="", help="Column mapping: question=q,context=schema,answer=sql.")
     check.add_argument("--eval-fraction", type=float, default=0.05)
     check.set_defaults(func=_run_check)
 

@@ -73,11 +73,11 @@ def _merge(trainer: Any, method: str, precision: Any, base_name: str, run_dir: P
     from sqltune.modeling import Precision, load_base
 
     tokenizer = trainer.processing_class
-    adapter_dir = run_dir / "adapter"
-    trainer.model.save_pretrained(adapter_dir)
     if method == "full":
         model = trainer.model
         return model, _logits(model, tokenizer), 1e-4
+    adapter_dir = run_dir / "adapter"
+    trainer.model.save_pretrained(adapter_dir)
     # never merge into 4-bit weights: the base is reloaded un-quantised in the compute dtype
     merge_precision = Precision(precision.name, precision.device, "merge") if precision.name != "fp32" else precision
     del trainer.model

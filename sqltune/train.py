@@ -126,7 +126,7 @@ def finetune(cfg: Config, sources: dict[str, str] | None = None) -> Path:
         logs.event(log, "retried task: resuming", attempt=os.environ["CLOUD_RUN_TASK_ATTEMPT"])
     resume_from = find_resume_checkpoint(ckpt_root, cfg.resume)
 
-    splits = data.load_splits(cfg.dataset, split=cfg.dataset_split, columns=cfg.columns, limit=cfg.dataset_limit,
+    splits = data.load_splits(cfg.dataset, split=cfg.dataset_split, columns=cfg.column_map, limit=cfg.dataset_limit,
                               eval_fraction=cfg.eval_fraction, seed=cfg.seed)
     template = prompts.DEFAULT_TEMPLATE
     pairs = [(template.build_prompt(ex.question, ex.context), template.build_completion(ex.answer))

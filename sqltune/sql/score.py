@@ -48,6 +48,13 @@ def _informative(result: ExecResult) -> bool:
     return any(v is not None and v != 0 for row in result.rows for v in row)
 
 
+def _usefulness(result: ExecResult) -> int:
+    """2: some value other than NULL or 0; 1: some row (MIN can be 0); 0: nothing selected."""
+    if _informative(result):
+        return 2
+    return 1 if any(v is not None for row in result.rows for v in row) else 0
+
+
 def _seed(settings: Settings, item: Item) -> int:
     digest = hashlib.sha256(f"{settings.seed}\0{item.context}\0{item.gold}".encode()).digest()
     return int.from_bytes(digest[:6], "big")
@@ -82,10 +89,13 @@ def _gold_databases(item: Item, schema: Schema, gold_sql: str, plan: Any, settin
                 for b, _ in boxes:
                     b.close()
                 return [], result, result.error_kind
-            if chosen is not None:
-                chosen[0].close()
-            chosen = (box, result)
-            if _informative(result):
+            if chosen is None or _usefulness(result) > _usefulness(chosen[1]):
+                if chosen is not None:
+                    chosen[0].close()
+                chosen = (box, result)
+            else:
+                box.close()
+            if _usefulness(result) == 2:
                 break
         assert chosen is not None
         again = chosen[0].run(gold_sql)

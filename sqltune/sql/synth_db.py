@@ -180,16 +180,22 @@ def _fill_like(pattern: str, rng: random.Random) -> str:
     return "".join(out)
 
 
-def _hits(cond: Condition, rng: random.Random) -> list[Value]:
+def _hits(cond: Condition, column: Column, rng: random.Random) -> list[Value]:
     v = cond.values
     if cond.op == "eq":
         return [v[0]]
     if cond.op == "neq":
         return _variants(v[0])
-    if cond.op in ("gt", "gte"):
-        return [_shift(v[0], 1), _shift(v[0], 7)] + ([v[0]] if cond.op == "gte" else [])
-    if cond.op in ("lt", "lte"):
-        return [_shift(v[0], -1), _shift(v[0], -7)] + ([v[0]] if cond.op == "lte" else [])
+    if cond.op in ("gt", "gte", "lt", "lte"):
+        up = cond.op in ("gt", "gte")
+        text = str(v[0])
+        # a text column compares as text ("9" > "10"), so add candidates that win that way too
+        extra = [text + "0", "9" * len(text)] if up else ["0", text[:-1] or "0"]
+        candidates = [_shift(v[0], 1 if up else -1), _shift(v[0], 7 if up else -7), *extra]
+        if cond.op in ("gte", "lte"):
+            candidates.append(v[0])
+        held = [c for c in candidates if _holds(_store(c, column), cond.op, v[0], column)]
+        return held or candidates
     if cond.op == "like":
         return [_fill_like(str(v[0]), rng)]
     if cond.op in ("in", "between"):
@@ -197,6 +203,19 @@ def _hits(cond: Condition, rng: random.Random) -> list[Value]:
     if cond.op == "null":
         return [None]
     return []
+
+
+def _holds(stored: Value, op: str, literal: Value, column: Column) -> bool:
+    """Whether SQLite would find `stored <op> literal` true, applying the column's affinity."""
+    if stored is None:
+        return False
+    lit = _store(literal, column)
+    if isinstance(stored, str) != isinstance(lit, str):
+        return False
+    try:
+        return {"gt": stored > lit, "gte": stored >= lit, "lt": stored < lit, "lte": stored <= lit}[op]
+    except TypeError:
+        return False
 
 
 def _misses(cond: Condition) -> list[Value]:
@@ -222,41 +241,83 @@ def _store(value: Value, column: Column) -> Value:
 
 
 def synthesise(plan: Plan, seed: int, *, plant: bool = True) -> dict[str, list[tuple[Value, ...]]]:
-    """Rows for every table of the plan's schema, deterministic in `seed`."""
+    """Rows for every table of the plan's schema, deterministic in `seed`.
+
+    With `plant`, each table gets a row that satisfies all of its conditions, a twin of it (an
+    exact copy half the time, so DISTINCT matters; otherwise with its free columns redrawn, so
+    MIN and MAX differ) and one near miss per constrained column (the planted row with that one
+    value changed to just miss), so a query that drops or changes a condition returns more or
+    fewer rows. Random rows fill the rest, and the order is shuffled.
+    """
     rng = random.Random(seed)
     pools: dict[int, list[Value]] = {}
-    for cls in set(plan.key_class.values()):
+    for cls in sorted(set(plan.key_class.values())):
         literals = plan.class_literals.get(cls, [])
-        pools[cls] = (literals[:1] + [rng.randint(1, 40) for _ in range(3)])[:3]
+        # pool size varies by database, so "appears in both tables" and HAVING counts vary too
+        size = rng.randint(2, 6)
+        pools[cls] = (literals[:1] + rng.sample(range(1, 60), size))[:size]
     data: dict[str, list[tuple[Value, ...]]] = {}
     for table in plan.schema.tables:
-        n_rows = rng.randint(4, 9)
         domains = {c.name.lower(): _domain(c, plan, rng) for c in table.columns}
-        rows = []
-        for r in range(n_rows):
-            row = []
-            for c in table.columns:
-                key = (table.name, c.name.lower())
-                conds = plan.conditions.get(key, [])
-                if key in plan.key_class:
-                    pool = pools[plan.key_class[key]]
-                    value: Value = pool[0] if (plant and r == 0) else rng.choice(pool)
-                    if conds and r and rng.random() < 0.3:
-                        value = rng.choice(_hits(rng.choice(conds), rng) or pool)
-                elif conds and plant and r == 0:
-                    value = rng.choice(_hits(conds[0], rng) or domains[c.name.lower()])
-                elif conds and rng.random() < 0.75:
-                    cond = rng.choice(conds)
-                    choices = _hits(cond, rng) if rng.random() < 0.55 else _misses(cond)
-                    value = rng.choice(choices or domains[c.name.lower()])
-                else:
-                    value = rng.choice(domains[c.name.lower()])
-                if not c.not_null and r and rng.random() < 0.08:
-                    value = None
-                row.append(_store(value, c))
-            rows.append(tuple(row))
+        rows = [_random_row(table.columns, table.name, plan, pools, domains, rng) for _ in range(rng.randint(3, 7))]
+        if plant:
+            planted = _planted_row(table.columns, table.name, plan, pools, domains, rng)
+            free = _random_row(table.columns, table.name, plan, pools, domains, rng)
+            twin = planted if rng.random() < 0.5 else tuple(
+                p if plan.conditions.get((table.name, c.name.lower())) or (table.name, c.name.lower()) in plan.key_class
+                else f for c, p, f in zip(table.columns, planted, free))
+            rows += [planted, twin, *_near_misses(table.columns, table.name, plan, planted, rng)]
+            rng.shuffle(rows)
         data[table.name] = rows
     return data
+
+
+def _random_row(columns: tuple[Column, ...], table: str, plan: Plan, pools: dict[int, list[Value]],
+                domains: dict[str, list[Value]], rng: random.Random) -> tuple[Value, ...]:
+    row = []
+    for c in columns:
+        key = (table, c.name.lower())
+        conds = plan.conditions.get(key, [])
+        if key in plan.key_class:
+            value: Value = rng.choice(pools[plan.key_class[key]])
+        elif conds and rng.random() < 0.6:
+            cond = rng.choice(conds)
+            value = rng.choice((_hits(cond, c, rng) if rng.random() < 0.5 else _misses(cond)) or domains[key[1]])
+        else:
+            value = rng.choice(domains[key[1]])
+        if not c.not_null and rng.random() < 0.1:
+            value = None
+        row.append(_store(value, c))
+    return tuple(row)
+
+
+def _planted_row(columns: tuple[Column, ...], table: str, plan: Plan, pools: dict[int, list[Value]],
+                 domains: dict[str, list[Value]], rng: random.Random) -> tuple[Value, ...]:
+    row = []
+    for c in columns:
+        key = (table, c.name.lower())
+        conds = plan.conditions.get(key, [])
+        if key in plan.key_class:
+            value: Value = pools[plan.key_class[key]][0]
+        elif conds:
+            value = rng.choice(_hits(conds[0], c, rng) or domains[key[1]])
+        else:
+            value = rng.choice(domains[key[1]])
+        row.append(_store(value, c))
+    return tuple(row)
+
+
+def _near_misses(columns: tuple[Column, ...], table: str, plan: Plan, planted: tuple[Value, ...],
+                 rng: random.Random) -> list[tuple[Value, ...]]:
+    out = []
+    for i, c in enumerate(columns):
+        conds = plan.conditions.get((table, c.name.lower()), [])
+        misses = [m for cond in conds for m in _misses(cond)] if conds else []
+        if misses:
+            row = list(planted)
+            row[i] = _store(rng.choice(misses), c)
+            out.append(tuple(row))
+    return out[:4]
 
 
 def _domain(column: Column, plan: Plan, rng: random.Random) -> list[Value]:

@@ -10,6 +10,7 @@ event loop keeps serving /health, /metrics and new requests while a batch decode
 from __future__ import annotations
 
 import asyncio
+import inspect
 import queue
 import threading
 import time
@@ -81,6 +82,8 @@ class TransformersEngine:
         eos = loaded.model.generation_config.eos_token_id
         eos = eos if isinstance(eos, list) else [eos if eos is not None else loaded.tokenizer.eos_token_id]
         self._eos = {int(e) for e in eos if e is not None}
+        params = inspect.signature(loaded.model.forward).parameters
+        self._cache_kwarg = "cache" if "cache" in params else "past_key_values"
         logs.event(log, "model loaded", engine=self.name, model=str(self.model_dir), device=str(loaded.device),
                    seconds=round(time.perf_counter() - started, 2), max_model_len=self.max_model_len)
         return loaded
@@ -161,9 +164,10 @@ class TransformersEngine:
                 r.generator = torch.Generator(device=device)
                 r.generator.manual_seed(r.params.seed if r.params.seed is not None else int(time.time_ns() % 2**63))
         cache = DynamicCache()
+        # transformers renamed `past_key_values` to `cache`; older releases (vLLM's pin) know only the first
+        kv = {self._cache_kwarg: cache, "use_cache": True, "logits_to_keep": 1}
         rows = list(batch)
-        logits = model(input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=cache,
-                       use_cache=True).logits[:, -1, :]
+        logits = model(input_ids=ids, attention_mask=mask, position_ids=positions, **kv).logits[:, -1, :]
         while rows:
             tokens = self._sample(logits, rows)
             keep = [i for i, (r, t) in enumerate(zip(rows, tokens.tolist(), strict=True)) if self._advance(r, t)]
@@ -176,7 +180,7 @@ class TransformersEngine:
             mask = torch.cat([mask, mask.new_ones((len(rows), 1))], dim=1)
             positions = positions[:, -1:] + 1
             logits = model(input_ids=tokens[:, None], attention_mask=mask, position_ids=positions,
-                           past_key_values=cache, use_cache=True).logits[:, -1, :]
+                           **kv).logits[:, -1, :]
 
     def _sample(self, logits: Any, rows: list[_Request]) -> Any:
         import torch

@@ -1,0 +1,106 @@
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import pytest
+
+from sqltune import config
+from sqltune.config import Config, load
+from sqltune.errors import ConfigError
+
+CONFIGS = sorted((Path(__file__).parents[1] / "configs").glob("*.yaml"))
+
+
+def write(tmp_path: Path, text: str) -> str:
+    p = tmp_path / "c.yaml"
+    p.write_text(text)
+    return str(p)
+
+
+def test_precedence_defaults_yaml_env_flags(tmp_path: Path) -> None:
+    yaml = write(tmp_path, "lora_r: 4\nlora_alpha: 8\nlearning_rate: 0.001\n")
+    cfg, sources = load(["--config", yaml, "--lora-alpha", "64"], {"LORA_R": "16", "LORA_ALPHA": "32"})
+    assert cfg.lora_r == 16 and sources["lora_r"] == "env LORA_R"  # env beats YAML
+    assert cfg.lora_alpha == 64 and sources["lora_alpha"] == "flag --lora-alpha"  # flag beats env
+    assert cfg.learning_rate == 0.001 and sources["learning_rate"].startswith("config ")
+    assert cfg.seed == Config().seed and "seed" not in sources
+
+
+def test_tutorial_environment_names() -> None:
+    env = {"MODEL_NAME": "google/gemma-2b", "NEW_MODEL": "gemma-2b-sql", "LORA_R": "8", "LORA_ALPHA": "16",
+           "GRADIENT_ACCUMULATION_STEPS": "4", "DATASET_LIMIT": "1000", "LOGGING_STEPS": "5",
+           "MAX_SEQ_LENGTH": "384", "TRAIN_BATCH_SIZE": "2", "EVAL_BATCH_SIZE": "3", "HF_TOKEN": "hf_secret"}
+    cfg, _ = load([], env)
+    assert (cfg.model_name, cfg.new_model, cfg.lora_r, cfg.lora_alpha) == ("google/gemma-2b", "gemma-2b-sql", 8, 16)
+    assert (cfg.gradient_accumulation_steps, cfg.dataset_limit, cfg.logging_steps) == (4, 1000, 5)
+    assert (cfg.max_seq_length, cfg.train_batch_size, cfg.eval_batch_size) == (384, 2, 3)
+    assert cfg.output_dir == "models/gemma-2b-sql"
+    assert "hf_secret" not in str(cfg.to_dict()) and "hf_secret" not in config.render(cfg, {})
+
+
+def test_dataset_limit_minus_one_means_all() -> None:
+    assert load([], {"DATASET_LIMIT": "-1"})[0].dataset_limit == -1
+    with pytest.raises(ConfigError, match="--dataset-limit"):
+        load([], {"DATASET_LIMIT": "-2"})
+
+
+def test_prefixed_environment_wins_over_bare() -> None:
+    cfg, sources = load([], {"SQLTUNE_LORA_R": "12", "LORA_R": "4"})
+    assert cfg.lora_r == 12 and sources["lora_r"] == "env SQLTUNE_LORA_R"
+
+
+@pytest.mark.parametrize(("argv", "env", "needle"), [
+    ([], {"LORA_R": "eight"}, "LORA_R"),
+    ([], {"LEARNING_RATE": "fast"}, "learning_rate"),
+    ([], {"GRADIENT_CHECKPOINTING": "maybe"}, "true or false"),
+    (["--lora-r", "0"], {}, "--lora-r"),
+    (["--method", "prompt-tuning"], {}, "method"),
+    ([], {"METHOD": "prompt-tuning"}, "qlora"),
+])
+def test_bad_values_name_the_flag(argv: list[str], env: dict[str, str], needle: str) -> None:
+    with pytest.raises(ConfigError) as err:
+        load(argv, env)
+    assert needle in str(err.value)
+
+
+def test_unknown_yaml_key_suggests_the_field(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="(?s)lora_rank.*did you mean `lora_r`"):
+        load(["--config", write(tmp_path, "lora_rank: 8\n")], {})
+
+
+def test_yaml_wrong_type_and_missing_file(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="not an integer"):
+        load(["--config", write(tmp_path, "max_steps: [1, 2]\n")], {})
+    with pytest.raises(ConfigError, match="does not exist"):
+        load(["--config", str(tmp_path / "nope.yaml")], {})
+
+
+def test_target_modules_from_env_and_yaml(tmp_path: Path) -> None:
+    assert load([], {"TARGET_MODULES": "q_proj, v_proj"})[0].target_modules == ["q_proj", "v_proj"]
+    yaml = write(tmp_path, "target_modules: [q_proj, k_proj]\n")
+    assert load(["--config", yaml], {})[0].target_modules == ["q_proj", "k_proj"]
+
+
+def test_every_field_has_help_and_a_flag() -> None:
+    for f in dataclasses.fields(Config):
+        assert f.metadata["help"], f.name
+        assert config.flag_name(f.name) == "--" + f.name.replace("_", "-")
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=[p.name for p in CONFIGS])
+def test_every_shipped_config_loads(path: Path) -> None:
+    cfg, sources = load(["--config", str(path)], {})
+    assert sources, f"{path.name} sets nothing"
+    first = path.read_text().splitlines()[:3]
+    assert any("sqltune " in line for line in first), f"{path.name} must start with its launch command"
+    assert cfg.model_name
+
+
+def test_config_show_marks_sources(capsys: pytest.CaptureFixture[str]) -> None:
+    from sqltune.cli import main
+
+    assert main(["config", "show", "--lora-r", "32"]) == 0
+    out = capsys.readouterr().out
+    assert "lora_r: 32  # flag --lora-r" in out
+    assert "lora_alpha: 16\n" in out
