@@ -218,12 +218,17 @@ def _holds(stored: Value, op: str, literal: Value, column: Column) -> bool:
         return False
 
 
-def _misses(cond: Condition) -> list[Value]:
-    if cond.op in ("null", "notnull") or not cond.values:
+def _misses(cond: Condition, column: Column) -> list[Value]:
+    """Values that just fail the condition: the bound itself for < and >, a neighbour for =."""
+    v = cond.values
+    if cond.op in ("null", "notnull") or not v:
         return []
     if cond.op == "neq":
-        return [cond.values[0]]
-    return [m for v in cond.values for m in _variants(v)]
+        return [v[0]]
+    if cond.op in ("gt", "gte", "lt", "lte"):
+        candidates = [v[0], _shift(v[0], 1), _shift(v[0], -1), _shift(v[0], 10), _shift(v[0], -10)]
+        return [c for c in candidates if not _holds(_store(c, column), cond.op, v[0], column)]
+    return [m for value in v for m in _variants(value)]
 
 
 def _store(value: Value, column: Column) -> Value:
@@ -265,8 +270,9 @@ def synthesise(plan: Plan, seed: int, *, plant: bool = True) -> dict[str, list[t
             free = _random_row(table.columns, table.name, plan, pools, domains, rng)
             twin = planted if rng.random() < 0.5 else tuple(
                 p if plan.conditions.get((table.name, c.name.lower())) or (table.name, c.name.lower()) in plan.key_class
-                else f for c, p, f in zip(table.columns, planted, free))
-            rows += [planted, twin, *_near_misses(table.columns, table.name, plan, planted, rng)]
+                else f for c, p, f in zip(table.columns, planted, free, strict=True))
+            other = _random_row(table.columns, table.name, plan, pools, domains, rng)
+            rows += [planted, twin, *_near_misses(table.columns, table.name, plan, planted, other, rng)]
             rng.shuffle(rows)
         data[table.name] = rows
     return data
@@ -282,7 +288,7 @@ def _random_row(columns: tuple[Column, ...], table: str, plan: Plan, pools: dict
             value: Value = rng.choice(pools[plan.key_class[key]])
         elif conds and rng.random() < 0.6:
             cond = rng.choice(conds)
-            value = rng.choice((_hits(cond, c, rng) if rng.random() < 0.5 else _misses(cond)) or domains[key[1]])
+            value = rng.choice((_hits(cond, c, rng) if rng.random() < 0.5 else _misses(cond, c)) or domains[key[1]])
         else:
             value = rng.choice(domains[key[1]])
         if not c.not_null and rng.random() < 0.1:
@@ -308,13 +314,16 @@ def _planted_row(columns: tuple[Column, ...], table: str, plan: Plan, pools: dic
 
 
 def _near_misses(columns: tuple[Column, ...], table: str, plan: Plan, planted: tuple[Value, ...],
-                 rng: random.Random) -> list[tuple[Value, ...]]:
+                 free: tuple[Value, ...], rng: random.Random) -> list[tuple[Value, ...]]:
+    """The planted row with one condition broken; free columns from `free`, so what the query
+    selects or aggregates differs from the planted row's."""
+    bound = [bool(plan.conditions.get((table, c.name.lower()))) or (table, c.name.lower()) in plan.key_class
+             for c in columns]
     out = []
     for i, c in enumerate(columns):
-        conds = plan.conditions.get((table, c.name.lower()), [])
-        misses = [m for cond in conds for m in _misses(cond)] if conds else []
+        misses = [m for cond in plan.conditions.get((table, c.name.lower()), []) for m in _misses(cond, c)]
         if misses:
-            row = list(planted)
+            row = [p if b else f for p, f, b in zip(planted, free, bound, strict=True)]
             row[i] = _store(rng.choice(misses), c)
             out.append(tuple(row))
     return out[:4]
