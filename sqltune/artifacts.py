@@ -183,8 +183,9 @@ def locate(url: str) -> tuple[str, dict[str, Any], str]:
     return vurl, _parse_manifest(raw, storage.join(vurl, MANIFEST)), version
 
 
-def fetch(url: str) -> Fetched:
-    """Verified local copy of the model at `url`: the folder itself when local, else the cache."""
+def fetch(url: str, *, cache: Path | None = None) -> Fetched:
+    """Verified local copy of the model at `url`: the folder itself when local, else the cache
+    (`cache`, default $SQLTUNE_CACHE or ~/.cache/sqltune)."""
     if not is_remote(url):
         path = local_path(url)
         if not (path / MANIFEST).is_file() and (path / LATEST).is_file():  # a published layout, e.g. gcsfuse
@@ -194,7 +195,7 @@ def fetch(url: str) -> Fetched:
         return Fetched(path, str(path), path.name, manifest["digest"], len(manifest["files"]), 0, True)
     vurl, manifest, version = locate(url)
     digest = manifest["digest"]
-    models = storage.cache_root() / "models"
+    models = (cache or storage.cache_root()) / "models"
     models.mkdir(parents=True, exist_ok=True)
     final = models / digest
     with _locked(models / f".{digest}.lock"):
@@ -243,12 +244,12 @@ def download_verified(url: str, manifest: dict[str, Any], dest: Path) -> int:
         return p.is_file() and p.stat().st_size == files[name]["size"] and sha256_file(p) == files[name]["sha256"]
 
     with ThreadPoolExecutor(max_workers=4) as pool:
-        have = dict(zip(files, pool.map(intact, files)))
+        have = dict(zip(files, pool.map(intact, files), strict=True))
     todo = [name for name in files if not have[name]]
     stats = storage.download([(storage.join(url, n), dest / n, files[n]["size"]) for n in todo],
                              desc=f"fetch {url.rsplit('/', 1)[-1]}")
     with ThreadPoolExecutor(max_workers=4) as pool:
-        sums = dict(zip(todo, pool.map(lambda n: sha256_file(dest / n), todo)))
+        sums = dict(zip(todo, pool.map(lambda n: sha256_file(dest / n), todo), strict=True))
     for name in todo:
         if sums[name] != files[name]["sha256"]:
             (dest / name).unlink()

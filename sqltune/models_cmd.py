@@ -75,7 +75,7 @@ def render(versions: list[Version]) -> str:
         rows.append(("*" if v.latest else "", v.version, "complete" if v.complete else "INCOMPLETE",
                      f"{v.bytes / 1e6:.1f} MB" if v.complete else "-", v.digest[:12], metrics))
     widths = [max(len(r[i]) for r in rows) for i in range(5)]
-    lines = ["  ".join(c.ljust(w) for c, w in zip(r[:5], widths)) + "  " + r[5] for r in rows]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(r[:5], widths, strict=True)) + "  " + r[5] for r in rows]
     return "\n".join(line.rstrip() for line in lines) + "\n(* = latest; INCOMPLETE = a publish that was cut short, never served)"
 
 

@@ -279,7 +279,7 @@ def upload(items: Sequence[tuple[Path, str]], *, desc: str = "upload", workers: 
         progress.add(size)
 
     try:
-        _run([lambda s=s, u=u, n=n: one(s, u, n) for (s, u), n in zip(items, sizes)], workers)
+        _run([lambda s=s, u=u, n=n: one(s, u, n) for (s, u), n in zip(items, sizes, strict=True)], workers)
     finally:
         progress.close()
     stats = Transfer(len(items), sum(sizes), time.perf_counter() - start)
@@ -300,7 +300,7 @@ def _gcs_composite(fs: Any, src: Path, path: str, size: int, chunk: int, workers
             fs.pipe_file(part, fh.read(b - a))
 
     try:
-        _run([lambda p=p, r=r: put(p, *r) for p, r in zip(parts, ranges)], workers)
+        _run([lambda p=p, r=r: put(p, *r) for p, r in zip(parts, ranges, strict=True)], workers)
         fs.merge(path, parts)
     finally:
         for part in parts:

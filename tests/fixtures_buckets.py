@@ -35,6 +35,9 @@ class Bucket:
 def s3_server() -> Iterator[str]:
     moto_server = pytest.importorskip("moto.server")
     pytest.importorskip("s3fs")
+    import logging
+
+    logging.getLogger("werkzeug").setLevel(logging.WARNING)  # one line per request otherwise
     server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
     server.start()
     host, port = server.get_host_and_port()
@@ -91,7 +94,7 @@ def gcs_bucket(gcs_server: str, monkeypatch: pytest.MonkeyPatch, tmp_path: Path)
     return Bucket(f"gs://{name}", env)
 
 
-@pytest.fixture(params=["s3", "gs"])
+@pytest.fixture(params=["s3", "gcs"])
 def bucket(request: pytest.FixtureRequest) -> Bucket:
     """Each test that takes `bucket` runs against both stores."""
     return request.getfixturevalue(f"{request.param}_bucket")

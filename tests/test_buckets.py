@@ -1,0 +1,280 @@
+"""Models in buckets against real servers on 127.0.0.1 (moto's S3 server, gcp-storage-emulator).
+
+    pytest tests/test_buckets.py
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+
+from sqltune import artifacts, storage
+from sqltune.errors import ArtifactError
+
+pytest_plugins = ["fixtures_buckets"]
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def blob(seed: int, size: int) -> bytes:
+    # gcp-storage-emulator drops a trailing CR/LF from multipart uploads; real GCS keeps every byte.
+    return random.Random(seed).randbytes(size - 1) + b"\0"
+
+
+def make_model(folder: Path, seed: int, shards: int = 3, shard_bytes: int = 300_000) -> Path:
+    """A model-shaped folder: shards, config, sqltune.json with metrics, a subfolder, manifest last."""
+    folder.mkdir(parents=True)
+    for i in range(shards):
+        (folder / f"model-{i:05d}-of-{shards:05d}.safetensors").write_bytes(blob(seed * 1000 + i, shard_bytes))
+    (folder / "config.json").write_text(json.dumps({"seed": seed}))
+    (folder / "sqltune.json").write_text(json.dumps({"created": "2026-01-01T00:00:00Z",
+                                                     "metrics": {"train_loss": 1.0 + seed, "steps": 10 * seed}}))
+    (folder / "tokenizer").mkdir()
+    (folder / "tokenizer" / "vocab.txt").write_text(f"vocab {seed}")
+    (folder / "checkpoints" / "checkpoint-1").mkdir(parents=True)
+    (folder / "checkpoints" / "checkpoint-1" / "junk.bin").write_bytes(b"not published")
+    artifacts.write_manifest(folder)
+    return folder
+
+
+def same_files(a: Path, b: Path) -> bool:
+    names = artifacts.read_manifest(a)["files"]
+    return all((a / n).read_bytes() == (b / n).read_bytes() for n in names)
+
+
+def fresh_fetch(url: str, tmp: Path) -> artifacts.Fetched:
+    """Fetch as a new machine would: an empty cache."""
+    return artifacts.fetch(url, cache=tmp / f"cache-{time.monotonic_ns()}")
+
+
+@pytest.fixture(autouse=True)
+def small_chunks(monkeypatch: pytest.MonkeyPatch) -> None:
+    # 256 KiB ranges and parts: small test files still take the ranged / multipart / compose paths.
+    monkeypatch.setattr(storage, "CHUNK", 256 << 10)
+
+
+def test_publish_then_fetch_round_trip(bucket, tmp_path: Path) -> None:
+    model = make_model(tmp_path / "m", seed=1)
+    url = f"{bucket.url}/models/sql"
+    where = artifacts.publish(model, url)
+    assert where.startswith(f"{url}/versions/")
+    got = artifacts.fetch(url)
+    assert not got.cached and got.bytes_downloaded == sum(f["size"] for f in artifacts.read_manifest(model)["files"].values())
+    assert same_files(model, got.path)
+    assert not (got.path / "checkpoints").exists()  # checkpoints never ship with the model
+    assert artifacts.verify(got.path)["digest"] == artifacts.read_manifest(model)["digest"]
+    assert artifacts.resolve_model(url) == got.path
+
+
+def test_second_fetch_downloads_nothing(bucket, tmp_path: Path) -> None:
+    model = make_model(tmp_path / "m", seed=2)
+    url = f"{bucket.url}/m"
+    version_url = artifacts.publish(model, url)
+    first = artifacts.fetch(url)
+    assert first.bytes_downloaded > 0
+    # Delete the shards from the bucket: a fetch that tried to download anything would now fail.
+    fs, path = storage.filesystem(version_url)
+    for name in artifacts.read_manifest(model)["files"]:
+        if name.endswith(".safetensors"):
+            fs.rm_file(f"{path}/{name}")
+    second = artifacts.fetch(url)
+    assert second.cached and second.bytes_downloaded == 0 and second.path == first.path
+
+
+def test_corrupted_byte_is_detected_and_named(bucket, tmp_path: Path) -> None:
+    model = make_model(tmp_path / "m", seed=3)
+    url = f"{bucket.url}/m"
+    version_url = artifacts.publish(model, url)
+    victim = "model-00001-of-00003.safetensors"
+    fs, path = storage.filesystem(f"{version_url}/{victim}")
+    data = bytearray(fs.cat_file(path))
+    data[len(data) // 2] ^= 0x01
+    fs.pipe_file(path, bytes(data))
+    with pytest.raises(ArtifactError, match=victim) as err:
+        artifacts.fetch(url)
+    assert "sha256" in str(err.value)
+    models = storage.cache_root() / "models"
+    assert not (models / artifacts.read_manifest(model)["digest"]).exists()  # nothing half-good is cached
+
+
+def test_missing_manifest_or_nothing_published_is_refused(s3_bucket, tmp_path: Path) -> None:
+    with pytest.raises(ArtifactError, match="no manifest.json and no `latest`"):
+        artifacts.fetch(f"{s3_bucket.url}/nothing-here")
+    # files uploaded without their manifest (a killed copy) are not a model
+    model = make_model(tmp_path / "m", seed=4)
+    storage.upload([(model / "config.json", f"{s3_bucket.url}/half/config.json")])
+    with pytest.raises(ArtifactError, match="no manifest.json"):
+        artifacts.fetch(f"{s3_bucket.url}/half")
+
+
+def test_publish_fault_at_each_file_leaves_previous_version(s3_bucket, tmp_path: Path) -> None:
+    """A real exception raised as each chosen file starts uploading (shard, manifest, pointer)."""
+    old, new = make_model(tmp_path / "old", seed=5), make_model(tmp_path / "new", seed=6)
+    url = f"{s3_bucket.url}/m"
+    artifacts.publish(old, url)
+    names = [*artifacts.read_manifest(new)["files"], "manifest.json", "latest"]
+
+    class Boom(RuntimeError):
+        pass
+
+    for name in names:
+        def before(target: str, name: str = name) -> None:
+            if target.endswith("/" + name):
+                raise Boom(name)
+
+        with pytest.raises(Boom):
+            artifacts.publish(new, url, before=before)
+        got = fresh_fetch(url, tmp_path)
+        assert same_files(old, got.path), f"fault at {name} changed what readers get"
+    artifacts.publish(new, url)
+    assert same_files(new, fresh_fetch(url, tmp_path).path)
+
+
+PUBLISH = ("import sys; from sqltune import artifacts, storage; storage.CHUNK = 256 << 10; "
+           "print('start', flush=True); artifacts.publish(sys.argv[1], sys.argv[2]); print('done', flush=True)")
+
+
+def _spawn_publish(model: Path, url: str, env: dict[str, str]) -> subprocess.Popen[str]:
+    proc = subprocess.Popen([sys.executable, "-c", PUBLISH, str(model), url], cwd=ROOT, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, env={**os.environ, **env})
+    assert proc.stdout is not None and proc.stdout.readline().strip() == "start"
+    return proc
+
+
+def test_publish_killed_at_random_points_never_serves_a_mix(s3_bucket, tmp_path: Path) -> None:
+    """SIGKILL a publishing process N times at points spread over its run (before, during and after
+    the manifest): every reader gets the old complete version or the new complete one."""
+    old = make_model(tmp_path / "old", seed=7)
+    new = make_model(tmp_path / "new", seed=8, shards=12, shard_bytes=400_000)
+    url = f"{s3_bucket.url}/m"
+    artifacts.publish(old, url)
+
+    t0 = time.monotonic()
+    proc = _spawn_publish(new, f"{s3_bucket.url}/calibrate", s3_bucket.env)
+    assert proc.wait(timeout=120) == 0
+    duration = time.monotonic() - t0
+
+    rng = random.Random(0)
+    outcomes = []
+    n = 8
+    for i in range(n):
+        proc = _spawn_publish(new, url, s3_bucket.env)
+        time.sleep(duration * (i + rng.random()) / (n - 2))  # the last kills land after it finished
+        proc.kill()
+        proc.wait()
+        got = fresh_fetch(url, tmp_path)
+        if same_files(old, got.path):
+            outcomes.append("old")
+        else:
+            assert same_files(new, got.path), "reader got a version that is neither the old nor the new one"
+            outcomes.append("new")
+        if outcomes[-1] == "new":  # reset so later kills again race against a pointer to the old one
+            artifacts.publish(old, url)
+    versions = storage.list_dirs(f"{url}/versions")
+    incomplete = [v for v in versions if storage.read_bytes(f"{url}/versions/{v}/manifest.json") is None]
+    assert "old" in outcomes and incomplete, f"no kill landed mid-upload: {outcomes}"
+
+
+def test_reader_during_publish_gets_a_complete_version(s3_bucket, tmp_path: Path) -> None:
+    old = make_model(tmp_path / "old", seed=9)
+    new = make_model(tmp_path / "new", seed=10, shards=8, shard_bytes=400_000)
+    url = f"{s3_bucket.url}/m"
+    artifacts.publish(old, url)
+    digests = {artifacts.read_manifest(old)["digest"], artifacts.read_manifest(new)["digest"]}
+    seen: list[str] = []
+    errors: list[BaseException] = []
+    done = threading.Event()
+
+    def read() -> None:
+        while not done.is_set():
+            try:
+                got = fresh_fetch(url, tmp_path)
+                assert got.digest in digests and artifacts.verify(got.path)
+                seen.append(got.digest)
+            except BaseException as e:  # noqa: BLE001 - reported below
+                errors.append(e)
+                return
+
+    reader = threading.Thread(target=read)
+    reader.start()
+    proc = _spawn_publish(new, url, s3_bucket.env)
+    assert proc.wait(timeout=120) == 0
+    time.sleep(0.5)
+    done.set()
+    reader.join()
+    assert not errors, errors
+    assert seen and seen[-1] == artifacts.read_manifest(new)["digest"]
+
+
+def _checkpoint(root: Path, step: int) -> Path:
+    folder = root / f"checkpoint-{step}"
+    folder.mkdir(parents=True)
+    (folder / "model.safetensors").write_bytes(blob(step, 200_000))
+    (folder / "optimizer.pt").write_bytes(blob(-step, 100_000))
+    (folder / "trainer_state.json").write_text(json.dumps({"global_step": step}))
+    artifacts.write_manifest(folder, exclude=(), step=step)
+    return folder
+
+
+def test_checkpoints_resume_on_a_fresh_machine(bucket, tmp_path: Path) -> None:
+    """Machine A saves checkpoints through the Trainer callback; machine B (empty disk) restores the newest."""
+    output = f"{bucket.url}/models/sql"
+    run_a = artifacts.work_dir(output)
+    assert run_a.is_dir() and str(run_a).startswith(str(storage.cache_root()))
+    ckpts_a = run_a / "checkpoints"
+    callback = artifacts.checkpoint_callback(output, ckpts_a, save_total_limit=2)
+    for step in (5, 10, 15):
+        _checkpoint(ckpts_a, step)
+        callback.on_save(None, SimpleNamespace(is_world_process_zero=True, global_step=step), None)
+    # a save killed mid-upload: files without the manifest
+    half = _checkpoint(tmp_path / "half", 20)
+    storage.upload([(half / "model.safetensors", f"{output}/checkpoints/checkpoint-20/model.safetensors")])
+
+    from sqltune import checkpoints
+
+    assert [(s, ok) for s, _, ok in checkpoints.remote(output)] == [(10, True), (15, True), (20, False)]
+
+    ckpts_b = tmp_path / "machine-b" / "checkpoints"
+    assert artifacts.restore_checkpoints(output, ckpts_b) == 1
+    restored = ckpts_b / "checkpoint-15"
+    assert artifacts.verify(restored)["step"] == 15
+    assert same_files(ckpts_a / "checkpoint-15", restored)
+    assert json.loads((restored / "trainer_state.json").read_text())["global_step"] == 15
+    assert [p.name for p in ckpts_b.iterdir()] == ["checkpoint-15"]
+    assert artifacts.restore_checkpoints(output, ckpts_b) == 0  # already current: nothing downloaded
+
+
+def test_local_output_needs_no_bucket_hooks(tmp_path: Path) -> None:
+    out = tmp_path / "model"
+    assert artifacts.work_dir(str(out)) == out
+    assert artifacts.checkpoint_callback(str(out), out / "checkpoints", 2) is None
+    assert artifacts.restore_checkpoints(str(out), out / "checkpoints") == 0
+
+
+def test_models_list_shows_versions_latest_and_incomplete(s3_bucket, tmp_path: Path) -> None:
+    from sqltune import cli
+
+    url = f"{s3_bucket.url}/m"
+    first = artifacts.publish(make_model(tmp_path / "a", seed=1), url)
+    second = artifacts.publish(make_model(tmp_path / "b", seed=2), url)
+    storage.upload([(tmp_path / "a" / "config.json", f"{url}/versions/zz-killed/config.json")])
+    from sqltune.models_cmd import list_versions
+
+    versions = {v.version: v for v in list_versions(url)}
+    assert set(versions) == {first.rsplit("/", 1)[1], second.rsplit("/", 1)[1], "zz-killed"}
+    assert versions[second.rsplit("/", 1)[1]].latest and versions[second.rsplit("/", 1)[1]].metrics["train_loss"] == 3.0
+    assert not versions["zz-killed"].complete
+    proc = subprocess.run([sys.executable, "-m", "sqltune", "models", "list", url], cwd=ROOT, text=True,
+                          capture_output=True, env={**os.environ, **s3_bucket.env}, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert "INCOMPLETE" in proc.stdout and "train_loss=3" in proc.stdout
+    assert cli.main(["models", "fetch", url]) == 0
