@@ -16,6 +16,7 @@ from sqltune.errors import SqltuneError
 COMMAND_MODULES = (
     "sqltune.train",
     "sqltune.data",
+    "sqltune.models_cmd",
     "sqltune.config_cmd",
     "sqltune.deploy.cli",
 )
