@@ -102,6 +102,35 @@ class Config:
     model_cache: str = _f("", "Local cache for models fetched from buckets and for bucket runs' staging; "
                           "default: $SQLTUNE_CACHE or ~/.cache/sqltune.", env=["SQLTUNE_CACHE"], group="buckets")
     # --- evaluation --------------------------------------------------------------------------
+    eval_endpoint: str = _f("", "Evaluate a running server (sqltune, or any OpenAI-compatible one) at this "
+                            "URL instead of a local model.", aliases=["--endpoint"], group="eval")
+    eval_predictions: str = _f("", "Score predictions made elsewhere: JSON lines with `predicted` (or `sql`), "
+                               "matched to the dataset by question and context, else by line order.",
+                               aliases=["--predictions"], group="eval")
+    eval_split: str = _f("all", "Examples of the dataset to evaluate: all, eval (the held-out share, split "
+                         "by question hash as in training) or train.", choices=["all", "eval", "train"],
+                         aliases=["--split"], group="eval")
+    eval_limit: int = _f(-1, "Evaluate a seeded sample of this many examples; -1 = all.", minimum=-1,
+                         aliases=["--limit"], group="eval")
+    eval_output: str = _f("", "Folder or gs:// / s3:// URL for report.json, predictions.jsonl, summary.md "
+                          "and ex_by_category.png; default reports/<model name>.", aliases=["--report-dir"],
+                          group="eval")
+    eval_databases: int = _f(3, "Seeded databases each gold and predicted query run on (test-suite K).",
+                             minimum=1, group="eval")
+    eval_workers: int = _f(0, "Processes that score examples; 0 = one per CPU core.", minimum=0, group="eval")
+    eval_query_timeout: float = _f(1.0, "Seconds one query may run in the SQLite sandbox before it is "
+                                   "aborted as a timeout.", minimum=0.01, group="eval")
+    eval_row_cap: int = _f(1000, "Rows a query may return before it counts as a row-limit error.", minimum=1,
+                           group="eval")
+    eval_max_new_tokens: int = _f(128, "Tokens generated per question (greedy).", minimum=1, group="eval")
+    eval_concurrency: int = _f(8, "Requests in flight at once against --endpoint.", minimum=1, group="eval")
+    eval_retries: int = _f(3, "Retries of a request that fails with 5xx, 429 or a connection error.",
+                           minimum=0, group="eval")
+    eval_request_timeout: float = _f(120.0, "Seconds one request to --endpoint may take.", minimum=0.1,
+                                     group="eval")
+    eval_shard: str = _f("", "Score only shard i of n (`--shard 2/8`); default from CLOUD_RUN_TASK_INDEX "
+                         "and CLOUD_RUN_TASK_COUNT when set. `sqltune eval merge` joins the shards.",
+                         aliases=["--shard"], group="eval")
     # --- serving -----------------------------------------------------------------------------
     api_key: str = _f("", "Bearer key required on every route but /health and /ready.",
                       group="serve")
@@ -135,6 +164,12 @@ class Config:
                                         choices=["lazy", "eager"], group="serve")
     shutdown_grace: float = _f(20.0, "Seconds in-flight requests get to finish after SIGTERM.", minimum=0.0,
                                group="serve")
+    vllm_enforce_eager: bool = _f(False, "vLLM: skip graph capture and compilation (faster start, slower "
+                                  "decoding).", group="serve")
+    predict_route: str = _f("/predict", "Extra path for /predict (Vertex AI sets AIP_PREDICT_ROUTE).",
+                            env=["AIP_PREDICT_ROUTE"], group="serve")
+    health_route: str = _f("/ready", "Extra path for /ready (Vertex AI sets AIP_HEALTH_ROUTE).",
+                           env=["AIP_HEALTH_ROUTE"], group="serve")
     # --- deployment --------------------------------------------------------------------------
     gcp_project: str = _f("", "Google Cloud project for `sqltune deploy cloudrun` and image paths.",
                           aliases=["--project"], env=["GOOGLE_CLOUD_PROJECT"], group="deploy")

@@ -1,0 +1,145 @@
+"""Turn per-example records into a report: metrics with counts, breakdowns, the gold self-check,
+a Markdown summary, a PNG chart of EX by category, and a side-by-side comparison of reports.
+
+Every rate is stored with its count and denominator ({"value": 0.62, "count": 310, "total": 500}),
+so shard reports merge exactly and a reader can see how many examples a figure rests on.
+Examples whose gold query fails on its own context are dataset errors: counted and listed by
+kind, and left out of every denominator.
+"""
+
+from __future__ import annotations
+
+import io
+from collections import Counter
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+REPORT_VERSION = 1
+METRICS = ("ex", "em_raw", "em_norm", "valid", "executable", "schema_ok")
+LABELS = {"ex": "execution accuracy (EX)", "em_raw": "exact match, raw", "em_norm": "exact match, normalised",
+          "valid": "valid SQL (parses)", "executable": "executable", "schema_ok": "schema adherence"}
+BREAKDOWN_METRICS = ("ex", "em_norm", "executable")
+
+
+def rate(count: int, total: int) -> dict[str, Any]:
+    return {"value": round(count / total, 4) if total else 0.0, "count": count, "total": total}
+
+
+def _metric_block(records: Sequence[dict[str, Any]], names: Iterable[str] = METRICS) -> dict[str, Any]:
+    return {name: rate(sum(1 for r in records if r[name]), len(records)) for name in names}
+
+
+def aggregate(records: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """Metrics, breakdowns and the gold self-check of a list of scored records."""
+    scored = [r for r in records if r["gold_ok"]]
+    failed = [r for r in records if not r["gold_ok"]]
+    by_category: dict[str, list[dict[str, Any]]] = {}
+    by_source: dict[str, list[dict[str, Any]]] = {}
+    for r in scored:
+        for cat in r["categories"]:
+            by_category.setdefault(cat, []).append(r)
+        by_source.setdefault(r["source"], []).append(r)
+    return {
+        "examples": len(records),
+        "scored": len(scored),
+        "metrics": _metric_block(scored),
+        "by_category": {k: {"n": len(v), **_metric_block(v, BREAKDOWN_METRICS)} for k, v in sorted(by_category.items())},
+        "by_source": {k: {"n": len(v), **_metric_block(v, BREAKDOWN_METRICS)} for k, v in sorted(by_source.items())},
+        "prediction_errors": dict(Counter(r["error_kind"] for r in scored if r["error_kind"]).most_common()),
+        "timed_out": sum(1 for r in scored if r["timed_out"]),
+        "gold_check": {
+            "gold_ran": rate(len(scored), len(records)),
+            "dataset_errors": len(failed),
+            "dataset_errors_by_kind": dict(Counter(r["gold_error_kind"] for r in failed).most_common()),
+            "dataset_error_examples": [{"index": r["index"], "gold": r["gold"], "error": r["gold_error"]}
+                                       for r in failed[:20]],
+            # EX can only tell queries apart when the gold query selects something somewhere
+            "gold_selects_nothing": rate(sum(1 for r in scored if r["gold_empty"]), len(scored)),
+        },
+    }
+
+
+def pct(block: dict[str, Any]) -> str:
+    return f"{100 * block['value']:.1f}% ({block['count']}/{block['total']})"
+
+
+def markdown(report: dict[str, Any]) -> str:
+    """The summary printed at the end of `sqltune eval` and saved as summary.md."""
+    res = report["results"]
+    src = report.get("source", {})
+    lines = [f"# sqltune eval: {src.get('name', '?')}", "",
+             f"{res['scored']} examples scored of {res['examples']} "
+             f"(dataset {report.get('dataset', {}).get('source', '?')}, split {report.get('dataset', {}).get('split', '?')}; "
+             f"{report['settings']['databases']} databases per example).", "",
+             "| metric | value |", "|---|---|"]
+    lines += [f"| {LABELS[m]} | {pct(res['metrics'][m])} |" for m in METRICS]
+    gc = res["gold_check"]
+    lines += ["", f"Gold self-check: {pct(gc['gold_ran'])} of gold queries run on their own context; "
+              f"{gc['dataset_errors']} dataset errors excluded {gc['dataset_errors_by_kind'] or ''}; "
+              f"gold selects nothing on any database for {pct(gc['gold_selects_nothing'])}.", ""]
+    for title, key in (("By query feature", "by_category"), ("By source", "by_source")):
+        lines += [f"## {title}", "", "| category | n | EX | EM (norm) | executable |", "|---|---|---|---|---|"]
+        for name, row in res[key].items():
+            lines.append(f"| {name} | {row['n']} | {100 * row['ex']['value']:.1f}% | "
+                         f"{100 * row['em_norm']['value']:.1f}% | {100 * row['executable']['value']:.1f}% |")
+        lines.append("")
+    if res["prediction_errors"]:
+        lines += ["Prediction errors: " + ", ".join(f"{k} {v}" for k, v in res["prediction_errors"].items()), ""]
+    return "\n".join(lines)
+
+
+def chart_png(report: dict[str, Any]) -> bytes:
+    """A horizontal bar chart of EX by query feature and by source."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    res = report["results"]
+    rows = [(f"source: {k}", v) for k, v in res["by_source"].items()] + list(res["by_category"].items())
+    names = [name for name, _ in rows]
+    values = [100 * row["ex"]["value"] for _, row in rows]
+    fig, ax = plt.subplots(figsize=(7, 0.4 * len(rows) + 1.5))
+    bars = ax.barh(names, values, color="#4C72B0")
+    for bar, (_, row) in zip(bars, rows, strict=True):
+        ax.text(bar.get_width() + 1, bar.get_y() + bar.get_height() / 2, f"{row['ex']['value']:.0%} (n={row['n']})",
+                va="center", fontsize=8)
+    ax.set_xlim(0, 115)
+    ax.invert_yaxis()
+    ax.set_xlabel("execution accuracy (%)")
+    overall = res["metrics"]["ex"]
+    ax.set_title(f"{report.get('source', {}).get('name', '')}: EX {overall['value']:.1%} overall")
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110)
+    plt.close(fig)
+    return buf.getvalue()
+
+
+def compare(reports: Sequence[dict[str, Any]], predictions: Sequence[Sequence[dict[str, Any]]] | None = None,
+            *, max_examples: int = 10) -> str:
+    """A table of two or more reports side by side, then examples where their EX disagrees."""
+    names = [r.get("source", {}).get("name", f"report{i}") for i, r in enumerate(reports)]
+    head = "| | " + " | ".join(names) + " |"
+    sep = "|---" * (len(names) + 1) + "|"
+    lines = ["## Metrics", "", head, sep]
+    for m in METRICS:
+        lines.append(f"| {LABELS[m]} | " + " | ".join(pct(r["results"]["metrics"][m]) for r in reports) + " |")
+    for key, title in (("by_category", "EX by query feature"), ("by_source", "EX by source")):
+        lines += ["", f"## {title}", "", head, sep]
+        cats = sorted({c for r in reports for c in r["results"][key]})
+        for cat in cats:
+            cells = [r["results"][key].get(cat) for r in reports]
+            lines.append(f"| {cat} | " + " | ".join(
+                f"{100 * c['ex']['value']:.1f}% (n={c['n']})" if c else "-" for c in cells) + " |")
+    if predictions and len(predictions) == len(reports):
+        keyed = [{(p["question"], p["context"], p["gold"]): p for p in preds} for preds in predictions]
+        common = set.intersection(*(set(k) for k in keyed))
+        differ = [k for k in sorted(common, key=lambda k: keyed[0][k]["index"])
+                  if len({bool(kd[k]["ex"]) for kd in keyed}) > 1]
+        lines += ["", f"## Disagreements: {len(differ)} of {len(common)} shared examples", ""]
+        for k in differ[:max_examples]:
+            lines += [f"- **{k[0]}**", f"  - gold: `{k[2]}`"]
+            lines += [f"  - {name} ({'right' if kd[k]['ex'] else 'wrong'}): `{kd[k]['predicted']}`"
+                      for name, kd in zip(names, keyed, strict=True)]
+    return "\n".join(lines)
