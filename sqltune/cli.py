@@ -17,6 +17,8 @@ COMMAND_MODULES = (
     "sqltune.train",
     "sqltune.data",
     "sqltune.models_cmd",
+    "sqltune.evaluate",
+    "sqltune.serve.cli",
     "sqltune.config_cmd",
     "sqltune.deploy.cli",
 )

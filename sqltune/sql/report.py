@@ -117,9 +117,9 @@ def chart_png(report: dict[str, Any]) -> bytes:
 
 
 def compare(reports: Sequence[dict[str, Any]], predictions: Sequence[Sequence[dict[str, Any]]] | None = None,
-            *, max_examples: int = 10) -> str:
+            *, names: Sequence[str] | None = None, max_examples: int = 10) -> str:
     """A table of two or more reports side by side, then examples where their EX disagrees."""
-    names = [r.get("source", {}).get("name", f"report{i}") for i, r in enumerate(reports)]
+    names = list(names or [r.get("source", {}).get("name", f"report{i}") for i, r in enumerate(reports)])
     head = "| | " + " | ".join(names) + " |"
     sep = "|---" * (len(names) + 1) + "|"
     lines = ["## Metrics", "", head, sep]

@@ -1,0 +1,303 @@
+"""`sqltune eval`: generate -> execute -> score -> report.
+
+    sqltune eval --model ./models/gemma-2b-sql --dataset b-mc2/sql-create-context --split eval --limit 1000
+    sqltune eval --endpoint http://127.0.0.1:8000 --dataset ./my_eval.jsonl
+    sqltune eval --predictions preds.jsonl --dataset ./my_eval.jsonl
+    sqltune eval --compare reports/a reports/b
+    CLOUD_RUN_TASK_INDEX=0 CLOUD_RUN_TASK_COUNT=8 sqltune eval --model gs://b/models/sql --report-dir gs://b/reports/r1
+    sqltune eval merge gs://b/reports/r1
+
+Writes report.json (config, model fingerprint, every metric with counts), predictions.jsonl (one
+line per example with every metric and error), summary.md (also printed) and ex_by_category.png.
+A sharded run writes each shard under <report-dir>/shard-IIIII-of-NNNNN; `merge` joins them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import re
+import time
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from sqltune import __version__, config, logs, storage
+from sqltune.errors import ConfigError, DataError
+
+log = logs.get("eval")
+REPORT, PREDICTIONS, SUMMARY, CHART = "report.json", "predictions.jsonl", "summary.md", "ex_by_category.png"
+_SHARD_DIR = re.compile(r"^shard-(\d{5})-of-(\d{5})$")
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("eval", help="Score a model, a server or a predictions file by executing its SQL.",
+                       description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", dest="model_name", default=argparse.SUPPRESS, metavar="MODEL",
+                   help="A finished model folder or bucket URL. [env MODEL_NAME]")
+    p.add_argument("--dataset", default=argparse.SUPPRESS, help="Examples with gold SQL: hub id, local file or "
+                   "synthetic:N; default: the model's training data. [env DATASET]")
+    p.add_argument("--dataset-split", default=argparse.SUPPRESS, help="Split of a hub dataset to read.")
+    p.add_argument("--column-map", "--columns", dest="column_map", default=argparse.SUPPRESS,
+                   help="Column mapping: question=q,context=schema,answer=sql.")
+    p.add_argument("--eval-fraction", default=argparse.SUPPRESS, help="Held-out share for --split eval; default: "
+                   "the model's own.")
+    p.add_argument("--seed", default=argparse.SUPPRESS, help="Seed for --limit sampling and the databases.")
+    p.add_argument("--eval-batch-size", "--batch-size", dest="eval_batch_size", default=argparse.SUPPRESS,
+                   help="Prompts generated together with --model.")
+    p.add_argument("--compare", nargs="+", metavar="REPORT", help="Print two or more reports (report.json or "
+                   "their folders) side by side, with the examples where they disagree.")
+    config.add_arguments(p, groups=["eval"])
+    p.set_defaults(func=run)
+    actions = p.add_subparsers(dest="eval_action", metavar="merge")
+    merge = actions.add_parser("merge", help="Join shard reports into one report.")
+    merge.add_argument("folder", help="The --report-dir the shards wrote to (local or bucket URL).")
+    merge.add_argument("--out", default="", help="Where the merged report goes; default: the same folder.")
+    merge.set_defaults(func=run_merge)
+
+
+def parse_shard(spec: str, environ: Mapping[str, str]) -> tuple[int, int]:
+    """(index, count) from `i/n`, else from Cloud Run's task variables, else (0, 1)."""
+    if not spec and "CLOUD_RUN_TASK_COUNT" in environ:
+        spec = f"{environ.get('CLOUD_RUN_TASK_INDEX', '0')}/{environ['CLOUD_RUN_TASK_COUNT']}"
+    if not spec:
+        return 0, 1
+    m = re.fullmatch(r"\s*(\d+)\s*/\s*(\d+)\s*", spec)
+    if not m or not 0 <= int(m.group(1)) < int(m.group(2)):
+        raise ConfigError(f"--shard {spec!r} is not i/n with 0 <= i < n", "use e.g. --shard 0/4 (the first of four)")
+    return int(m.group(1)), int(m.group(2))
+
+
+def _model_meta(cfg: config.Config, mode: str) -> dict[str, Any]:
+    if mode != "model":
+        return {}
+    from sqltune import artifacts
+
+    path = Path(cfg.model_name)
+    return artifacts.read_meta(path) if (path / artifacts.SQLTUNE_META).is_file() else {}
+
+
+def load_examples(cfg: config.Config, sources: Mapping[str, str], meta: Mapping[str, Any]) -> tuple[list[Any], dict[str, Any]]:
+    """The examples to evaluate (split, then a seeded --limit sample, in dataset order) and their description."""
+    from sqltune import data
+
+    trained = meta.get("config", {})
+    source = cfg.dataset if "dataset" in sources else trained.get("dataset", "")
+    if not source:
+        raise ConfigError("no dataset to evaluate on", "pass --dataset (a hub id, a .jsonl file or synthetic:N)")
+    fraction = cfg.eval_fraction if "eval_fraction" in sources else trained.get("eval_fraction", cfg.eval_fraction)
+    report = data.DataReport(source=source)
+    rows = data.read_rows(source, cfg.dataset_split, cfg.seed)
+    examples = data.clean(rows, data.parse_columns(cfg.column_map), report)
+    if cfg.eval_split != "all":
+        examples = [ex for ex in examples if data.is_eval(ex.question, fraction) == (cfg.eval_split == "eval")]
+    if 0 <= cfg.eval_limit < len(examples):
+        keep = sorted(random.Random(cfg.seed).sample(range(len(examples)), cfg.eval_limit))
+        examples = [examples[i] for i in keep]
+    if not examples:
+        raise DataError(f"no examples in split `{cfg.eval_split}` of {source}",
+                        "use --split all, or a larger dataset / --eval-fraction")
+    desc = {"source": source, "split": cfg.eval_split, "dataset_split": cfg.dataset_split, "eval_fraction": fraction,
+            "limit": cfg.eval_limit, "examples": len(examples), "fingerprint": data.fingerprint(examples),
+            "skipped": dict(report.skipped), "duplicates": report.duplicates}
+    return examples, desc
+
+
+def _progress_bar(total: int, desc: str) -> Any:
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc=desc, unit="ex", disable=not logs.show_progress(), dynamic_ncols=True)
+
+
+def predict(cfg: config.Config, mode: str, examples: Sequence[Any], all_examples_rows: list[dict[str, Any]] | None
+            ) -> tuple[list[Any], dict[str, Any]]:
+    from sqltune import eval_sources as src
+
+    pairs = [(ex.question, ex.context) for ex in examples]
+    with _progress_bar(len(pairs), "generate") as bar:
+        if mode == "predictions":
+            preds = src.match_predictions(all_examples_rows or [], examples, cfg.eval_predictions)
+            info = {"kind": "predictions", "path": cfg.eval_predictions, "name": Path(cfg.eval_predictions).stem,
+                    "fingerprint": _sha256(Path(cfg.eval_predictions))}
+        elif mode == "endpoint":
+            preds, info = src.from_endpoint(cfg.eval_endpoint, pairs, concurrency=cfg.eval_concurrency,
+                                            retries=cfg.eval_retries, timeout=cfg.eval_request_timeout,
+                                            max_new_tokens=cfg.eval_max_new_tokens, progress=bar.update)
+        else:
+            preds, info = src.from_model(cfg.model_name, pairs, batch_size=cfg.eval_batch_size,
+                                         max_new_tokens=cfg.eval_max_new_tokens, progress=bar.update)
+    return preds, info
+
+
+def _sha256(path: Path) -> str:
+    import hashlib
+
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def score(items: Sequence[Any], settings: Any, workers: int) -> list[dict[str, Any]]:
+    from sqltune.sql.score import iter_scores
+
+    records = []
+    step = max(1, len(items) // 10)
+    start = time.perf_counter()
+    with _progress_bar(len(items), "score") as bar:
+        for n, record in enumerate(iter_scores(items, settings, workers), 1):
+            records.append(record)
+            bar.update(1)
+            if n % step == 0 or n == len(items):
+                logs.event(log, "scoring", done=n, total=len(items),
+                           ex_so_far=round(sum(r["ex"] for r in records) / n, 4),
+                           seconds=round(time.perf_counter() - start, 1))
+    return records
+
+
+def _mode(cfg: config.Config, sources: Mapping[str, str]) -> str:
+    chosen = [m for m, on in (("endpoint", bool(cfg.eval_endpoint)), ("predictions", bool(cfg.eval_predictions)),
+                              ("model", "model_name" in sources)) if on]
+    if not chosen:
+        raise ConfigError("nothing to evaluate", "pass --model DIR, --endpoint URL or --predictions FILE")
+    if len(chosen) > 1 and chosen[:2] != ["endpoint", "model"] and chosen[:2] != ["predictions", "model"]:
+        raise ConfigError(f"pass only one of --model, --endpoint, --predictions (got {', '.join(chosen)})",
+                          "evaluate one source per run, then `sqltune eval --compare` the reports")
+    return chosen[0]
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.compare:
+        return run_compare(args.compare)
+    from sqltune.sql import report as rep
+    from sqltune.sql.score import Item, Settings
+
+    cfg, sources = config.from_namespace(args)
+    logs.setup(cfg.log_level)
+    mode = _mode(cfg, sources)
+    shard_index, shard_count = parse_shard(cfg.eval_shard, os.environ)
+    rows: list[dict[str, Any]] | None = None
+    if mode == "predictions":
+        from sqltune import eval_sources
+
+        rows = eval_sources.read_predictions(cfg.eval_predictions)
+    if mode == "predictions" and "dataset" not in sources:
+        from sqltune import data, eval_sources
+
+        examples = eval_sources.examples_from_predictions(rows or [], cfg.eval_predictions)
+        dataset = {"source": cfg.eval_predictions, "split": "all", "examples": len(examples),
+                   "fingerprint": data.fingerprint(examples)}
+    else:
+        examples, dataset = load_examples(cfg, sources, _model_meta(cfg, mode))
+    indices = [i for i in range(len(examples)) if i % shard_count == shard_index]
+    mine = [examples[i] for i in indices]
+    logs.event(log, "eval started", mode=mode, examples=len(examples), shard=f"{shard_index}/{shard_count}",
+               scoring=len(mine), dataset=dataset["source"])
+    t0 = time.perf_counter()
+    preds, source = predict(cfg, mode, mine, rows)
+    t1 = time.perf_counter()
+    logs.event(log, "predictions ready", count=len(preds), seconds=round(t1 - t0, 1))
+    settings = Settings(databases=cfg.eval_databases, seed=cfg.seed, time_budget_s=cfg.eval_query_timeout,
+                        row_cap=cfg.eval_row_cap)
+    items = [Item(i, ex.question, ex.context, ex.answer, p.sql) for i, ex, p in zip(indices, mine, preds, strict=True)]
+    records = score(items, settings, cfg.eval_workers)
+    for record, p in zip(records, preds, strict=True):
+        record["raw_output"], record["generation_error"] = p.raw, p.error
+    t2 = time.perf_counter()
+    report = {
+        "version": rep.REPORT_VERSION, "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "sqltune_version": __version__, "source": source, "dataset": dataset,
+        "shard": {"index": shard_index, "count": shard_count},
+        "settings": {**vars(settings), "greedy": True, "max_new_tokens": cfg.eval_max_new_tokens},
+        "config": cfg.to_dict(), "results": rep.aggregate(records),
+        "generation_errors": sum(1 for p in preds if p.error),
+        "timing": {"generate_s": round(t1 - t0, 2), "score_s": round(t2 - t1, 2),
+                   "scored_per_s": round(len(items) / max(t2 - t1, 1e-9), 1)},
+    }
+    out = cfg.eval_output or f"reports/{_slug(source.get('name', 'eval'))}"
+    if shard_count > 1:
+        out = storage.join(out, f"shard-{shard_index:05d}-of-{shard_count:05d}")
+    write_report(out, report, records, chart=shard_count == 1)
+    print(rep.markdown(report))
+    print(f"\nreport: {storage.join(out, REPORT)}")
+    logs.event(log, "eval finished", ex=report["results"]["metrics"]["ex"]["value"], out=out,
+               seconds=round(t2 - t0, 1))
+    return 0
+
+
+def _slug(name: str) -> str:
+    return re.sub(r"[^\w.-]+", "-", name).strip("-") or "eval"
+
+
+def write_report(out: str, report: dict[str, Any], records: Sequence[dict[str, Any]], *, chart: bool = True) -> None:
+    from sqltune.sql import report as rep
+
+    lines = "".join(json.dumps(r, ensure_ascii=False, default=str) + "\n" for r in records)
+    storage.write_bytes(storage.join(out, PREDICTIONS), lines.encode())
+    storage.write_bytes(storage.join(out, SUMMARY), rep.markdown(report).encode())
+    if chart:
+        storage.write_bytes(storage.join(out, CHART), rep.chart_png(report))
+    storage.write_bytes(storage.join(out, REPORT), json.dumps(report, indent=2, default=str).encode())
+
+
+def read_report(where: str) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """A report and its predictions, from report.json or the folder holding it."""
+    folder = where[: -len(REPORT)].rstrip("/") if where.endswith(REPORT) else where
+    raw = storage.read_bytes(storage.join(folder, REPORT))
+    if raw is None:
+        raise DataError(f"no {REPORT} at {folder}", "pass a report.json or the folder `sqltune eval` wrote")
+    preds = storage.read_bytes(storage.join(folder, PREDICTIONS)) or b""
+    return json.loads(raw), [json.loads(line) for line in preds.decode().splitlines() if line.strip()]
+
+
+def run_compare(paths: Sequence[str]) -> int:
+    from sqltune.sql import report as rep
+
+    if len(paths) < 2:
+        raise ConfigError("--compare needs two or more reports", "pass e.g. --compare reports/a reports/b")
+    loaded = [read_report(p) for p in paths]
+    names = [r.get("source", {}).get("name", "?") for r, _ in loaded]
+    if len(set(names)) < len(names):  # same model twice: tell the columns apart by where they came from
+        names = [p.rstrip("/").removesuffix(REPORT).rstrip("/") for p in paths]
+    print(rep.compare([r for r, _ in loaded], [p for _, p in loaded], names=names))
+    return 0
+
+
+def run_merge(args: argparse.Namespace) -> int:
+    """Join shard-*-of-N reports: check every shard is there and from the same run, re-aggregate."""
+    from sqltune.sql import report as rep
+
+    logs.setup("info")
+    shards = {}
+    for name in storage.list_dirs(args.folder):
+        if m := _SHARD_DIR.match(name):
+            shards[int(m.group(1))] = (int(m.group(2)), name)
+    if not shards:
+        raise DataError(f"no shard-*-of-* folders under {args.folder}", "point at the --report-dir of a sharded eval")
+    counts = {count for count, _ in shards.values()}
+    if len(counts) != 1:
+        raise DataError(f"shards of different runs under {args.folder} (counts {sorted(counts)})",
+                        "give each sharded run its own --report-dir")
+    count = counts.pop()
+    missing = sorted(set(range(count)) - set(shards))
+    if missing:
+        raise DataError(f"{len(missing)} of {count} shards have no report yet (first missing: {missing[0]})",
+                        "wait for every task to finish, or rerun the failed ones with --shard i/n")
+    reports, records = [], []
+    for i in range(count):
+        r, preds = read_report(storage.join(args.folder, shards[i][1]))
+        reports.append(r)
+        records += preds
+    keys = {(r["dataset"].get("fingerprint"), r["source"].get("fingerprint")) for r in reports}
+    if len(keys) != 1:
+        raise DataError("shards disagree on the dataset or model fingerprint", "merge shards of one run only")
+    records.sort(key=lambda r: r["index"])
+    merged = {**reports[0], "shard": {"index": 0, "count": 1, "merged_from": count},
+              "results": rep.aggregate(records),
+              "generation_errors": sum(r.get("generation_errors", 0) for r in reports),
+              "timing": {"generate_s": round(sum(r["timing"]["generate_s"] for r in reports), 2),
+                         "score_s": round(sum(r["timing"]["score_s"] for r in reports), 2)}}
+    out = args.out or args.folder
+    write_report(out, merged, records)
+    print(rep.markdown(merged))
+    print(f"\nmerged {count} shards ({len(records)} examples): {storage.join(out, REPORT)}")
+    return 0
