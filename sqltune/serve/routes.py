@@ -1,0 +1,141 @@
+"""sqltune's own routes: /v1/sql (the one a product calls), vLLM's demo /generate, Vertex AI's
+/predict, and /health, /ready, /metrics."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import AsyncIterator
+from typing import Any
+
+from fastapi import APIRouter, Depends, Request
+from fastapi.responses import JSONResponse, Response
+from pydantic import ValidationError
+
+from sqltune.errors import DataError
+from sqltune.prompts import extract_sql
+from sqltune.serve.app import ApiError, ClosingStream, cancel_on_disconnect, check_model, open_stream, require_ready
+from sqltune.serve.protocol import GenerateRequest, PredictRequest, Sampling, SqlRequest, SqlResponse, Usage
+from sqltune.serve.service import Service
+from sqltune.serve.sqlcheck import check_sql
+from sqltune.sql.schema import parse_schema
+
+router = APIRouter()
+
+# The model learned to end an answer with EOS; these catch one that runs on into a new example.
+SQL_STOPS = ("\nQuestion:", "\nContext:", "\n\n")
+
+
+@router.get("/health")
+async def health() -> dict[str, str]:
+    """The process is up (it may still be loading the model: see /ready)."""
+    return {"status": "ok"}
+
+
+@router.get("/ready")
+async def ready(request: Request) -> JSONResponse:
+    """200 once the model is loaded and a warm-up generation has run; 503 before and while draining."""
+    state = request.app.state
+    engine = state.engine
+    if state.ready and not state.draining:
+        return JSONResponse({"status": "ready", "model": engine.model_id, "engine": engine.name,
+                             "max_model_len": engine.max_model_len})
+    status = "draining" if state.draining else ("failed" if state.load_error else "loading")
+    body: dict[str, Any] = {"status": status, "model": engine.model_id, "engine": engine.name}
+    if state.load_error:
+        body["error"] = state.load_error
+    return JSONResponse(body, 503, headers={"Retry-After": "5"})
+
+
+@router.get("/metrics")
+async def metrics(request: Request) -> Response:
+    from prometheus_client import CONTENT_TYPE_LATEST
+
+    return Response(request.app.state.metrics.render(), media_type=CONTENT_TYPE_LATEST)
+
+
+@router.post("/generate")
+async def generate(body: GenerateRequest, request: Request, service: Service = Depends(require_ready)) -> Any:
+    """vLLM's demo API: `{"text": [prompt + output, ...]}`; streamed as one such JSON object per
+    line, each with the text so far."""
+    jobs = service.fan_out([service.job(body.prompt, body)], body.n)
+    if not body.stream:
+        results = await cancel_on_disconnect(request, service.complete(jobs))
+        return {"text": [body.prompt + c.text for c in results]}
+    deltas, close = await open_stream(service, jobs)
+
+    async def lines() -> AsyncIterator[str]:
+        texts = [""] * len(jobs)
+        try:
+            async for i, delta in deltas:
+                if delta.finish_reason == "error":
+                    yield json.dumps({"error": delta.error}) + "\n"
+                    return
+                if not delta.text:
+                    continue
+                texts[i] += delta.text
+                yield json.dumps({"text": [body.prompt + t for t in texts]}) + "\n"
+        except ApiError as e:
+            yield json.dumps({"error": e.message}) + "\n"
+        finally:
+            await close()
+
+    return ClosingStream(lines(), close, media_type="application/x-ndjson")
+
+
+@router.post("/v1/sql", response_model=SqlResponse)
+async def sql(body: SqlRequest, request: Request, service: Service = Depends(require_ready)) -> SqlResponse:
+    """A question and its schema -> one SQL statement, checked against that schema."""
+    check_model(request, body.model)
+    return await cancel_on_disconnect(request, answer_sql(service, body))
+
+
+async def answer_sql(service: Service, body: SqlRequest) -> SqlResponse:
+    ddl = body.ddl()
+    try:
+        schema = parse_schema(ddl)
+    except DataError as e:
+        raise ApiError(400, f"schema: {e.message}", code="invalid_schema",
+                       param="schema" if body.schema_ else "context") from None
+    prompt = service.engine.template.build_prompt(body.question, ddl)
+    sampling = Sampling(max_tokens=body.max_tokens, stop=list(SQL_STOPS))
+    (result,) = await service.complete([service.job(prompt, sampling, param="question")])
+    text = extract_sql(result.text, service.engine.eos_token)
+    check = check_sql(text, schema)
+    usage = Usage()
+    usage.add(result.prompt_tokens, result.completion_tokens)
+    return SqlResponse(sql=text, valid=check.valid, tables=check.tables, columns=check.columns, error=check.error,
+                       model=service.engine.model_id, finish_reason=result.finish_reason, usage=usage)
+
+
+@router.post("/predict")
+async def predict(body: PredictRequest, request: Request, service: Service = Depends(require_ready)) -> Any:
+    """Vertex AI: {"instances": [...], "parameters": {...}} -> {"predictions": [...]}, one per
+    instance: generated text for a prompt, the /v1/sql answer for a question."""
+    return await cancel_on_disconnect(request, _predict(service, body))
+
+
+async def _predict(service: Service, body: PredictRequest) -> dict[str, Any]:
+    async def one(i: int, instance: str | dict[str, Any]) -> Any:
+        fields = {"prompt": instance} if isinstance(instance, str) else instance
+        merged = {**body.parameters, **fields}
+        try:
+            if "question" in merged:
+                return (await answer_sql(service, SqlRequest.model_validate(merged))).model_dump(
+                    exclude={"usage", "model"})
+            if "prompt" not in merged:
+                raise ApiError(400, f"instances[{i}] needs `prompt` or `question`", param=f"instances[{i}]")
+            req = GenerateRequest.model_validate(merged)
+        except ValidationError as e:
+            err = e.errors()[0]
+            where = ".".join(str(p) for p in err["loc"])
+            raise ApiError(400, f"instances[{i}].{where}: {err['msg']}", param=f"instances[{i}]") from None
+        (result,) = await service.complete([service.job(req.prompt, req, param=f"instances[{i}].prompt")])
+        return result.text
+
+    tasks = [asyncio.ensure_future(one(i, inst)) for i, inst in enumerate(body.instances)]
+    try:
+        return {"predictions": list(await asyncio.gather(*tasks))}
+    finally:  # one failed instance (a 429, a bad field) stops the others instead of leaving them running
+        for t in tasks:
+            t.cancel()

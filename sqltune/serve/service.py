@@ -1,0 +1,179 @@
+"""Between routes and engine: admission (bounded queue, 429), limits (context length, max_tokens),
+deadlines (504), and n-way fan-out. Every route generates through `Service`, so every route gets
+the same limits and the same metrics."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import math
+import time
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from sqltune.config import Config
+from sqltune.serve.engines import Completion, Delta, Engine, SamplingParams
+from sqltune.serve.metrics import Metrics
+from sqltune.serve.protocol import Sampling
+
+
+class ApiError(Exception):
+    """An HTTP error with OpenAI's error body."""
+
+    def __init__(self, status: int, message: str, kind: str = "invalid_request_error", code: str | None = None,
+                 param: str | None = None, headers: dict[str, str] | None = None) -> None:
+        super().__init__(message)
+        self.status, self.message, self.kind, self.code, self.param = status, message, kind, code, param
+        self.headers = headers or {}
+
+
+@dataclass(frozen=True)
+class Job:
+    prompt_ids: list[int]
+    params: SamplingParams
+
+
+class Admission:
+    """Counts sequences in flight; beyond capacity + max_queue, new requests get 429 at once."""
+
+    def __init__(self, capacity: int, max_queue: int, metrics: Metrics) -> None:
+        self.capacity, self.limit, self.metrics = capacity, capacity + max_queue, metrics
+        self.in_flight = 0
+        self._seconds = 1.0  # moving average of one sequence's time in flight
+
+    def acquire(self, n: int) -> None:
+        if n > self.limit:
+            raise ApiError(400, f"this request needs {n} sequences; the server takes at most {self.limit} at once "
+                           "(max_batch_size + max_queue)", code="too_many_sequences", param="n")
+        if self.in_flight + n > self.limit:
+            self.metrics.rejected.labels("queue_full").inc()
+            raise ApiError(429, f"server is at capacity ({self.in_flight} sequences in flight, limit {self.limit}); "
+                           "retry after the time in Retry-After", "rate_limit_error", "queue_full",
+                           headers={"Retry-After": str(self.retry_after())})
+        self.in_flight += n
+        self._publish()
+
+    def release(self, n: int, seconds: float | None = None) -> None:
+        self.in_flight -= n
+        if seconds is not None:
+            self._seconds = 0.8 * self._seconds + 0.2 * seconds
+        self._publish()
+
+    def retry_after(self) -> int:
+        waves = max(1.0, (self.in_flight - self.capacity + 1) / max(1, self.capacity))
+        return max(1, math.ceil(self._seconds * waves))
+
+    def _publish(self) -> None:
+        self.metrics.in_flight.set(self.in_flight)
+        self.metrics.queue_depth.set(max(0, self.in_flight - self.capacity))
+
+
+class Service:
+    def __init__(self, cfg: Config, engine: Engine, metrics: Metrics) -> None:
+        self.cfg, self.engine, self.metrics = cfg, engine, metrics
+        self.admission = Admission(engine.capacity, cfg.max_queue, metrics)
+
+    # --- limits ---------------------------------------------------------------------------------
+
+    def job(self, prompt: str, sampling: Sampling, *, default_max_tokens: int | None = None,
+            param: str = "prompt") -> Job:
+        """Tokenize a prompt and bound its max_tokens, or raise a 400 that names the limit."""
+        ids = self.engine.encode(prompt)
+        limit = self.engine.max_model_len
+        if not ids:
+            raise ApiError(400, f"{param} is empty", code="empty_prompt", param=param)
+        if len(ids) >= limit:
+            raise ApiError(400, f"{param} is {len(ids)} tokens; this model's context is {limit} tokens "
+                           f"(max_model_len), which leaves no room to generate: shorten the {param}",
+                           code="context_length_exceeded", param=param)
+        room = limit - len(ids)
+        asked = sampling.max_tokens
+        if asked is not None and asked > self.cfg.max_tokens_limit:
+            raise ApiError(400, f"max_tokens {asked} is above this server's limit of {self.cfg.max_tokens_limit} "
+                           "(--max-tokens-limit)", code="max_tokens_too_large", param="max_tokens")
+        if asked is not None and asked > room:
+            raise ApiError(400, f"this model's context is {limit} tokens (max_model_len); the {param} takes "
+                           f"{len(ids)}, so max_tokens can be at most {room}, not {asked}",
+                           code="context_length_exceeded", param="max_tokens")
+        max_tokens = asked or min(default_max_tokens or self.cfg.default_max_tokens, room)
+        params = SamplingParams(max_tokens=max_tokens, temperature=sampling.temperature, top_p=sampling.top_p,
+                                stop=sampling.stops(), seed=sampling.seed)
+        return Job(ids, params)
+
+    @staticmethod
+    def fan_out(jobs: Sequence[Job], n: int) -> list[Job]:
+        """n samples per job; with a seed, sample j uses seed + j so the n differ yet repeat."""
+        out = []
+        for job in jobs:
+            for j in range(n):
+                p = job.params
+                seed = None if p.seed is None else p.seed + j
+                out.append(Job(job.prompt_ids, SamplingParams(p.max_tokens, p.temperature, p.top_p, p.stop, seed)))
+        return out
+
+    # --- generation -----------------------------------------------------------------------------
+
+    async def complete(self, jobs: Sequence[Job]) -> list[Completion]:
+        """All jobs to the end, within the request timeout (504 after it)."""
+        parts: list[list[str]] = [[] for _ in jobs]
+        finals: list[Delta | None] = [None] * len(jobs)
+        async with self.stream(jobs) as deltas:
+            async for i, delta in deltas:
+                parts[i].append(delta.text)
+                if delta.finish_reason:
+                    finals[i] = delta
+        out = []
+        for p, d in zip(parts, finals, strict=True):
+            assert d is not None
+            out.append(Completion("".join(p), d.prompt_tokens, d.completion_tokens, d.finish_reason or "abort",
+                                  d.error, p))
+        failed = [c.error for c in out if c.finish_reason == "error"]
+        if failed:
+            raise ApiError(500, f"generation failed: {failed[0]}", "server_error", "engine_error")
+        return out
+
+    @contextlib.asynccontextmanager
+    async def stream(self, jobs: Sequence[Job]) -> AsyncIterator[AsyncIterator[tuple[int, Delta]]]:
+        """Admit the jobs (or 429), then yield (job index, delta) from all of them as they come.
+        Leaving the block early (disconnect, error) cancels whatever is still generating."""
+        self.admission.acquire(len(jobs))
+        started = time.perf_counter()
+        merged: asyncio.Queue[tuple[int, Delta] | BaseException] = asyncio.Queue()
+        tasks = [asyncio.create_task(self._pump(i, job, merged)) for i, job in enumerate(jobs)]
+        try:
+            yield self._merge(merged, len(jobs), started)
+        finally:
+            for t in tasks:
+                t.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            self.admission.release(len(jobs), (time.perf_counter() - started) / max(1, len(jobs)))
+
+    async def _pump(self, i: int, job: Job, out: asyncio.Queue[Any]) -> None:
+        try:
+            async for delta in self.engine.stream(job.prompt_ids, job.params):
+                out.put_nowait((i, delta))
+                if delta.finish_reason:
+                    return
+        except Exception as e:  # an engine failure ends this job with an error, not the server
+            out.put_nowait((i, Delta("", len(job.prompt_ids), 0, "error", f"{type(e).__name__}: {e}")))
+
+    async def _merge(self, merged: asyncio.Queue[Any], pending: int, started: float) -> AsyncIterator[tuple[int, Delta]]:
+        deadline = started + self.cfg.request_timeout
+        first = True
+        while pending:
+            remaining = deadline - time.perf_counter()
+            try:
+                i, delta = await asyncio.wait_for(merged.get(), timeout=max(remaining, 0.001))
+            except asyncio.TimeoutError:
+                self.metrics.rejected.labels("timeout").inc()
+                raise ApiError(504, f"request took longer than {self.cfg.request_timeout:g}s (--request-timeout); "
+                               "generation was stopped", "timeout_error", "timeout") from None
+            if first and delta.text:
+                self.metrics.first_token.observe(time.perf_counter() - started)
+                first = False
+            if delta.finish_reason:
+                pending -= 1
+                self.metrics.prompt_tokens.inc(delta.prompt_tokens)
+                self.metrics.generation_tokens.inc(delta.completion_tokens)
+            yield i, delta
