@@ -1,0 +1,235 @@
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import ROOT, run_sqltune, sqltune_cmd
+from sqltune import artifacts, modeling
+from sqltune.config import Config
+
+QUICK = ["--model", "tiny", "--tiny-layers", "2", "--dataset", "synthetic:400", "--train-batch-size", "8",
+         "--max-seq-length", "256", "--eval-generate-limit", "0", "--logging-steps", "1", "--learning-rate", "0.003"]
+
+
+def _events(stderr: str) -> list[dict]:
+    out = []
+    for line in stderr.splitlines():
+        if line.startswith("{"):
+            try:
+                out.append(json.loads(line))
+            except json.JSONDecodeError:
+                pass
+    return out
+
+
+def _steps(stderr: str) -> list[int]:
+    return [e["step"] for e in _events(stderr) if e.get("message") == "train step"]
+
+
+def _weights(folder: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    return load_file(str(folder / "model.safetensors"))
+
+
+def test_loss_is_on_the_completion_only_and_eos_is_learned(tmp_path: Path) -> None:
+    from sqltune.prompts import DEFAULT_TEMPLATE
+    from sqltune.train import _build_trainer, _to_dataset
+
+    prompt = DEFAULT_TEMPLATE.build_prompt("How many heads are older than 56?", "CREATE TABLE head (age INTEGER)")
+    completion = DEFAULT_TEMPLATE.build_completion("SELECT COUNT(*) FROM head WHERE age > 56")
+    assert prompt.endswith("Answer:") and completion.startswith(" SELECT")
+    model, tok = modeling.build_tiny([prompt + completion] * 20, layers=1, vocab_size=300)
+    ds, too_long = _to_dataset([(prompt, completion), (prompt * 40, completion)], tok, max_len=128)
+    assert too_long == 1 and len(ds) == 1  # long rows are dropped and counted, never truncated
+    cfg = Config(max_steps=1, max_seq_length=128)
+    trainer = _build_trainer(cfg, "full", modeling.choose_precision("fp32"), model, tok, ds, None, tmp_path, [])
+    batch = next(iter(trainer.get_train_dataloader()))
+    ids, labels = batch["input_ids"][0].tolist(), batch["labels"][0].tolist()
+    n_prompt = len(tok(prompt, add_special_tokens=False)["input_ids"])
+    assert labels[:n_prompt] == [-100] * n_prompt
+    assert labels[n_prompt:] == ids[n_prompt:]
+    assert ids[-1] == tok.eos_token_id and labels[-1] == tok.eos_token_id
+    assert tok.decode(ids[n_prompt:-1]) == completion
+
+
+@pytest.mark.slow
+def test_tiny_model_learns_sql(tiny_model_dir: Path) -> None:
+    meta = artifacts.read_meta(tiny_model_dir)
+    losses = [h["loss"] for h in meta["loss_history"]]
+    assert losses[-1] < losses[0] * 0.5, losses
+    assert meta["metrics"]["heldout"]["parseable"] >= 0.5, meta["metrics"]["heldout"]
+    artifacts.verify(tiny_model_dir)
+    assert meta["prompt_template"]["prompt"].endswith("Answer:")
+    assert "HF_TOKEN" not in json.dumps(meta)
+    assert (tiny_model_dir / "loss.png").stat().st_size > 1000
+
+
+@pytest.mark.slow
+def test_artifact_loads_in_plain_transformers(tiny_model_dir: Path) -> None:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from sqltune import generation
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    assert model.generation_config.eos_token_id == tok.eos_token_id
+    loaded = generation.load(str(tiny_model_dir))
+    [sql] = generation.generate_sql(loaded, [("How many employees are older than 30?",
+                                              "CREATE TABLE employees (name VARCHAR, age INTEGER)")])
+    assert sql.upper().startswith("SELECT")
+
+
+@pytest.mark.slow
+def test_killed_job_resumes_with_optimizer_state(tmp_path: Path) -> None:
+    """SIGKILL after a checkpoint, rerun: it continues at that step, and ends with the same weights as
+    an uninterrupted run (only possible when optimizer, scheduler and data order are restored)."""
+    common = [*QUICK, "--max-steps", "16", "--save-steps", "6", "--save-total-limit", "3", "--lr-scheduler-type", "linear"]
+    run_sqltune("finetune", *common, "--output", str(tmp_path / "straight"))
+
+    out = tmp_path / "killed"
+    proc = subprocess.Popen(sqltune_cmd("finetune", *common, "--output", str(out)), cwd=ROOT,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    manifest = out / "checkpoints" / "checkpoint-6" / "manifest.json"
+    deadline = time.time() + 300
+    while not manifest.exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert manifest.exists()
+    assert not (out / "manifest.json").exists()  # no finished model after a crash
+
+    resumed = run_sqltune("finetune", *common, "--output", str(out))
+    events = _events(resumed.stderr)
+    assert any(e.get("message") == "resuming" for e in events)
+    first = _steps(resumed.stderr)[0]
+    assert first > 6, f"resumed run restarted at step {first}"
+    straight, again = _weights(tmp_path / "straight"), _weights(out)
+    for name, tensor in straight.items():
+        torch.testing.assert_close(again[name], tensor, rtol=1e-4, atol=1e-5, msg=name)
+
+
+@pytest.mark.slow
+def test_sigterm_saves_a_checkpoint_and_exits_nonzero(tmp_path: Path) -> None:
+    out = tmp_path / "m"
+    proc = subprocess.Popen(sqltune_cmd("finetune", *QUICK, "--max-steps", "500", "--save-steps", "1000",
+                                        "--output", str(out)),
+                            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 300
+    assert proc.stderr is not None
+    lines = []
+    for line in proc.stderr:
+        lines.append(line)
+        if '"train step"' in line and '"step": 3' in line or time.time() > deadline:
+            break
+    proc.send_signal(signal.SIGTERM)
+    rest, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 143, "".join(lines[-5:])
+    ckpts = sorted((out / "checkpoints").glob("checkpoint-*"))
+    assert ckpts and artifacts.is_complete(ckpts[-1]), ckpts
+    assert 3 <= int(ckpts[-1].name.split("-")[1]) < 500
+    assert not (out / "manifest.json").exists()
+
+
+@pytest.mark.slow
+def test_lora_merge_matches_base_plus_adapter(tmp_path: Path) -> None:
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from sqltune.export import PARITY_PROMPTS
+
+    out = tmp_path / "lora"
+    run_sqltune("finetune", *QUICK, "--method", "lora", "--max-steps", "4", "--learning-rate", "0.01",
+                "--target-modules", "q_proj,v_proj", "--output", str(out))
+    meta = artifacts.read_meta(out)
+    assert meta["method"] == "lora" and meta["config"]["target_modules"] == ["q_proj", "v_proj"]
+    tok = AutoTokenizer.from_pretrained(out)
+    merged = AutoModelForCausalLM.from_pretrained(out)
+    base = AutoModelForCausalLM.from_pretrained(out / ".tiny-base")
+    with_adapter = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(out / ".tiny-base"), out / "adapter")
+    ids = tok(PARITY_PROMPTS[0], return_tensors="pt", add_special_tokens=False)
+    with torch.inference_mode():
+        a, b, c = (m(**ids).logits for m in (with_adapter, merged, base))
+    torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-4)
+    assert not torch.allclose(c, a, atol=1e-4), "the adapter changed nothing: the test would not catch a bad merge"
+
+
+def test_parity_check_refuses_a_mismatch() -> None:
+    from sqltune.errors import ModelError
+    from sqltune.export import check_parity
+
+    ref = [torch.randn(1, 4, 10)]
+    assert check_parity(ref, [ref[0] + 1e-7], 1e-4) < 1e-4
+    with pytest.raises(ModelError, match="disagrees"):
+        check_parity(ref, [ref[0] + 0.5], 1e-4)
+
+
+@pytest.mark.slow
+def test_qlora_on_cpu_with_bitsandbytes(tiny_model_dir: Path, tmp_path: Path) -> None:
+    pytest.importorskip("bitsandbytes")
+    out = tmp_path / "qlora"
+    run_sqltune("finetune", "--model", str(tiny_model_dir), "--method", "qlora", "--dataset", "synthetic:200",
+                "--max-steps", "3", "--train-batch-size", "4", "--eval-generate-limit", "0", "--output", str(out))
+    meta = artifacts.read_meta(out)
+    assert meta["method"] == "qlora" and (out / "adapter" / "adapter_model.safetensors").exists()
+    cfg = json.loads((out / "config.json").read_text())
+    assert "quantization_config" not in cfg  # merged into a full-precision base, never into 4-bit weights
+    artifacts.verify(out)
+
+
+@pytest.mark.slow
+def test_demo_command_runs(tmp_path: Path) -> None:
+    """The README's demo, with a shorter budget through the environment (env beats the YAML)."""
+    env = {"MAX_STEPS": "30", "EVAL_GENERATE_LIMIT": "10", "OUTPUT": str(tmp_path / "demo"), "DATASET": "synthetic:600"}
+    proc = run_sqltune("finetune", "--config", "configs/tiny-cpu.yaml", env=env)
+    assert "held-out: exact match" in proc.stdout and "predicted:" in proc.stdout
+    artifacts.verify(tmp_path / "demo")
+    assert "sqltune finetune --config configs/tiny-cpu.yaml" in (ROOT / "Makefile").read_text()
+
+
+def test_resume_path_must_be_a_complete_checkpoint(tmp_path: Path) -> None:
+    from sqltune.errors import ConfigError
+    from sqltune.train import find_resume_checkpoint
+
+    ckpts = tmp_path / "checkpoints"
+    for step in (5, 10):
+        (ckpts / f"checkpoint-{step}").mkdir(parents=True)
+        (ckpts / f"checkpoint-{step}" / "model.safetensors").write_bytes(b"x" * step)
+    artifacts.write_manifest(ckpts / "checkpoint-5", exclude=())
+    # checkpoint-10 has no manifest: the job died while saving it
+    assert find_resume_checkpoint(ckpts, "auto") == ckpts / "checkpoint-5"
+    assert find_resume_checkpoint(ckpts, "never") is None
+    with pytest.raises(ConfigError, match="not a complete checkpoint"):
+        find_resume_checkpoint(ckpts, str(ckpts / "checkpoint-10"))
+
+
+def test_bad_dataset_fails_before_training(tmp_path: Path) -> None:
+    proc = run_sqltune("finetune", *QUICK, "--dataset", str(tmp_path / "missing.jsonl"), "--output",
+                       str(tmp_path / "m"), check=False)
+    assert proc.returncode == 2
+    assert "does not exist" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_every_command_has_help() -> None:
+    from sqltune.cli import build_parser
+
+    parser = build_parser()
+    commands = parser._subparsers._group_actions[0].choices  # type: ignore[union-attr]
+    assert "finetune" in commands
+    for name in commands:
+        proc = subprocess.run(sqltune_cmd(name, "--help"), capture_output=True, text=True, cwd=ROOT,
+                              env={**os.environ}, timeout=60)
+        assert proc.returncode == 0 and "usage:" in proc.stdout, name
+
+
+def test_help_is_instant_without_torch() -> None:
+    code = "import sys; from sqltune.cli import build_parser; build_parser(); print('torch' in sys.modules)"
+    proc = subprocess.run([*sqltune_cmd()[:1], "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=60)
+    assert proc.stdout.strip() == "False", proc.stderr
