@@ -278,3 +278,53 @@ def test_models_list_shows_versions_latest_and_incomplete(s3_bucket, tmp_path: P
     assert proc.returncode == 0, proc.stderr
     assert "INCOMPLETE" in proc.stdout and "train_loss=3" in proc.stdout
     assert cli.main(["models", "fetch", url]) == 0
+
+
+def _events(stderr: str, message: str) -> list[dict]:
+    out = []
+    for line in stderr.splitlines():
+        if line.startswith("{"):
+            try:
+                entry = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if entry.get("message") == message:
+                out.append(entry)
+    return out
+
+
+@pytest.mark.slow
+def test_finetune_killed_resumes_from_the_bucket_on_a_fresh_machine(s3_bucket, tmp_path: Path) -> None:
+    """Train into s3:// with local dir A, SIGKILL after a checkpoint reached the bucket, restart with an
+    empty local dir B: training continues from that step, and the published model is fetchable."""
+    from sqltune import checkpoints
+
+    output = f"{s3_bucket.url}/models/sql"
+    args = [sys.executable, "-m", "sqltune", "finetune", "--model", "tiny", "--dataset", "synthetic:300",
+            "--max-steps", "20", "--save-steps", "5", "--logging-steps", "1", "--eval-generate-limit", "0",
+            "--tiny-layers", "2", "--output", output]
+    env_a = {**os.environ, **s3_bucket.env, "SQLTUNE_CACHE": str(tmp_path / "machine-a")}
+    log_a = (tmp_path / "a.log").open("w")
+    first = subprocess.Popen(args, cwd=ROOT, env=env_a, stdout=log_a, stderr=log_a)
+    deadline = time.monotonic() + 300
+    saved = []
+    while not saved and first.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.5)
+        saved = [step for step, _, ok in checkpoints.remote(output) if ok]
+    first.kill()
+    first.wait()
+    assert saved, f"no checkpoint reached the bucket:\n{(tmp_path / 'a.log').read_text()[-3000:]}"
+    assert storage.read_bytes(f"{output}/latest") is None  # killed before publishing
+    k = max(step for step, _, ok in checkpoints.remote(output) if ok)
+
+    env_b = {**os.environ, **s3_bucket.env, "SQLTUNE_CACHE": str(tmp_path / "machine-b"),
+             "CLOUD_RUN_TASK_ATTEMPT": "1"}
+    second = subprocess.run(args, cwd=ROOT, env=env_b, capture_output=True, text=True, timeout=600)
+    assert second.returncode == 0, second.stderr[-4000:]
+    resumed = _events(second.stderr, "resuming")
+    assert resumed and resumed[0]["checkpoint"].endswith(f"checkpoint-{k}"), second.stderr[-3000:]
+    steps = [e["step"] for e in _events(second.stderr, "train step")]
+    assert steps and min(steps) > k and max(steps) == 20, steps
+    got = artifacts.fetch(output)
+    assert artifacts.read_meta(got.path)["metrics"]["steps"] == 20
+    assert [s for s, _, ok in checkpoints.remote(output) if ok][-1] == 20
