@@ -112,8 +112,12 @@ def _make_fs(proto: str) -> Any:
             return fsspec.filesystem("gs", **opts)
         return fsspec.filesystem(proto, **({} if proto == "file" else opts))
     except ImportError as e:
-        raise ArtifactError(f"{proto}:// needs a package that is not installed ({e.name})",
-                            "pip install 'sqltune[buckets]'") from None
+        raise ArtifactError(f"{proto}:// needs a package that is not installed ({e.name or e})",
+                            "pip install 'sqltune[buckets]' (gs:// and s3://), or the fsspec backend for "
+                            f"{proto}://") from None
+    except ValueError:
+        raise ArtifactError(f"{proto}:// is not a storage protocol sqltune knows",
+                            "use a local folder, file://, gs:// or s3://") from None
 
 
 def join(url: str, *parts: str) -> str:
