@@ -52,6 +52,7 @@ class Plan:
     class_literals: dict[int, list[Value]] = field(default_factory=dict)
     numbers: list[int | float] = field(default_factory=list)  # from the question and the gold
     words: list[str] = field(default_factory=list)        # from the question
+    group_sizes: list[int] = field(default_factory=list)  # N of HAVING COUNT(...) <op> N
 
 
 def _literal(node: exp.Expression) -> Value | None:
@@ -114,6 +115,12 @@ def make_plan(schema: Schema, gold: exp.Expression | None, question: str) -> Pla
     plan.numbers += [v for v in found if isinstance(v, (int, float))][:6]
     quoted = [m.group(1) for m in _QUOTED.finditer(question)]
     plan.words = quoted + [w for w in _WORD.findall(question) if w[0].isupper()][:6]
+    if gold is not None:
+        for having in gold.find_all(exp.Having):
+            for cmp in having.find_all(exp.EQ, exp.NEQ, exp.GT, exp.GTE, exp.LT, exp.LTE):
+                n = _literal(cmp.expression)
+                if isinstance(cmp.this, exp.Count) and isinstance(n, int) and 0 < n < 8:
+                    plan.group_sizes.append(n)
     return plan
 
 
@@ -262,17 +269,31 @@ def synthesise(plan: Plan, seed: int, *, plant: bool = True) -> dict[str, list[t
         size = rng.randint(2, 6)
         pools[cls] = (literals[:1] + rng.sample(range(1, 60), size))[:size]
     data: dict[str, list[tuple[Value, ...]]] = {}
+    keyed = [t.name for t in plan.schema.tables for c in t.columns if (t.name, c.name.lower()) in plan.key_class]
+    grouped = keyed[0] if keyed else plan.schema.tables[0].name
     for table in plan.schema.tables:
         domains = {c.name.lower(): _domain(c, plan, rng) for c in table.columns}
         rows = [_random_row(table.columns, table.name, plan, pools, domains, rng) for _ in range(rng.randint(3, 7))]
+        # most nullable columns get a NULL somewhere, so COUNT(*) and COUNT(col) disagree on some database
+        for i, c in enumerate(table.columns):
+            if not c.not_null and rng.random() < 0.8:
+                at = rng.randrange(len(rows))
+                rows[at] = rows[at][:i] + (None,) + rows[at][i + 1:]
         if plant:
             planted = _planted_row(table.columns, table.name, plan, pools, domains, rng)
             free = _random_row(table.columns, table.name, plan, pools, domains, rng)
             twin = planted if rng.random() < 0.5 else tuple(
                 p if plan.conditions.get((table.name, c.name.lower())) or (table.name, c.name.lower()) in plan.key_class
                 else f for c, p, f in zip(table.columns, planted, free, strict=True))
+            # HAVING COUNT(*) >= N: the planted group gets N-1, N or N+1 rows in the first keyed table and
+            # one row elsewhere, while random rows keep off its key, so its size is exactly that
+            copies = 2
+            if plan.group_sizes:
+                copies = 1
+                if table.name == grouped:
+                    copies = max(1, rng.choice(plan.group_sizes) + rng.choice((-1, 0, 1)))
             other = _random_row(table.columns, table.name, plan, pools, domains, rng)
-            rows += [planted, twin, *_near_misses(table.columns, table.name, plan, planted, other, rng)]
+            rows += [planted, *[twin] * (copies - 1), *_near_misses(table.columns, table.name, plan, planted, other, rng)]
             rng.shuffle(rows)
         data[table.name] = rows
     return data
@@ -285,7 +306,9 @@ def _random_row(columns: tuple[Column, ...], table: str, plan: Plan, pools: dict
         key = (table, c.name.lower())
         conds = plan.conditions.get(key, [])
         if key in plan.key_class:
-            value: Value = rng.choice(pools[plan.key_class[key]])
+            pool = pools[plan.key_class[key]]
+            # with a HAVING COUNT to test, the planted group's key (pool[0]) is left to the planted rows
+            value: Value = rng.choice(pool[1:] if plan.group_sizes and len(pool) > 1 else pool)
         elif conds and rng.random() < 0.6:
             cond = rng.choice(conds)
             value = rng.choice((_hits(cond, c, rng) if rng.random() < 0.5 else _misses(cond, c)) or domains[key[1]])
@@ -324,7 +347,8 @@ def _near_misses(columns: tuple[Column, ...], table: str, plan: Plan, planted: t
         misses = [m for cond in plan.conditions.get((table, c.name.lower()), []) for m in _misses(cond, c)]
         if misses:
             row = [p if b else f for p, f, b in zip(planted, free, bound, strict=True)]
-            row[i] = _store(rng.choice(misses), c)
+            # the first miss is the closest (the bound itself), the one an off-by-one query catches
+            row[i] = _store(misses[0] if rng.random() < 0.6 else rng.choice(misses), c)
             out.append(tuple(row))
     return out[:4]
 
