@@ -291,7 +291,7 @@ def synthesise(plan: Plan, seed: int, *, plant: bool = True) -> dict[str, list[t
             if plan.group_sizes:
                 copies = 1
                 if table.name == grouped:
-                    copies = max(1, rng.choice(plan.group_sizes) + rng.choice((-1, 0, 1)))
+                    copies = max(1, rng.choice(plan.group_sizes) + rng.choice((0, 0, 1, -1)))
             other = _random_row(table.columns, table.name, plan, pools, domains, rng)
             rows += [planted, *[twin] * (copies - 1), *_near_misses(table.columns, table.name, plan, planted, other, rng)]
             rng.shuffle(rows)

@@ -1,0 +1,121 @@
+"""CREATE TABLE contexts, SQL parsed as SQLite reads it, the seeded databases, and the gold
+self-check on ../shared/data (skipped when the data is absent)."""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+import pytest
+from sqlglot import exp
+
+from sqltune.errors import DataError
+from sqltune.sql.sandbox import Sandbox
+from sqltune.sql.schema import affinity, parse_schema, parse_sql
+from sqltune.sql.score import Item, Settings, iter_scores
+from sqltune.sql.synth_db import make_plan, synthesise
+
+
+def test_parse_schema_types_constraints_and_repeats() -> None:
+    schema = parse_schema("CREATE TABLE head (age INTEGER NOT NULL, name VARCHAR, id INT PRIMARY KEY); "
+                          "CREATE TABLE HEAD (extra VARCHAR); CREATE TABLE t2 (att REAL)")
+    head = schema.table("Head")
+    assert [c.name for c in head.columns] == ["age", "name", "id", "extra"]  # a repeated table is merged
+    assert head.column("AGE").not_null and head.column("id").not_null and not head.column("name").not_null
+    assert head.column("name").type == "VARCHAR" and head.column("age").numeric and not head.column("name").numeric
+    assert schema.table("t2").column("att").affinity == "REAL"
+    assert schema.ddl()[0] == 'CREATE TABLE "head" ("age" INT, "name" VARCHAR, "id" INT, "extra" VARCHAR)'
+    with Sandbox(schema.ddl()) as box:
+        assert box.run("SELECT * FROM head").ok
+
+
+@pytest.mark.parametrize("bad", ["SELECT 1", "CREATE TABLE (", ""])
+def test_parse_schema_refuses_what_is_not_create_table(bad: str) -> None:
+    with pytest.raises(DataError, match="CREATE TABLE"):
+        parse_schema(bad)
+
+
+def test_affinity_rules() -> None:
+    assert [affinity(t) for t in ("INTEGER", "BIGINT", "VARCHAR(20)", "TEXT", "REAL", "DOUBLE", "", "DECIMAL")] == \
+        ["INTEGER", "INTEGER", "TEXT", "TEXT", "REAL", "REAL", "BLOB", "NUMERIC"]
+
+
+def test_double_quotes_follow_sqlite_rule() -> None:
+    schema = parse_schema("CREATE TABLE head (name VARCHAR, age INTEGER)")
+    parsed = parse_sql('SELECT name FROM head WHERE name = "Ann" AND "age" > 3', schema)
+    literals = [lit.this for lit in parsed.expression.find_all(exp.Literal) if lit.is_string]
+    columns = [c.name for c in parsed.expression.find_all(exp.Column)]
+    assert literals == ["Ann"] and "age" in columns and not parsed.rewritten
+
+
+def test_thousands_separator_becomes_a_number_only_on_numeric_columns() -> None:
+    schema = parse_schema("CREATE TABLE t (attendance INTEGER, crowd VARCHAR)")
+    numeric = parse_sql('SELECT 1 FROM t WHERE attendance = "73,405"', schema)
+    text = parse_sql('SELECT 1 FROM t WHERE crowd = "73,405"', schema)
+    assert numeric.rewritten and "73405" in numeric.sql("raw")
+    assert not text.rewritten and text.sql("raw") == "raw"
+
+
+def test_parse_sql_failures_are_explicit() -> None:
+    schema = parse_schema("CREATE TABLE t (a INTEGER)")
+    for sql, needle in (("", "empty"), ("SELECT 1; SELECT 2", "2 statements"), ("SELEC a FROM", "")):
+        parsed = parse_sql(sql, schema)
+        assert not parsed.ok and parsed.expression is None and needle in parsed.error and parsed.error
+
+
+GOLDS = [
+    ("CREATE TABLE table_name_49 (silver INTEGER, total VARCHAR, nation VARCHAR)",
+     'SELECT AVG(silver) FROM table_name_49 WHERE total < 2 AND nation = "south korea"'),
+    ("CREATE TABLE table_name_41 (goals_against INTEGER, goals_for VARCHAR, losses VARCHAR)",
+     "SELECT SUM(goals_against) FROM table_name_41 WHERE goals_for > 52 AND losses < 10"),
+    ("CREATE TABLE people (name VARCHAR, city VARCHAR)", "SELECT city FROM people WHERE name LIKE '%smith%'"),
+    ("CREATE TABLE t (a INTEGER, b VARCHAR)", "SELECT b FROM t WHERE a BETWEEN 3 AND 5 AND b IN ('x', 'y')"),
+    ("CREATE TABLE election (Votes INTEGER, Representative_ID VARCHAR); CREATE TABLE representative "
+     "(Representative_ID VARCHAR, Party VARCHAR)",
+     'SELECT AVG(T1.Votes) FROM election AS T1 JOIN representative AS T2 ON T1.Representative_ID = '
+     'T2.Representative_ID WHERE T2.Party = "Republican"'),
+    ("CREATE TABLE table_name_89 (opponent VARCHAR, week VARCHAR, attendance VARCHAR)",
+     'SELECT opponent FROM table_name_89 WHERE week < 10 AND attendance = "63,672"'),
+]
+
+
+@pytest.mark.parametrize("context,gold", GOLDS)
+def test_planted_databases_make_the_gold_select_something(context: str, gold: str) -> None:
+    schema = parse_schema(context)
+    plan = make_plan(schema, parse_sql(gold, schema).expression, "")
+    for seed in range(5):
+        with Sandbox(schema.ddl(), synthesise(plan, seed)) as box:
+            result = box.run(gold)
+        assert result.ok and any(v not in (None, 0) for row in result.rows for v in row), (seed, result)
+
+
+def test_synthesis_is_seeded_and_typed() -> None:
+    schema = parse_schema("CREATE TABLE t (id INTEGER NOT NULL, score INTEGER, name VARCHAR)")
+    plan = make_plan(schema, parse_sql("SELECT name FROM t WHERE score > 70 AND name = 'Ann'", schema).expression,
+                     "Who scored above 70 in 'Ann' class?")
+    assert synthesise(plan, 3) == synthesise(plan, 3)
+    assert synthesise(plan, 3) != synthesise(plan, 4)
+    rows = [r for seed in range(10) for r in synthesise(plan, seed)["t"]]
+    assert all(isinstance(r[0], int) for r in rows), "NOT NULL integer column"
+    assert all(r[1] is None or isinstance(r[1], int) for r in rows)
+    assert all(r[2] is None or isinstance(r[2], str) for r in rows)
+    assert any(r[1] is None for r in rows) and any(r[2] is None for r in rows)
+    assert any(r[1] == 70 for r in rows), "the bound itself appears, so > and >= differ"
+
+
+def test_gold_self_check_on_shared_data(shared_data: Path) -> None:
+    """Gold vs gold must be 100% EX; report the share of gold queries that run on their own context."""
+    rows = [json.loads(line) for line in shared_data.open()]
+    rows = random.Random(0).sample(rows, min(2000, len(rows)))
+    items = [Item(i, r["question"], r["context"], r["answer"], r["answer"]) for i, r in enumerate(rows)]
+    records = list(iter_scores(items, Settings(), workers=2))
+    ran = [r for r in records if r["gold_ok"]]
+    share = len(ran) / len(records)
+    print(f"\ngold self-check: {len(ran)}/{len(records)} = {share:.1%} of gold queries run on their own context")
+    assert share > 0.95
+    assert all(r["ex"] and r["em_norm"] and r["executable"] for r in ran)
+    assert sum(r["schema_ok"] for r in ran) / len(ran) > 0.99
+    failed = [r for r in records if not r["gold_ok"]]
+    assert all(r["gold_error_kind"] and r["gold_error"] for r in failed), "dataset errors say what went wrong"
+    assert sum(r["gold_empty"] for r in ran) / len(ran) < 0.05, "databases make almost every gold select something"
