@@ -68,7 +68,8 @@ class Config:
                               minimum=0.0)
 
     # --- training ---------------------------------------------------------------------------
-    learning_rate: float = _f(2e-4, "Peak learning rate.", minimum=0.0)
+    learning_rate: float = _f(0.0, "Peak learning rate; 0 = by method: 3e-3 for the from-scratch tiny model, "
+                              "2e-4 for lora / qlora, 2e-5 for full fine-tuning of a pretrained model.", minimum=0.0)
     lr_scheduler_type: str = _f("cosine", "Learning-rate schedule.",
                                 choices=["cosine", "linear", "constant", "constant_with_warmup"])
     warmup_ratio: float = _f(0.03, "Share of steps spent warming up.", minimum=0.0)

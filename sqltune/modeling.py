@@ -63,6 +63,14 @@ def choose_method(requested: str, model_name: str) -> tuple[str, str]:
     return "lora", "no CUDA or no bitsandbytes: LoRA on a full-precision base"
 
 
+def default_learning_rate(method: str, model_name: str) -> float:
+    """Peak LR when the config leaves it at 0: random weights need a large step, adapters a middling
+    one, and a full fine-tune of pretrained weights a small one (larger ones wreck what it knows)."""
+    if model_name == TINY and method == "full":
+        return 3e-3
+    return 2e-4 if method in ("lora", "qlora") else 2e-5
+
+
 def _has_bitsandbytes() -> bool:
     try:
         import bitsandbytes  # noqa: F401

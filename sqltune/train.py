@@ -12,6 +12,7 @@ checkpoint and exits 143, so a retried Cloud Run task loses at most one interval
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import re
 import time
@@ -109,10 +110,13 @@ def finetune(cfg: Config, sources: dict[str, str] | None = None) -> Path:
 
     precision = modeling.choose_precision(cfg.dtype)
     method, why = modeling.choose_method(cfg.method, cfg.model_name)
+    if not cfg.learning_rate:
+        cfg = dataclasses.replace(cfg, learning_rate=modeling.default_learning_rate(method, cfg.model_name))
     if method == "qlora" and precision.device == "cpu":
         log.warning("qlora on CPU: bitsandbytes' CPU kernels work but are slow; use a GPU for real models")
     logs.event(log, "finetune starting", model=cfg.model_name, method=method, method_reason=why,
-               dtype=precision.name, dtype_reason=precision.reason, output=cfg.output_dir,
+               dtype=precision.name, dtype_reason=precision.reason, learning_rate=cfg.learning_rate,
+               output=cfg.output_dir,
                overrides=sources or {}, torch=torch.__version__)
 
     run_dir = artifacts.work_dir(cfg.output_dir)

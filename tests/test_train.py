@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from conftest import ROOT, run_sqltune, sqltune_cmd
+
 from sqltune import artifacts, modeling
 from sqltune.config import Config
 
