@@ -39,28 +39,34 @@ class Settings:
     cache: str = ""
 
 
-_settings = Settings()
+# Config field behind each setting: the same env names (BUCKET_ENDPOINT, AWS_ENDPOINT_URL, SQLTUNE_CACHE, ...)
+# apply whether or not a command passed its resolved Config to configure().
+_FIELDS = {"endpoint": "bucket_endpoint", "workers": "transfer_workers", "cache": "model_cache"}
+_overrides: dict[str, Any] = {}
 
 
 def configure(cfg: Any = None, **overrides: Any) -> Settings:
-    """Take bucket settings from a Config (fields bucket_endpoint, transfer_workers, model_cache)."""
+    """Use a resolved Config's bucket fields (flags and YAML included) for every later transfer."""
     if cfg is not None:
-        _settings.endpoint = getattr(cfg, "bucket_endpoint", _settings.endpoint)
-        _settings.workers = getattr(cfg, "transfer_workers", _settings.workers)
-        _settings.cache = getattr(cfg, "model_cache", _settings.cache)
-    for key, value in overrides.items():
-        setattr(_settings, key, value)
+        _overrides.update({key: getattr(cfg, name) for key, name in _FIELDS.items()})
+    _overrides.update(overrides)
     _fs_cache.clear()
-    return _settings
+    return settings()
 
 
 def settings() -> Settings:
-    env = os.environ
-    return Settings(
-        endpoint=_settings.endpoint or env.get("SQLTUNE_BUCKET_ENDPOINT") or env.get("BUCKET_ENDPOINT") or "",
-        workers=int(env.get("SQLTUNE_TRANSFER_WORKERS") or _settings.workers),
-        cache=_settings.cache or env.get("SQLTUNE_MODEL_CACHE") or env.get("SQLTUNE_CACHE") or "",
-    )
+    from sqltune import config
+
+    values: dict[str, Any] = {}
+    for key, name in _FIELDS.items():
+        if _overrides.get(key) not in (None, ""):
+            values[key] = _overrides[key]
+            continue
+        for env in config.env_names(name):
+            if os.environ.get(env):
+                values[key] = config.parse_value(name, os.environ[env], f"env {env}")
+                break
+    return Settings(**values)
 
 
 def cache_root() -> Path:

@@ -35,7 +35,7 @@ def make_model(folder: Path, tag: str = "a") -> Path:
 @pytest.fixture(autouse=True)
 def cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     monkeypatch.setenv("SQLTUNE_CACHE", str(tmp_path / "cache"))
-    monkeypatch.setattr(storage, "_settings", storage.Settings())
+    monkeypatch.setattr(storage, "_overrides", {})
     return tmp_path / "cache"
 
 
@@ -126,6 +126,14 @@ def test_bucket_fields_resolve_and_configure_storage(tmp_path: Path) -> None:
     assert (s.endpoint, s.workers, storage.cache_root()) == ("http://127.0.0.1:9000", 4, tmp_path)
     with pytest.raises(config.ConfigError, match="--transfer-workers"):
         config.load(["--transfer-workers", "0"], {})
+
+
+def test_bucket_env_names_apply_without_configure(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("TRANSFER_WORKERS", "3")
+    monkeypatch.setenv("BUCKET_ENDPOINT", "http://127.0.0.1:9")
+    monkeypatch.setenv("SQLTUNE_CACHE", str(tmp_path / "c"))
+    s = storage.settings()
+    assert (s.workers, s.endpoint, storage.cache_root()) == (3, "http://127.0.0.1:9", tmp_path / "c")
 
 
 def test_unknown_protocol_is_named() -> None:
