@@ -20,7 +20,7 @@ from typing import Any
 
 from sqltune.errors import DataError
 from sqltune.sql import metrics
-from sqltune.sql.sandbox import ExecResult, Sandbox
+from sqltune.sql.sandbox import EMPTY, MULTIPLE, SYNTAX, ExecResult, Sandbox
 from sqltune.sql.schema import Parsed, Schema, parse_schema, parse_sql
 from sqltune.sql.synth_db import make_plan, synthesise
 
@@ -146,7 +146,9 @@ def _score_prediction(item: Item, schema: Schema, gold: Parsed, boxes: list[tupl
     for box, gold_result in boxes:
         result = box.run(sql)
         if not result.ok:
-            return _record(item, **fields, valid=pred.ok or result.error_kind not in ("syntax", "empty"),
+            # valid = SQLite parsed it (sqlglot is more lenient: it reads "SELEC x" as a column alias)
+            valid = result.error_kind not in (SYNTAX, EMPTY, MULTIPLE)
+            return _record(item, **{**fields, "schema_ok": fields["schema_ok"] and valid}, valid=valid,
                            error_kind=result.error_kind, error=result.error, timed_out=result.timed_out)
         if not metrics.same_result(gold_result.rows, result.rows, gold_width=len(gold_result.columns),
                                    pred_width=len(result.columns), ordered=ordered):
