@@ -235,3 +235,8 @@ def test_cloudrun_limits_fail_before_rendering(overrides: dict, message: str) ->
 
 def test_kubernetes_allows_what_cloud_run_does_not() -> None:
     render.render(Config(gpu_count=8, deploy_cpu=2, task_timeout=86400), "kubernetes")
+
+
+def test_warns_when_training_can_outlast_the_task() -> None:
+    assert any("--max-train-minutes 50" in w for w in render.warnings(Config(), "cloudrun"))
+    assert render.warnings(Config(max_train_minutes=45), "cloudrun") == []

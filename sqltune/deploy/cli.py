@@ -55,6 +55,8 @@ def run_render(args: argparse.Namespace) -> int:
     paths = render.write(render.render(cfg, args.target), args.out)
     for path in paths:
         print(path)
+    for warning in render.warnings(cfg, args.target):
+        print(f"warning: {warning}", file=sys.stderr)
     n = render.names(cfg)
     if not n.registry:
         print("note: images are bare local names; pass --project and --region (or --image-registry) "
@@ -94,6 +96,8 @@ def run_cloudrun(args: argparse.Namespace) -> int:
 
     out = Path(args.out)
     render.write(render.render(cfg, "cloudrun"), out)
+    for warning in render.warnings(cfg, "cloudrun"):
+        print(f"warning: {warning}", file=sys.stderr)
     steps = cloudrun.plan(cfg, n, out, gcloud, rebuild=args.rebuild, execute=args.execute)
     if args.dry_run:
         print(cloudrun.format_plan(steps, f"sqltune deploy cloudrun: {where}; manifests in {out}")

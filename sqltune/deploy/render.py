@@ -128,6 +128,17 @@ def check(cfg: Config, target: str) -> None:
                           "publishes before the cap)")
 
 
+def warnings(cfg: Config, target: str) -> list[str]:
+    """What renders but will likely go wrong in the cloud."""
+    found = []
+    budget_min = cfg.task_timeout / 60
+    if cfg.max_train_minutes == 0 or cfg.max_train_minutes > budget_min - 5:
+        found.append(f"the task stops after {cfg.task_timeout} s (--task-timeout) but --max-train-minutes is "
+                     f"{cfg.max_train_minutes:g}: a long training is killed before it merges and publishes; set "
+                     f"--max-train-minutes {max(int(budget_min) - 10, 1)} to leave time for both")
+    return found
+
+
 def env_value(value: Any) -> str:
     if isinstance(value, bool):
         return "true" if value else "false"
