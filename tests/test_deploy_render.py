@@ -205,6 +205,10 @@ def test_eval_job_is_sharded_and_training_is_not() -> None:
     evaluation = yaml.safe_load(files["eval-job.yaml"])["spec"]["template"]["spec"]
     assert (train["taskCount"], train["parallelism"]) == (1, 1)
     assert (evaluation["taskCount"], evaluation["parallelism"]) == (4, 2)
+    args = evaluation["template"]["spec"]["containers"][0]["args"]
+    assert args == ["eval", "--model", "/mnt/models/gemma-2b-sql", "--report-dir", "/mnt/models/reports/gemma-2b-sql"]
+    volume = evaluation["template"]["spec"]["volumes"][0]["csi"]
+    assert volume["readOnly"] is False, "the shards write their reports into the bucket"
 
 
 def test_kubernetes_multi_gpu_job_runs_torchrun() -> None:
@@ -240,3 +244,19 @@ def test_kubernetes_allows_what_cloud_run_does_not() -> None:
 def test_warns_when_training_can_outlast_the_task() -> None:
     assert any("--max-train-minutes 50" in w for w in render.warnings(Config(), "cloudrun"))
     assert render.warnings(Config(max_train_minutes=45), "cloudrun") == []
+
+
+@pytest.mark.parametrize("case", ["cloudrun-gcsfuse-vpc", "kubernetes-multigpu"])
+def test_container_commands_parse_with_the_real_cli(case: str) -> None:
+    """Every container's arguments are a valid `sqltune` command line of this version."""
+    from sqltune import cli
+
+    target, cfg = CASES[case]
+    parser = cli.build_parser()
+    for name, text in render.render(cfg, target).items():
+        doc = yaml.safe_load(text)
+        if "spec" not in doc or name.startswith("cloudbuild") or doc["kind"] == "Service" and target == "kubernetes":
+            continue
+        args = _container(doc)["args"]
+        ns = parser.parse_args(args)
+        assert ns.command == args[0]

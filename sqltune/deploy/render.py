@@ -55,6 +55,7 @@ class Names:
     serve_image: str
     service_account: str  # email on Cloud Run ("" = the default compute identity)
     model_url: str
+    report_url: str  # where the sharded evaluation writes
     job: str
     eval_job: str
     service: str
@@ -72,12 +73,13 @@ def names(cfg: Config) -> Names:
     def image(name: str) -> str:
         return f"{registry}/{name}:{tag}" if registry else f"{name}:{tag}"
 
-    model_url = (f"gs://{bucket}/{cfg.new_model}" if cfg.bucket_mode == "gs"
-                 else f"{MOUNT_PATH}/{cfg.new_model}")
+    root = f"gs://{bucket}" if cfg.bucket_mode == "gs" else MOUNT_PATH
+    model_url = f"{root}/{cfg.new_model}"
+    report_url = cfg.eval_output or f"{root}/reports/{cfg.new_model}"
     account = f"{cfg.deploy_service_account}@{project}.iam.gserviceaccount.com" if project else ""
     return Names(project=project, region=region, bucket=bucket, registry=registry, tag=tag,
                  finetune_image=image(FINETUNE_IMAGE), serve_image=image(SERVE_IMAGE),
-                 service_account=account, model_url=model_url, job=cfg.deploy_job_name,
+                 service_account=account, model_url=model_url, report_url=report_url, job=cfg.deploy_job_name,
                  eval_job=f"{cfg.deploy_job_name}-eval", service=cfg.deploy_service_name,
                  k8s_secret=cfg.hf_token_secret.lower().replace("_", "-"))
 
@@ -236,8 +238,10 @@ def cloudrun_job(cfg: Config, n: Names, *, evaluation: bool = False) -> dict[str
     """The fine-tuning job (one task), or with `evaluation` the sharded evaluation job: taskCount
     tasks, each reading CLOUD_RUN_TASK_INDEX / CLOUD_RUN_TASK_COUNT to pick its shard."""
     if evaluation:
-        container = {"name": "eval", "image": n.finetune_image, "args": ["eval", "--model", n.model_url],
-                     "env": config_env(cfg, ("eval", "common"))}
+        # Every shard writes into one shared report folder; the task index picks the shard.
+        args = ["eval", "--model", n.model_url, "--report-dir", n.report_url]
+        env = config_env(cfg, ("eval", "common"), exclude=("eval_output", "eval_shard"))
+        container = {"name": "eval", "image": n.finetune_image, "args": args, **({"env": env} if env else {})}
         tasks, parallel = cfg.job_task_count, cfg.job_parallelism
     else:
         # HF_TOKEN by reference to Secret Manager, never a value in the manifest:
@@ -247,7 +251,7 @@ def cloudrun_job(cfg: Config, n: Names, *, evaluation: bool = False) -> dict[str
         container = {"name": "finetune", "image": n.finetune_image, "args": ["finetune"], "env": env}
         # Training is not sharded by task: N tasks would train N copies. Scale out with GPUs instead.
         tasks, parallel = 1, 1
-    task = _cloudrun_pod(cfg, n, container, read_only=evaluation)
+    task = _cloudrun_pod(cfg, n, container, read_only=False)
     task = {"maxRetries": cfg.job_max_retries, "timeoutSeconds": cfg.task_timeout, **task}
     template: dict[str, Any] = {"spec": {"taskCount": tasks, "parallelism": parallel, "template": {"spec": task}}}
     notes = _cloudrun_annotations(cfg)
@@ -320,8 +324,9 @@ def render(cfg: Config, target: str) -> dict[str, str]:
                             f"\nRun:   gcloud run jobs execute {n.job} --region {region} --wait"),
         "eval-job.yaml": to_yaml(cloudrun_job(cfg, n, evaluation=True),
                                  head + f"Apply: gcloud run jobs replace eval-job.yaml --region {region}\n"
-                                 f"Each of the {cfg.job_task_count} tasks scores its shard; "
-                                 "`sqltune eval merge` joins them."),
+                                 f"Run:   gcloud run jobs execute {n.eval_job} --region {region} --wait\n"
+                                 f"Each of the {cfg.job_task_count} tasks scores its shard into {n.report_url}; "
+                                 f"then: sqltune eval merge {n.report_url}"),
         "service.yaml": to_yaml(cloudrun_service(cfg, n),
                                 head + f"Apply: gcloud run services replace service.yaml --region {region}"),
         "cloudbuild-finetune.yaml": to_yaml(cloudbuild("docker/Dockerfile.finetune", n.finetune_image),
