@@ -160,16 +160,17 @@ def _parse_manifest(raw: bytes, where: str) -> dict[str, Any]:
 
 
 def locate(url: str) -> tuple[str, dict[str, Any], str]:
-    """(version URL, manifest, version id) for a model URL: a folder with a manifest, or `latest`."""
-    raw = storage.read_bytes(storage.join(url, MANIFEST))
-    if raw is not None:
-        return url, _parse_manifest(raw, storage.join(url, MANIFEST)), url.rstrip("/").rsplit("/", 1)[-1]
+    """(version URL, manifest, version id) for a model URL: `latest` when there is one (it is the
+    authority for a published layout), else a folder with its own manifest (a version, a checkpoint)."""
     pointer = storage.read_bytes(storage.join(url, LATEST))
     if pointer is None:
-        raise ArtifactError(f"{url} has no {MANIFEST} and no `{LATEST}` pointer: no finished model was published "
-                            "there (a job killed before publishing leaves none)",
-                            f"check the URL with `sqltune models list {url}`, or publish with "
-                            f"`sqltune finetune --output {url}`")
+        raw = storage.read_bytes(storage.join(url, MANIFEST))
+        if raw is None:
+            raise ArtifactError(f"{url} has no {MANIFEST} and no `{LATEST}` pointer: no finished model was "
+                                "published there (a job killed before publishing leaves none)",
+                                f"check the URL with `sqltune models list {url}`, or publish with "
+                                f"`sqltune finetune --output {url}`")
+        return url, _parse_manifest(raw, storage.join(url, MANIFEST)), url.rstrip("/").rsplit("/", 1)[-1]
     try:
         version = json.loads(pointer)["version"]
     except (json.JSONDecodeError, KeyError, TypeError):
@@ -188,7 +189,7 @@ def fetch(url: str, *, cache: Path | None = None) -> Fetched:
     (`cache`, default $SQLTUNE_CACHE or ~/.cache/sqltune)."""
     if not is_remote(url):
         path = local_path(url)
-        if not (path / MANIFEST).is_file() and (path / LATEST).is_file():  # a published layout, e.g. gcsfuse
+        if (path / LATEST).is_file():  # a published layout, e.g. a gcsfuse mount of a bucket
             vurl, _, _ = locate(str(path))
             path = Path(vurl)
         manifest = verify(path)

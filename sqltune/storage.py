@@ -209,6 +209,23 @@ class _Progress:
             self._bar.close()
 
 
+class _PartCallback:
+    """fsspec callback shape: s3fs reports each finished multipart part through relative_update."""
+
+    def __init__(self, progress: _Progress) -> None:
+        self.progress, self.value = progress, 0
+
+    def set_size(self, size: int) -> None:
+        pass
+
+    def relative_update(self, inc: int = 1) -> None:
+        self.value += inc
+        self.progress.add(inc)
+
+    def branched(self, *args: Any, **kwargs: Any) -> None:
+        return None
+
+
 def _ranges(size: int, chunk: int) -> list[tuple[int, int]]:
     return [(a, min(a + chunk, size)) for a in range(0, size, chunk)] or [(0, 0)]
 
@@ -273,20 +290,25 @@ def upload(items: Sequence[tuple[Path, str]], *, desc: str = "upload", workers: 
     progress = _Progress(sum(sizes), desc)
     start = time.perf_counter()
 
+    # Parts in flight across all files stay near `workers`, so memory stays near workers * chunk.
+    per_file = max(1, workers // max(1, min(workers, len(items))))
+
     def one(src: Path, url: str, size: int) -> None:
         if before is not None:
             before(url)
         fs, path = filesystem(url)
         proto = protocol(url)
         if proto == "s3":
-            fs.put_file(str(src), path, chunksize=max(chunk, 5 << 20), max_concurrency=workers)
+            seen = _PartCallback(progress)
+            fs.put_file(str(src), path, chunksize=max(chunk, 5 << 20), max_concurrency=per_file, callback=seen)
+            progress.add(size - seen.value)
         elif proto in ("gs", "gcs") and size > 2 * chunk:
-            _gcs_composite(fs, src, path, size, chunk, workers)
+            _gcs_composite(fs, src, path, size, chunk, per_file, progress)
         else:
             if proto == "file":
                 Path(path).parent.mkdir(parents=True, exist_ok=True)
             fs.put_file(str(src), path)
-        progress.add(size)
+            progress.add(size)
 
     try:
         _run([lambda s=s, u=u, n=n: one(s, u, n) for (s, u), n in zip(items, sizes, strict=True)], workers)
@@ -298,7 +320,7 @@ def upload(items: Sequence[tuple[Path, str]], *, desc: str = "upload", workers: 
     return stats
 
 
-def _gcs_composite(fs: Any, src: Path, path: str, size: int, chunk: int, workers: int) -> None:
+def _gcs_composite(fs: Any, src: Path, path: str, size: int, chunk: int, workers: int, progress: _Progress) -> None:
     """GCS has no multipart upload: send parts as objects in parallel, compose, delete the parts."""
     chunk = max(chunk, -(-size // GCS_MAX_COMPOSE))
     ranges = _ranges(size, chunk)
@@ -308,6 +330,7 @@ def _gcs_composite(fs: Any, src: Path, path: str, size: int, chunk: int, workers
         with src.open("rb") as fh:
             fh.seek(a)
             fs.pipe_file(part, fh.read(b - a))
+        progress.add(b - a)
 
     try:
         _run([lambda p=p, r=r: put(p, *r) for p, r in zip(parts, ranges, strict=True)], workers)

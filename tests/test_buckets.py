@@ -62,11 +62,14 @@ def small_chunks(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(storage, "CHUNK", 256 << 10)
 
 
-def test_publish_then_fetch_round_trip(bucket, tmp_path: Path) -> None:
+def test_publish_then_fetch_round_trip(bucket, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     model = make_model(tmp_path / "m", seed=1)
     url = f"{bucket.url}/models/sql"
-    where = artifacts.publish(model, url)
+    with caplog.at_level("INFO", logger="sqltune"):
+        where = artifacts.publish(model, url)
     assert where.startswith(f"{url}/versions/")
+    published = [r.fields for r in caplog.records if r.getMessage() == "model published"]
+    assert published and published[0]["mb_per_s"] > 0 and published[0]["bytes"] > 900_000
     got = artifacts.fetch(url)
     assert not got.cached and got.bytes_downloaded == sum(f["size"] for f in artifacts.read_manifest(model)["files"].values())
     assert same_files(model, got.path)
@@ -150,38 +153,53 @@ def _spawn_publish(model: Path, url: str, env: dict[str, str]) -> subprocess.Pop
     return proc
 
 
+def _new_version_state(url: str, known: set[str]) -> tuple[int, bool]:
+    """(files uploaded, manifest present) of the version prefix a running publish is writing."""
+    fresh = [v for v in storage.list_dirs(f"{url}/versions") if v not in known]
+    if not fresh:
+        return 0, False
+    fs, path = storage.filesystem(f"{url}/versions/{fresh[0]}")
+    names = fs.find(path)
+    return len(names), any(n.endswith("/manifest.json") for n in names)
+
+
 def test_publish_killed_at_random_points_never_serves_a_mix(s3_bucket, tmp_path: Path) -> None:
-    """SIGKILL a publishing process N times at points spread over its run (before, during and after
-    the manifest): every reader gets the old complete version or the new complete one."""
+    """SIGKILL a publishing process N times: right after start, after its first shard, halfway, once
+    its manifest is up, and at random times. Every reader gets the old complete version or the new
+    complete one; a kill before the manifest landed always leaves the old one served."""
     old = make_model(tmp_path / "old", seed=7)
     new = make_model(tmp_path / "new", seed=8, shards=12, shard_bytes=400_000)
     url = f"{s3_bucket.url}/m"
     artifacts.publish(old, url)
-
-    t0 = time.monotonic()
-    proc = _spawn_publish(new, f"{s3_bucket.url}/calibrate", s3_bucket.env)
-    assert proc.wait(timeout=120) == 0
-    duration = time.monotonic() - t0
-
+    env = {**s3_bucket.env, "TRANSFER_WORKERS": "2"}  # a few files at a time: every stage lasts long enough to hit
+    stages = {"start": lambda n, m: True, "first file": lambda n, m: n >= 1, "half": lambda n, m: n >= 7,
+              "manifest": lambda n, m: m}
     rng = random.Random(0)
-    outcomes = []
-    n = 8
-    for i in range(n):
-        proc = _spawn_publish(new, url, s3_bucket.env)
-        time.sleep(duration * (i + rng.random()) / (n - 2))  # the last kills land after it finished
+    plan = [*stages, "random", "first file", "half", "random"]
+    seen = []
+    for stage in plan:
+        known = set(storage.list_dirs(f"{url}/versions"))
+        proc = _spawn_publish(new, url, env)
+        if stage == "random":
+            time.sleep(rng.uniform(0, 1.5))
+        else:
+            while proc.poll() is None and not stages[stage](*_new_version_state(url, known)):
+                time.sleep(0.01)
         proc.kill()
         proc.wait()
+        files, has_manifest = _new_version_state(url, known)
         got = fresh_fetch(url, tmp_path)
         if same_files(old, got.path):
-            outcomes.append("old")
+            outcome = "old"
         else:
-            assert same_files(new, got.path), "reader got a version that is neither the old nor the new one"
-            outcomes.append("new")
-        if outcomes[-1] == "new":  # reset so later kills again race against a pointer to the old one
-            artifacts.publish(old, url)
-    versions = storage.list_dirs(f"{url}/versions")
-    incomplete = [v for v in versions if storage.read_bytes(f"{url}/versions/{v}/manifest.json") is None]
-    assert "old" in outcomes and incomplete, f"no kill landed mid-upload: {outcomes}"
+            assert same_files(new, got.path), f"kill at {stage}: reader got neither the old nor the new version"
+            outcome = "new"
+            artifacts.publish(old, url)  # race the next kill against a pointer to the old version again
+        if not has_manifest:
+            assert outcome == "old", f"kill at {stage}: a version without its manifest was served"
+        seen.append((stage, files, has_manifest, outcome))
+    assert any(0 < files and not m for _, files, m, _ in seen), f"no kill landed mid-upload: {seen}"
+    assert any(m for _, _, m, _ in seen), f"no kill landed after the manifest: {seen}"
 
 
 def test_reader_during_publish_gets_a_complete_version(s3_bucket, tmp_path: Path) -> None:
