@@ -27,6 +27,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--model", dest="model_name", default=argparse.SUPPRESS, metavar="PATH_OR_URL",
                    help="The model to serve: a folder written by `sqltune finetune`, or its gs:// / s3:// URL. "
                         "Default: the finetune output (models/<new_model>). [env MODEL_NAME]")
+    p.add_argument("--dtype", dest="dtype", default=argparse.SUPPRESS, choices=["auto", "bf16", "fp16", "fp32"],
+                   help="Compute dtype; auto = bf16 on GPUs that support it, fp16 on older GPUs, fp32 on CPU. "
+                        "[env DTYPE]")
     config.add_arguments(p, groups=["serve"])
     p.set_defaults(func=run)
 

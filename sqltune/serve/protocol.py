@@ -28,6 +28,7 @@ class Sampling(_Request):
     n: int = Field(1, ge=1, le=MAX_N)
     stop: str | list[str] | None = None
     seed: int | None = None
+    min_tokens: int = Field(0, ge=0)  # vLLM's extension: no EOS or stop string before this many tokens
 
     @model_validator(mode="after")
     def _stop_list(self) -> Sampling:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import math
 import time
 from collections.abc import AsyncIterator, Sequence
@@ -96,9 +97,12 @@ class Service:
             raise ApiError(400, f"this model's context is {limit} tokens (max_model_len); the {param} takes "
                            f"{len(ids)}, so max_tokens can be at most {room}, not {asked}",
                            code="context_length_exceeded", param="max_tokens")
-        max_tokens = asked or min(default_max_tokens or self.cfg.default_max_tokens, room)
+        max_tokens = asked or min(max(default_max_tokens or self.cfg.default_max_tokens, sampling.min_tokens), room)
+        if sampling.min_tokens > max_tokens:
+            raise ApiError(400, f"min_tokens {sampling.min_tokens} is above max_tokens {max_tokens}",
+                           code="invalid_value", param="min_tokens")
         params = SamplingParams(max_tokens=max_tokens, temperature=sampling.temperature, top_p=sampling.top_p,
-                                stop=sampling.stops(), seed=sampling.seed)
+                                stop=sampling.stops(), seed=sampling.seed, min_tokens=sampling.min_tokens)
         return Job(ids, params)
 
     @staticmethod
@@ -109,7 +113,7 @@ class Service:
             for j in range(n):
                 p = job.params
                 seed = None if p.seed is None else p.seed + j
-                out.append(Job(job.prompt_ids, SamplingParams(p.max_tokens, p.temperature, p.top_p, p.stop, seed)))
+                out.append(Job(job.prompt_ids, dataclasses.replace(p, seed=seed)))
         return out
 
     # --- generation -----------------------------------------------------------------------------
@@ -144,10 +148,11 @@ class Service:
         try:
             yield self._merge(merged, len(jobs), started)
         finally:
+            # synchronous first: under Starlette's (anyio) cancellation every later await raises again
             for t in tasks:
                 t.cancel()
-            await asyncio.gather(*tasks, return_exceptions=True)
             self.admission.release(len(jobs), (time.perf_counter() - started) / max(1, len(jobs)))
+            await asyncio.gather(*tasks, return_exceptions=True)
 
     async def _pump(self, i: int, job: Job, out: asyncio.Queue[Any]) -> None:
         try:

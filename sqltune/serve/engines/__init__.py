@@ -27,6 +27,7 @@ class SamplingParams:
     top_p: float = 1.0
     stop: tuple[str, ...] = ()
     seed: int | None = None
+    min_tokens: int = 0  # no EOS and no stop string before this many tokens (vLLM's min_tokens)
 
 
 @dataclass(frozen=True)

@@ -14,9 +14,11 @@ from typing import Any
 class TextStream:
     """The growing completion of one request."""
 
-    def __init__(self, tokenizer: Any, stop: Sequence[str]) -> None:
+    def __init__(self, tokenizer: Any, stop: Sequence[str], min_tokens: int = 0) -> None:
         self.tokenizer = tokenizer
         self.stop = tuple(s for s in stop if s)
+        self.min_tokens = min_tokens
+        self.guard = 0
         self.ids: list[int] = []
         self.sent = 0  # characters of the decoded text already emitted
         self.stopped = False
@@ -25,8 +27,11 @@ class TextStream:
         """Add a token; return the text that can be emitted now (sets `stopped` at a stop string)."""
         self.ids.append(token_id)
         text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
-        if self.stop:
-            start = max(0, self.sent - max(len(s) for s in self.stop))
+        if self.stop and len(self.ids) < self.min_tokens:
+            self.guard = len(text)  # stop strings wholly inside text generated before min_tokens do not count
+        elif self.stop:
+            longest = max(len(s) for s in self.stop)
+            start = max(0, self.guard - longest + 1, self.sent - longest)
             hits = [i for i in (text.find(s, start) for s in self.stop) if i >= 0]
             if hits:
                 self.stopped = True

@@ -75,6 +75,10 @@ class TransformersEngine:
         from sqltune import generation
         from sqltune.modeling import choose_precision
 
+        if not logs.show_progress():
+            from transformers.utils import logging as hf_logging
+
+            hf_logging.disable_progress_bar()
         if self.cfg.safetensors_load_strategy == "eager":
             _read_whole(self.model_dir)
         started = time.perf_counter()
@@ -159,7 +163,7 @@ class TransformersEngine:
                             device=device)
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
         for r in batch:
-            r.text = TextStream(tok, r.params.stop)
+            r.text = TextStream(tok, r.params.stop, r.params.min_tokens)
             if r.params.temperature > 0:
                 r.generator = torch.Generator(device=device)
                 r.generator.manual_seed(r.params.seed if r.params.seed is not None else int(time.time_ns() % 2**63))
@@ -185,6 +189,11 @@ class TransformersEngine:
     def _sample(self, logits: Any, rows: list[_Request]) -> Any:
         import torch
 
+        early = [i for i, r in enumerate(rows) if len(r.text.ids) < r.params.min_tokens]  # type: ignore[union-attr]
+        if early:
+            logits = logits.clone()
+            logits[torch.tensor(early, device=logits.device)[:, None], torch.tensor(sorted(self._eos),
+                   device=logits.device)[None, :]] = float("-inf")
         greedy = logits.argmax(dim=-1)
         if all(r.params.temperature <= 0 for r in rows):
             return greedy

@@ -42,8 +42,12 @@ def engine_args(cfg: Config, model_dir: Path) -> dict[str, Any]:
     }
     if cfg.max_model_len:
         args["max_model_len"] = cfg.max_model_len
-    if cfg.dtype != "auto":
-        args["dtype"] = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}[cfg.dtype]
+    # the transformers engine's precision rule (fp32 on CPU, bf16/fp16 on GPUs), not vLLM's own
+    # `auto`, which halves an fp32 checkpoint even on CPU: both engines then agree token for token
+    from sqltune.modeling import choose_precision
+
+    name = choose_precision(cfg.dtype).name
+    args["dtype"] = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}[name]
     if cfg.vllm_enforce_eager:
         args["enforce_eager"] = True
     return args
@@ -108,6 +112,7 @@ class VllmEngine:
 
         sampling = VllmParams(max_tokens=params.max_tokens, temperature=params.temperature, top_p=params.top_p,
                               stop=list(params.stop) or None, seed=params.seed,
+                              min_tokens=params.min_tokens,
                               output_kind=RequestOutputKind.DELTA)
         request_id = uuid.uuid4().hex
         generated, finished = 0, False
