@@ -231,10 +231,15 @@ def _ranges(size: int, chunk: int) -> list[tuple[int, int]]:
 
 
 def _run(tasks: Sequence[Callable[[], None]], workers: int) -> None:
+    """Run tasks on `workers` threads; the first failure cancels what has not started and is raised."""
     with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
         futures = [pool.submit(t) for t in tasks]
-        for f in futures:
-            f.result()
+        try:
+            for f in futures:
+                f.result()
+        except BaseException:
+            pool.shutdown(wait=True, cancel_futures=True)
+            raise
 
 
 def download(items: Sequence[tuple[str, Path, int]], *, desc: str = "download", workers: int | None = None,
