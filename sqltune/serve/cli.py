@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import ipaddress
 import logging
+import signal
 import sys
 from pathlib import Path
 from typing import Any
@@ -83,7 +84,10 @@ def serve(app: Any, cfg: config.Config) -> int:
                 logs.event(log, "draining: no new connections; in-flight requests may finish",
                            signal=int(sig), in_flight=app.state.service.admission.in_flight,
                            grace_seconds=cfg.shutdown_grace)
-            super().handle_exit(sig, frame)
+            if sig == signal.SIGTERM:
+                self.should_exit = True  # a drained shutdown is a clean exit (0), not death by signal
+            else:
+                super().handle_exit(sig, frame)
 
     server = Server(uvicorn.Config(app, host=cfg.serve_host, port=cfg.serve_port, log_config=None,
                                    access_log=False, timeout_graceful_shutdown=cfg.shutdown_grace,
