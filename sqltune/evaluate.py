@@ -47,6 +47,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", default=argparse.SUPPRESS, help="Seed for --limit sampling and the databases.")
     p.add_argument("--eval-batch-size", "--batch-size", dest="eval_batch_size", default=argparse.SUPPRESS,
                    help="Prompts generated together with --model.")
+    p.add_argument("--self-check", action="store_true", help="Score the dataset's gold SQL against itself: "
+                   "lists gold queries that fail on their own context and checks that EX is 100%%.")
     p.add_argument("--compare", nargs="+", metavar="REPORT", help="Print two or more reports (report.json or "
                    "their folders) side by side, with the examples where they disagree.")
     config.add_arguments(p, groups=["eval"])
@@ -117,7 +119,12 @@ def predict(cfg: config.Config, mode: str, examples: Sequence[Any], all_examples
 
     pairs = [(ex.question, ex.context) for ex in examples]
     with _progress_bar(len(pairs), "generate") as bar:
-        if mode == "predictions":
+        if mode == "gold":
+            from sqltune import data
+
+            preds = [src.Prediction(ex.answer) for ex in examples]
+            info = {"kind": "gold", "name": "gold-self-check", "fingerprint": data.fingerprint(examples)}
+        elif mode == "predictions":
             preds = src.match_predictions(all_examples_rows or [], examples, cfg.eval_predictions)
             info = {"kind": "predictions", "path": cfg.eval_predictions, "name": Path(cfg.eval_predictions).stem,
                     "fingerprint": _sha256(Path(cfg.eval_predictions))}
@@ -154,7 +161,9 @@ def score(items: Sequence[Any], settings: Any, workers: int) -> list[dict[str, A
     return records
 
 
-def _mode(cfg: config.Config, sources: Mapping[str, str]) -> str:
+def _mode(cfg: config.Config, sources: Mapping[str, str], self_check: bool = False) -> str:
+    if self_check:
+        return "gold"
     chosen = [m for m, on in (("endpoint", bool(cfg.eval_endpoint)), ("predictions", bool(cfg.eval_predictions)),
                               ("model", "model_name" in sources)) if on]
     if not chosen:
@@ -173,7 +182,7 @@ def run(args: argparse.Namespace) -> int:
 
     cfg, sources = config.from_namespace(args)
     logs.setup(cfg.log_level)
-    mode = _mode(cfg, sources)
+    mode = _mode(cfg, sources, getattr(args, "self_check", False))
     shard_index, shard_count = parse_shard(cfg.eval_shard, os.environ)
     rows: list[dict[str, Any]] | None = None
     if mode == "predictions":
@@ -221,6 +230,9 @@ def run(args: argparse.Namespace) -> int:
     print(f"\nreport: {storage.join(out, REPORT)}")
     logs.event(log, "eval finished", ex=report["results"]["metrics"]["ex"]["value"], out=out,
                seconds=round(t2 - t0, 1))
+    if mode == "gold" and report["results"]["metrics"]["ex"]["value"] < 1.0:
+        print("self-check FAILED: gold vs gold is below 100% EX; see predictions.jsonl for the examples")
+        return 1
     return 0
 
 

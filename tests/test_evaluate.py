@@ -106,6 +106,23 @@ def test_predictions_file_that_carries_its_gold(tmp_path: Path, examples: list[d
     assert read(tmp_path / "r")[0]["results"]["metrics"]["ex"]["value"] == 1.0
 
 
+def test_self_check_scores_gold_against_itself(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    path = tmp_path / "d.jsonl"
+    rows = [{"question": "q1", "context": "CREATE TABLE t (a INTEGER)", "answer": "SELECT a FROM t WHERE a > 1"},
+            {"question": "q2", "context": "CREATE TABLE t (a INTEGER)", "answer": "SELECT b FROM t"},
+            {"question": "q3", "context": "CREATE TABLE t (a INTEGER)", "answer": "SELECT COUNT(*) FROM t"}]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert sqltune("--self-check", "--dataset", str(path), "--report-dir", str(tmp_path / "r"),
+                   "--eval-workers", "1") == 0
+    report, _ = read(tmp_path / "r")
+    assert report["source"]["kind"] == "gold"
+    assert report["results"]["metrics"]["ex"] == {"value": 1.0, "count": 2, "total": 2}
+    gc = report["results"]["gold_check"]
+    assert gc["dataset_errors"] == 1 and gc["dataset_errors_by_kind"] == {"runtime": 1}
+    assert gc["dataset_error_examples"][0]["gold"] == "SELECT b FROM t"
+    assert "no such column: b" in gc["dataset_error_examples"][0]["error"]
+
+
 def test_shards_merge_to_the_unsharded_report(tmp_path: Path, preds_file: Path,
                                               monkeypatch: pytest.MonkeyPatch) -> None:
     common = ["--predictions", str(preds_file), "--dataset", DATASET, "--eval-workers", "1"]
