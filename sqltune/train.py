@@ -36,8 +36,11 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from sqltune import storage
+
     cfg, sources = config.from_namespace(args)
     logs.setup(cfg.log_level)
+    storage.configure(cfg)
     final = finetune(cfg, sources)
     if is_main_process():
         print(summary(artifacts.read_meta(final), cfg.output_dir))
@@ -249,6 +252,8 @@ def _build_trainer(cfg: Config, method: str, precision: Any, model: Any, tokeniz
         use_cpu=precision.device == "cpu",
         max_length=cfg.max_seq_length,
         packing=False,
+        # batches of similar length: far less padding than random batches, still shuffled across megabatches
+        train_sampling_strategy="group_by_length",
         completion_only_loss=True,  # loss on the SQL only: the prompt is given at inference
         logging_strategy="steps",
         logging_steps=cfg.logging_steps,

@@ -26,6 +26,7 @@ except ImportError:  # pragma: no cover - torch is a hard dependency
 ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = ROOT.parent / "shared" / "data" / "sql-create-context" / "train.jsonl"
 ASSETS = Path(__file__).parent / "assets"
+HF_TOKEN_SENTINEL = "hf_sentinel_never_stored"
 
 
 def sqltune_cmd(*args: str) -> list[str]:
@@ -55,5 +56,6 @@ def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     run_sqltune("finetune", "--model", "tiny", "--method", "full", "--dataset", "synthetic:1500",
                 "--learning-rate", "0.003", "--max-steps", "120", "--train-batch-size", "16",
                 "--save-steps", "1000", "--logging-steps", "40", "--max-seq-length", "256",
-                "--eval-generate-limit", "20", "--tiny-layers", "2", "--output", str(out))
+                "--eval-generate-limit", "20", "--tiny-layers", "2", "--output", str(out),
+                env={"HF_TOKEN": HF_TOKEN_SENTINEL})
     return out
