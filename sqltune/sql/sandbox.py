@@ -31,9 +31,10 @@ DENIED_FUNCTIONS = frozenset({"load_extension", "readfile", "writefile", "edit",
 _ALLOWED_ACTIONS = frozenset({sqlite3.SQLITE_SELECT, sqlite3.SQLITE_READ, sqlite3.SQLITE_RECURSIVE})
 
 # SQLite's per-connection limits: no attached databases at all; strings, SQL text and
-# compound selects far beyond anything a text-to-SQL answer needs, far below a memory bomb.
-_LIMITS = {sqlite3.SQLITE_LIMIT_ATTACHED: 0, sqlite3.SQLITE_LIMIT_LENGTH: 1_000_000,
-           sqlite3.SQLITE_LIMIT_SQL_LENGTH: 100_000, sqlite3.SQLITE_LIMIT_COMPOUND_SELECT: 50,
+# compound selects far beyond anything a text-to-SQL answer needs, far below a memory bomb
+# (row cap x longest value bounds what one result can hold: 1000 x 100 kB).
+_LIMITS = {sqlite3.SQLITE_LIMIT_ATTACHED: 0, sqlite3.SQLITE_LIMIT_LENGTH: 100_000,
+           sqlite3.SQLITE_LIMIT_SQL_LENGTH: 50_000, sqlite3.SQLITE_LIMIT_COMPOUND_SELECT: 50,
            sqlite3.SQLITE_LIMIT_EXPR_DEPTH: 200, sqlite3.SQLITE_LIMIT_VDBE_OP: 250_000}
 
 
