@@ -41,17 +41,24 @@ class ServerProcess:
         self._log = tempfile.NamedTemporaryFile(prefix="sqltune-serve-", suffix=".log", delete=False)  # noqa: SIM115
 
     def start(self) -> ServerProcess:
-        import httpx
+        return self.launch().wait_ready()
 
+    def launch(self) -> ServerProcess:
+        """Start the process without waiting (start several, then `wait_ready()` each)."""
         self.proc = subprocess.Popen([self.python, "-m", "sqltune", "serve", *self.args], stdout=self._log,
                                      stderr=subprocess.STDOUT, env=self.env, cwd=self.cwd)
+        return self
+
+    def wait_ready(self) -> ServerProcess:
+        import httpx
+
+        assert self.proc is not None, "launch() first"
         deadline = time.monotonic() + self.ready_timeout
-        headers = {}
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"sqltune serve exited {self.proc.returncode} before it was ready:\n{self.log()[-6000:]}")
             try:
-                if httpx.get(self.url + "/ready", headers=headers, timeout=2).status_code == 200:
+                if httpx.get(self.url + "/ready", timeout=2).status_code == 200:
                     return self
             except httpx.HTTPError:
                 pass

@@ -166,6 +166,7 @@ class Service:
     async def _merge(self, merged: asyncio.Queue[Any], pending: int, started: float) -> AsyncIterator[tuple[int, Delta]]:
         deadline = started + self.cfg.request_timeout
         first = True
+        counted = [0] * pending  # completion tokens already added to the metric, per job
         while pending:
             remaining = deadline - time.perf_counter()
             try:
@@ -177,8 +178,10 @@ class Service:
             if first and delta.text:
                 self.metrics.first_token.observe(time.perf_counter() - started)
                 first = False
+            # counted as they stream, so tokens spent on a request that is later cancelled show too
+            self.metrics.generation_tokens.inc(max(0, delta.completion_tokens - counted[i]))
+            counted[i] = max(counted[i], delta.completion_tokens)
             if delta.finish_reason:
                 pending -= 1
                 self.metrics.prompt_tokens.inc(delta.prompt_tokens)
-                self.metrics.generation_tokens.inc(delta.completion_tokens)
             yield i, delta

@@ -12,6 +12,7 @@ cache); sqltune sets 1 when it is unset. vLLM spawns processes: entry points nee
 
 from __future__ import annotations
 
+import asyncio
 import os
 import time
 import uuid
@@ -76,6 +77,11 @@ class VllmEngine:
         return self.tokenizer.eos_token if self.tokenizer is not None else None
 
     async def start(self, on_batch: Callable[[int], None] | None = None) -> None:
+        # on a thread: importing vLLM and building the engine block for the whole load,
+        # and /health must answer meanwhile
+        await asyncio.to_thread(self._build, on_batch)
+
+    def _build(self, on_batch: Callable[[int], None] | None) -> None:
         os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
         from transformers import AutoTokenizer
         from vllm.engine.arg_utils import AsyncEngineArgs
