@@ -120,7 +120,10 @@ class TransformersEngine:
     def _worker(self) -> None:
         import torch
 
-        torch.set_grad_enabled(False)
+        with torch.inference_mode():
+            self._serve_batches()
+
+    def _serve_batches(self) -> None:
         while True:
             first = self._pending.get()
             if first is None:
