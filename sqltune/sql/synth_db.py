@@ -256,8 +256,8 @@ def synthesise(plan: Plan, seed: int, *, plant: bool = True) -> dict[str, list[t
     """Rows for every table of the plan's schema, deterministic in `seed`.
 
     With `plant`, each table gets a row that satisfies all of its conditions, a twin of it (an
-    exact copy half the time, so DISTINCT matters; otherwise with its free columns redrawn, so
-    MIN and MAX differ) and one near miss per constrained column (the planted row with that one
+    exact copy for even seeds, so DISTINCT matters; for odd ones with its free columns redrawn,
+    so MIN and MAX differ) and one near miss per constrained column (the planted row with that one
     value changed to just miss), so a query that drops or changes a condition returns more or
     fewer rows. Random rows fill the rest, and the order is shuffled.
     """
@@ -273,7 +273,11 @@ def synthesise(plan: Plan, seed: int, *, plant: bool = True) -> dict[str, list[t
     grouped = keyed[0] if keyed else plan.schema.tables[0].name
     for table in plan.schema.tables:
         domains = {c.name.lower(): _domain(c, plan, rng) for c in table.columns}
-        rows = [_random_row(table.columns, table.name, plan, pools, domains, rng) for _ in range(rng.randint(3, 7))]
+        # each table's random rows use part of each key pool, so some keys of one table are missing
+        # from another (EXCEPT, NOT IN and LEFT JOIN then have something to find)
+        mine = {cls: [pool[0], *rng.sample(pool[1:], rng.randint(min(1, len(pool) - 1), len(pool) - 1))]
+                for cls, pool in pools.items()}
+        rows = [_random_row(table.columns, table.name, plan, mine, domains, rng) for _ in range(rng.randint(3, 7))]
         # most nullable columns get a NULL somewhere, so COUNT(*) and COUNT(col) disagree on some database
         for i, c in enumerate(table.columns):
             if not c.not_null and rng.random() < 0.8:
@@ -281,8 +285,10 @@ def synthesise(plan: Plan, seed: int, *, plant: bool = True) -> dict[str, list[t
                 rows[at] = rows[at][:i] + (None,) + rows[at][i + 1:]
         if plant:
             planted = _planted_row(table.columns, table.name, plan, pools, domains, rng)
-            free = _random_row(table.columns, table.name, plan, pools, domains, rng)
-            twin = planted if rng.random() < 0.5 else tuple(
+            free = _random_row(table.columns, table.name, plan, mine, domains, rng)
+            # seeds of neighbouring databases differ in parity (score.py steps by an odd number), so
+            # the K databases have both kinds of twin
+            twin = planted if seed % 2 == 0 else tuple(
                 p if plan.conditions.get((table.name, c.name.lower())) or (table.name, c.name.lower()) in plan.key_class
                 else f for c, p, f in zip(table.columns, planted, free, strict=True))
             # HAVING COUNT(*) >= N: the planted group gets N-1, N or N+1 rows in the first keyed table and
@@ -291,9 +297,13 @@ def synthesise(plan: Plan, seed: int, *, plant: bool = True) -> dict[str, list[t
             if plan.group_sizes:
                 copies = 1
                 if table.name == grouped:
-                    copies = max(1, rng.choice(plan.group_sizes) + rng.choice((0, 0, 1, -1)))
-            other = _random_row(table.columns, table.name, plan, pools, domains, rng)
-            rows += [planted, *[twin] * (copies - 1), *_near_misses(table.columns, table.name, plan, planted, other, rng)]
+                    # score.py's seeds for the K databases fall in different residues mod 4, so
+                    # the offsets below include an exact N on at least one of any three databases
+                    copies = max(1, rng.choice(plan.group_sizes) + (0, 1, 0, -1)[seed % 4])
+            other = _random_row(table.columns, table.name, plan, mine, domains, rng)
+            nearest = seed % 2 == 0 or rng.random() < 0.5
+            misses = _near_misses(table.columns, table.name, plan, planted, other, rng, nearest=nearest)
+            rows += [planted, *[twin] * (copies - 1), *misses]
             rng.shuffle(rows)
         data[table.name] = rows
     return data
@@ -337,7 +347,7 @@ def _planted_row(columns: tuple[Column, ...], table: str, plan: Plan, pools: dic
 
 
 def _near_misses(columns: tuple[Column, ...], table: str, plan: Plan, planted: tuple[Value, ...],
-                 free: tuple[Value, ...], rng: random.Random) -> list[tuple[Value, ...]]:
+                 free: tuple[Value, ...], rng: random.Random, *, nearest: bool) -> list[tuple[Value, ...]]:
     """The planted row with one condition broken; free columns from `free`, so what the query
     selects or aggregates differs from the planted row's."""
     bound = [bool(plan.conditions.get((table, c.name.lower()))) or (table, c.name.lower()) in plan.key_class
@@ -346,9 +356,12 @@ def _near_misses(columns: tuple[Column, ...], table: str, plan: Plan, planted: t
     for i, c in enumerate(columns):
         misses = [m for cond in plan.conditions.get((table, c.name.lower()), []) for m in _misses(cond, c)]
         if misses:
-            row = [p if b else f for p, f, b in zip(planted, free, bound, strict=True)]
+            # free values differ from the planted row's and are not NULL, so a query that wrongly
+            # keeps this row gets a different SUM, AVG, MAX or list
+            row = [p if b else (f if f is not None and f != p else _store(_variants(p)[1], c2) if p is not None else f)
+                   for p, f, b, c2 in zip(planted, free, bound, columns, strict=True)]
             # the first miss is the closest (the bound itself), the one an off-by-one query catches
-            row[i] = _store(misses[0] if rng.random() < 0.6 else rng.choice(misses), c)
+            row[i] = _store(misses[0] if nearest else rng.choice(misses), c)
             out.append(tuple(row))
     return out[:4]
 
