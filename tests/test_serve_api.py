@@ -153,12 +153,13 @@ def _runs(sql: str, schema: str) -> bool:
 
 def test_sql_route_checks_against_the_schema(server, examples, template):
     for ex in examples[:12]:
-        r = httpx.post(server.url + "/v1/sql", json={"question": ex["question"], "context": ex["context"]})
+        r = httpx.post(server.url + "/v1/sql", json={"question": ex["question"], "context": ex["context"],
+                                                     "max_tokens": 64})
         assert r.status_code == 200, r.text
         body = r.json()
         assert set(body) >= {"sql", "valid", "tables", "columns", "error"}
         raw = httpx.post(server.url + "/v1/completions",
-                         json={"prompt": template.build_prompt(ex["question"], ex["context"]), "max_tokens": 128,
+                         json={"prompt": template.build_prompt(ex["question"], ex["context"]), "max_tokens": 64,
                                "stop": ["\nQuestion:", "\nContext:", "\n\n"]}).json()["choices"][0]["text"]
         assert body["sql"] == extract_sql(raw)  # the artifact's template, cut at the first statement
         assert ";" not in body["sql"]
@@ -260,7 +261,7 @@ def test_client_disconnect_cancels_generation(server, template):
     # non-streaming: the client gives up after 0.2 s
     with pytest.raises(httpx.ReadTimeout):
         httpx.post(server.url + "/v1/completions", json={**body, "stream": False}, timeout=0.2)
-    deadline = time.monotonic() + 10
+    deadline = time.monotonic() + 60
     while metric(server, "sqltune_sequences_in_flight") and time.monotonic() < deadline:
         time.sleep(0.05)
     assert metric(server, "sqltune_sequences_in_flight") == 0

@@ -87,6 +87,8 @@ def test_vllm_engine_streams_stops_and_answers_sql(servers, template):
 def test_vllm_engine_aborts_a_request_whose_client_left(servers, template):
     vllm, _ = servers
     prompt = template.build_prompt("How many heads?", "CREATE TABLE head (age INTEGER)")
+    text = httpx.get(vllm.url + "/metrics").text
+    before = float(re.search(r"^sqltune_generation_tokens_total (\S+)$", text, re.M).group(1))
     with pytest.raises(httpx.ReadTimeout):
         httpx.post(vllm.url + "/v1/completions", json={"prompt": prompt, "max_tokens": 900, "min_tokens": 900},
                    timeout=0.5)
@@ -95,10 +97,10 @@ def test_vllm_engine_aborts_a_request_whose_client_left(servers, template):
         text = httpx.get(vllm.url + "/metrics").text
         return float(re.search(r"^sqltune_sequences_in_flight (\S+)$", text, re.M).group(1))
 
-    deadline = time.monotonic() + 10
+    deadline = time.monotonic() + 60
     while in_flight() and time.monotonic() < deadline:
         time.sleep(0.1)
     assert in_flight() == 0
     text = httpx.get(vllm.url + "/metrics").text
-    spent = float(re.search(r"^sqltune_generation_tokens_total (\S+)$", text, re.M).group(1))
-    assert spent < 900 + 200, "the abandoned request ran to the end"
+    spent = float(re.search(r"^sqltune_generation_tokens_total (\S+)$", text, re.M).group(1)) - before
+    assert spent < 900, f"the abandoned request ran to the end ({spent:g} tokens)"
