@@ -89,8 +89,20 @@ def main(argv: list[str]) -> int:
         verb = pos[2]
     if pos[:2] == ["storage", "rm"]:
         verb = "rm"
-    if pos[:2] == ["services", "enable"]:
+    enabled = state.setdefault("services", [])
+    if pos[:2] == ["services", "list"]:
+        print(json.dumps([{"config": {"name": api}, "state": "ENABLED"} for api in enabled]))
         return 0
+    if pos[:2] == ["services", "enable"]:
+        state["services"] = sorted(set(enabled) | set(pos[2:]))
+        save()
+        return 0
+    api = {"iam": "iam", "secrets": "secretmanager", "run": "run", "artifacts": "artifactregistry",
+           "builds": "cloudbuild"}.get(pos[0])
+    if api and f"{api}.googleapis.com" not in enabled:
+        print(f"ERROR: (gcloud) PERMISSION_DENIED: {api}.googleapis.com has not been used in project {project} "
+              "before or it is disabled. reason: SERVICE_DISABLED", file=sys.stderr)
+        return 1
     if pos[:2] == ["builds", "submit"]:
         build = yaml.safe_load(Path(_flag(argv, "--config")).read_text())
         for image in build["images"]:

@@ -18,6 +18,8 @@ ROOT = Path(__file__).resolve().parents[1]
 PROJECT, REGION = "demo-project", "us-central1"
 SA = f"sqltune-runner@{PROJECT}.iam.gserviceaccount.com"
 IMAGE = f"{REGION}-docker.pkg.dev/{PROJECT}/sqltune"
+APIS = ("run.googleapis.com", "cloudbuild.googleapis.com", "secretmanager.googleapis.com",
+        "artifactregistry.googleapis.com", "iam.googleapis.com")
 
 
 class Cloud:
@@ -59,7 +61,7 @@ def cloud(tmp_path: Path) -> Cloud:
 
 
 def _mutating(calls: list[list[str]]) -> list[list[str]]:
-    return [c for c in calls if not any(v in c for v in ("describe", "get-iam-policy"))]
+    return [c for c in calls if not any(v in c for v in ("describe", "get-iam-policy", "list"))]
 
 
 def _commands(stdout: str) -> list[str]:
@@ -99,6 +101,8 @@ def test_dry_run_on_a_fresh_project_lists_the_whole_sequence(cloud: Cloud) -> No
     assert "hf_test_token" not in out + done.stderr
     assert "dry run: nothing was changed" in out
     assert _mutating(cloud.calls()) == [], "a dry run made a call that changes something"
+    assert not any(c[0] in ("iam", "secrets", "artifacts", "run") for c in cloud.calls()), (
+        "asked an API the project has not enabled")
     assert not cloud.state_path.exists()
     assert (deploy / "job.yaml").is_file() and (deploy / "service.yaml").is_file()
 
@@ -106,13 +110,14 @@ def test_dry_run_on_a_fresh_project_lists_the_whole_sequence(cloud: Cloud) -> No
 def test_dry_run_where_resources_exist_reuses_them(cloud: Cloud) -> None:
     secret_policy = [{"role": "roles/secretmanager.secretAccessor", "members": [f"serviceAccount:{SA}"]}]
     cloud.state = {
+        "services": list(APIS),
         f"sa:{SA}": {}, "secret:HF_TOKEN": {"bindings": secret_policy}, f"bucket:{PROJECT}-sqltune-models": {},
         "repo:sqltune": {}, f"image:{IMAGE}/sqltune-finetune:0.1.0": {},
     }
     done = cloud.sqltune("--project", PROJECT, "--region", REGION, "--dry-run", "--no-execute")
     assert done.returncode == 0, done.stderr
     out = done.stdout
-    for reused in (f"service account {SA}: exists, reused", "secret HF_TOKEN (the Hugging Face token): exists, reused",
+    for reused in ("enable the APIs: all enabled", f"service account {SA}: exists, reused", "secret HF_TOKEN (the Hugging Face token): exists, reused",
                    "roles/secretmanager.secretAccessor on the secret for the service account: exists, reused",
                    f"bucket gs://{PROJECT}-sqltune-models: exists, reused",
                    "Artifact Registry repository sqltune: exists, reused",
@@ -121,15 +126,13 @@ def test_dry_run_where_resources_exist_reuses_them(cloud: Cloud) -> None:
     cmds = _commands(out)
     # the bucket exists but the binding on it does not: only the binding is added
     assert [c.split(" --")[0] for c in cmds] == [
-        "gcloud services enable run.googleapis.com cloudbuild.googleapis.com secretmanager.googleapis.com "
-        "artifactregistry.googleapis.com iam.googleapis.com",
         f"gcloud storage buckets add-iam-policy-binding gs://{PROJECT}-sqltune-models",
         "gcloud builds submit",
         f"gcloud run jobs replace {cloud.tmp}/deploy/job.yaml",
         f"gcloud run jobs replace {cloud.tmp}/deploy/eval-job.yaml",
         f"gcloud run services replace {cloud.tmp}/deploy/service.yaml",
     ]
-    assert "cloudbuild-serve.yaml" in cmds[2]
+    assert "cloudbuild-serve.yaml" in cmds[1]
 
 
 def test_deploy_creates_then_reuses_and_teardown_removes_only_its_own(cloud: Cloud) -> None:
@@ -152,9 +155,9 @@ def test_deploy_creates_then_reuses_and_teardown_removes_only_its_own(cloud: Clo
     assert second.returncode == 0, second.stderr
     rerun = [c[:3] for c in _mutating(cloud.calls()[calls_before:])]
     # a second run creates nothing: it re-applies the manifests and runs the job again
-    assert rerun == [["services", "enable", "run.googleapis.com"], ["run", "jobs", "replace"],
-                     ["run", "jobs", "replace"], ["run", "jobs", "execute"], ["run", "services", "replace"]]
-    assert "done: 5 steps ran, 8 reused" in second.stdout
+    assert rerun == [["run", "jobs", "replace"], ["run", "jobs", "replace"], ["run", "jobs", "execute"],
+                     ["run", "services", "replace"]]
+    assert "done: 4 steps ran, 9 reused" in second.stdout
 
     refused = cloud.sqltune(*args, "--teardown")
     assert refused.returncode == 2 and "pass --yes" in refused.stderr
@@ -164,7 +167,7 @@ def test_deploy_creates_then_reuses_and_teardown_removes_only_its_own(cloud: Clo
     assert "bucket gs://shared-bucket and the models in it: not created by sqltune, kept" in plan.stdout
     gone = cloud.sqltune(*args, "--teardown", "--yes")
     assert gone.returncode == 0, gone.stderr
-    assert sorted(k for k in cloud.state if k != "executions") == ["bucket:shared-bucket"]
+    assert sorted(k for k in cloud.state if k not in ("executions", "services")) == ["bucket:shared-bucket"]
 
 
 def test_missing_project_region_or_gcloud_fail_before_any_call(cloud: Cloud) -> None:

@@ -29,6 +29,10 @@ SA_DESCRIPTION = "Runs the sqltune fine-tuning job and model service (managed-by
 APIS = ("run.googleapis.com", "cloudbuild.googleapis.com", "secretmanager.googleapis.com",
         "artifactregistry.googleapis.com", "iam.googleapis.com")
 _NOT_FOUND = ("not_found", "not found", "does not exist", "cannot find", "404")
+# The API behind each gcloud command group: behind a disabled API nothing can exist yet, and asking
+# fails (SERVICE_DISABLED), so a fresh project is planned without those calls.
+_API = {"iam": "iam.googleapis.com", "secrets": "secretmanager.googleapis.com", "run": "run.googleapis.com",
+        "artifacts": "artifactregistry.googleapis.com", "builds": "cloudbuild.googleapis.com"}
 
 
 @dataclass
@@ -47,6 +51,7 @@ class Gcloud:
 
     environ: Mapping[str, str] = field(default_factory=lambda: dict(os.environ))
     executable: str = ""
+    _enabled: dict[str, set[str]] = field(default_factory=dict, repr=False)
 
     def __post_init__(self) -> None:
         path = self.environ.get("PATH", os.defpath)
@@ -60,18 +65,33 @@ class Gcloud:
         return subprocess.run([self.executable, *args[1:]], input=stdin, text=True, env=dict(self.environ),
                               capture_output=capture, check=False)
 
-    def describe(self, args: list[str]) -> dict[str, Any] | None:
-        """The resource as JSON, or None when it does not exist."""
+    def _read(self, args: list[str]) -> Any:
+        """JSON from a read-only call, or None when gcloud says the resource does not exist."""
         done = self._call([*args, "--format=json"])
         if done.returncode == 0:
             try:
-                return json.loads(done.stdout or "{}") or {}
+                return json.loads(done.stdout or "{}")
             except json.JSONDecodeError:
                 return {}
         if any(word in done.stderr.lower() for word in _NOT_FOUND):
             return None
         raise DeployError(f"`{shlex.join(args)}` failed: {done.stderr.strip()[-500:]}",
                           "check `gcloud auth list` and that the project exists and you may read it")
+
+    def enabled_apis(self, project: str) -> set[str]:
+        if project not in self._enabled:
+            found = self._read(["gcloud", "services", "list", "--enabled", "--project", project]) or []
+            self._enabled[project] = {(s.get("config") or {}).get("name") or s.get("name", "").rsplit("/", 1)[-1]
+                                      for s in found}
+        return self._enabled[project]
+
+    def describe(self, args: list[str]) -> dict[str, Any] | None:
+        """The resource as JSON, or None when it does not exist (or cannot, its API being off)."""
+        api = _API.get(args[1])
+        if api and api not in self.enabled_apis(args[args.index("--project") + 1]):
+            return None
+        found = self._read(args)
+        return None if found is None else found or {}
 
     def run(self, args: list[str], stdin: str | None = None) -> None:
         print(f"+ {shlex.join(args)}", file=sys.stderr, flush=True)
@@ -98,7 +118,9 @@ def plan(cfg: Config, n: Names, out: Path, gcloud: Gcloud, *, rebuild: bool = Fa
     """Every step of the deployment, each marked `skip` when a describe call found it done."""
     p, r = ["--project", n.project], ["--region", n.region]
     member = f"serviceAccount:{n.service_account}"
-    steps = [Step("enable the APIs", [["gcloud", "services", "enable", *APIS, *p]])]
+    off = [api for api in APIS if api not in gcloud.enabled_apis(n.project)]
+    steps = [Step("enable the APIs", [["gcloud", "services", "enable", *(off or APIS), *p]], skip=not off,
+                  note="all enabled")]
 
     sa = gcloud.describe(["gcloud", "iam", "service-accounts", "describe", n.service_account, *p])
     steps.append(Step(f"service account {n.service_account}", [[
