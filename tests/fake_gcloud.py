@@ -123,6 +123,12 @@ def main(argv: list[str]) -> int:
     if verb == "add-iam-policy-binding":
         if k not in state:
             return missing(k)
+        if state.get("iam_lag"):  # IAM does not see a service account created a moment ago
+            state["iam_lag"] -= 1
+            save()
+            print(f"ERROR: INVALID_ARGUMENT: Service account {_flag(argv, '--member')} does not exist.",
+                  file=sys.stderr)
+            return 1
         state[k].setdefault("bindings", []).append({"role": _flag(argv, "--role"), "members": [_flag(argv, "--member")]})
     elif verb == "create":
         if k in state:
@@ -132,6 +138,8 @@ def main(argv: list[str]) -> int:
             print("ERROR: the secret payload is empty", file=sys.stderr)
             return 1
         state[k] = {"labels": _labels(argv), "description": _flag(argv, "--description")}
+        if k.startswith("sa:"):
+            state["iam_lag"] = 1
     elif verb == "update":
         if k not in state:
             return missing(k)

@@ -14,6 +14,7 @@ import shlex
 import shutil
 import subprocess
 import sys
+import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -42,6 +43,7 @@ class Step:
     skip: bool = False  # a describe call found it done (or, on teardown, gone)
     stdin_env: str = ""  # the command reads this variable's value on stdin (the secret's payload)
     note: str = ""
+    retries: int = 0  # IAM needs seconds to see a service account created a moment ago
 
 
 @dataclass
@@ -135,7 +137,7 @@ def plan(cfg: Config, n: Names, out: Path, gcloud: Gcloud, *, rebuild: bool = Fa
     role = "roles/secretmanager.secretAccessor"
     steps.append(Step(f"{role} on the secret for the service account", [[
         "gcloud", "secrets", "add-iam-policy-binding", cfg.hf_token_secret, "--member", member, "--role", role, *p]],
-        skip=_has_binding(policy, role, member)))
+        skip=_has_binding(policy, role, member), retries=3))
 
     bucket = gcloud.describe(["gcloud", "storage", "buckets", "describe", f"gs://{n.bucket}", *p])
     steps.append(Step(f"bucket gs://{n.bucket}", [
@@ -147,7 +149,7 @@ def plan(cfg: Config, n: Names, out: Path, gcloud: Gcloud, *, rebuild: bool = Fa
     role = "roles/storage.objectAdmin"
     steps.append(Step(f"{role} on the bucket for the service account", [[
         "gcloud", "storage", "buckets", "add-iam-policy-binding", f"gs://{n.bucket}", "--member", member,
-        "--role", role, *p]], skip=_has_binding(policy, role, member)))
+        "--role", role, *p]], skip=_has_binding(policy, role, member), retries=3))
 
     if not cfg.image_registry:
         repo = gcloud.describe(["gcloud", "artifacts", "repositories", "describe", cfg.image_repo,
@@ -241,5 +243,15 @@ def apply(steps: list[Step], gcloud: Gcloud) -> int:
         if step.skip:
             continue
         for cmd in step.commands:
-            gcloud.run(cmd, stdin=gcloud.environ.get(step.stdin_env) if step.stdin_env else None)
+            for attempt in range(step.retries + 1):
+                try:
+                    gcloud.run(cmd, stdin=gcloud.environ.get(step.stdin_env) if step.stdin_env else None)
+                    break
+                except DeployError:
+                    if attempt == step.retries:
+                        raise
+                    wait = 2 ** (attempt + 1)
+                    print(f"retrying in {wait} s: IAM takes a few seconds to see a new service account",
+                          file=sys.stderr, flush=True)
+                    time.sleep(wait)
     return len(todo)
