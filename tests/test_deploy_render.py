@@ -260,3 +260,25 @@ def test_container_commands_parse_with_the_real_cli(case: str) -> None:
         args = _container(doc)["args"]
         ns = parser.parse_args(args)
         assert ns.command == args[0]
+
+
+def test_render_command_writes_the_files(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from sqltune import cli
+
+    argv = ["deploy", "render", "--target", "cloudrun", "--project", "demo-project", "--region", "us-central1",
+            "--out", str(tmp_path)]
+    assert cli.main(argv) == 0
+    golden = GOLDEN / "cloudrun-default"
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(p.name for p in golden.iterdir())
+    for path in golden.iterdir():
+        assert (tmp_path / path.name).read_text() == path.read_text()
+    assert "--max-train-minutes" in capsys.readouterr().err  # the timeout warning
+
+
+@pytest.mark.parametrize("argv", [["deploy", "--help"], ["deploy", "render", "--help"], ["deploy", "cloudrun", "--help"]])
+def test_help_runs(argv: list[str], capsys: pytest.CaptureFixture[str]) -> None:
+    from sqltune import cli
+
+    with pytest.raises(SystemExit) as e:
+        cli.main(argv)
+    assert e.value.code == 0 and "usage:" in capsys.readouterr().out
