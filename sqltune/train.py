@@ -125,10 +125,14 @@ def finetune(cfg: Config, sources: dict[str, str] | None = None) -> Path:
     run_dir = artifacts.work_dir(cfg.output_dir)
     ckpt_root = run_dir / artifacts.CHECKPOINTS
     ckpt_root.mkdir(parents=True, exist_ok=True)
-    if is_main_process():
+    from accelerate import PartialState
+
+    # one process per machine restores from the bucket while the others wait; they then find the same
+    # checkpoint on the local disk, so every rank resumes at the same step
+    with PartialState().local_main_process_first():
         restored = artifacts.restore_checkpoints(cfg.output_dir, ckpt_root)
-        if restored:
-            logs.event(log, "restored checkpoints from the output", count=restored)
+    if restored:
+        logs.event(log, "restored checkpoints from the output", count=restored)
     if cfg.resume == "auto" and int(os.environ.get("CLOUD_RUN_TASK_ATTEMPT", "0") or 0) > 0:
         logs.event(log, "retried task: resuming", attempt=os.environ["CLOUD_RUN_TASK_ATTEMPT"])
     resume_from = find_resume_checkpoint(ckpt_root, cfg.resume)
