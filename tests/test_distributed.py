@@ -147,8 +147,6 @@ def test_only_rank_zero_logs_and_publishes_one_model(killed_and_resumed: tuple[P
     assert meta["metrics"]["steps"] == MAX_STEPS
 
 
-@pytest.mark.xfail(strict=True, reason="train.py: rank 0 restores the bucket's checkpoints while the other ranks "
-                   "already looked for theirs (no barrier), so on a fresh machine rank 1 restarts from step 0")
 def test_restart_on_a_fresh_machine_resumes_every_rank_from_the_bucket(s3_bucket, tmp_path: Path) -> None:
     """The retried Cloud Run task or Kubernetes pod: a new machine whose only state is the bucket."""
     if not TORCHRUN.exists():
