@@ -96,10 +96,16 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int) -> Any:
 def build_tiny(texts: Iterable[str], *, layers: int = 4, vocab_size: int = 2048, seed: int = 0,
                max_positions: int = 1024) -> tuple[Any, Any]:
     """A small Llama-architecture model (hidden 128, head_dim 64) from scratch, and its tokenizer."""
+    tokenizer = train_tokenizer(texts, vocab_size)
+    return build_tiny_model(tokenizer, layers=layers, seed=seed, max_positions=max_positions), tokenizer
+
+
+def build_tiny_model(tokenizer: Any, *, layers: int = 4, seed: int = 0, max_positions: int = 1024) -> Any:
+    """The tiny model for a given tokenizer; the same (tokenizer, layers, seed) give the same weights,
+    so a resumed LoRA job on a fresh machine rebuilds the exact base it started from."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    tokenizer = train_tokenizer(texts, vocab_size)
     config = LlamaConfig(
         vocab_size=len(tokenizer), hidden_size=128, intermediate_size=512, num_hidden_layers=layers,
         num_attention_heads=2, num_key_value_heads=2, head_dim=64, max_position_embeddings=max_positions,
@@ -110,7 +116,7 @@ def build_tiny(texts: Iterable[str], *, layers: int = 4, vocab_size: int = 2048,
     model = LlamaForCausalLM(config)
     model.generation_config.eos_token_id = tokenizer.eos_token_id
     model.generation_config.pad_token_id = tokenizer.pad_token_id
-    return model, tokenizer
+    return model
 
 
 def hf_token() -> str | None:

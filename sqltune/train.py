@@ -145,19 +145,22 @@ def finetune(cfg: Config, sources: dict[str, str] | None = None) -> Path:
 
     if cfg.model_name == modeling.TINY:
         base_name = str(run_dir / ".tiny-base")
+        tiny = {"layers": cfg.tiny_layers, "seed": cfg.seed, "max_positions": max(1024, cfg.max_seq_length)}
         if resume_from is not None:
-            # resume with the first attempt's tokenizer and shapes; Trainer then loads the weights
+            # resume with the first attempt's tokenizer; Trainer then loads the trained weights
             from transformers import AutoModelForCausalLM, AutoTokenizer
 
             tokenizer = AutoTokenizer.from_pretrained(resume_from)
-            model = AutoModelForCausalLM.from_pretrained(resume_from if method == "full" else base_name)
+            if method == "full":
+                model = AutoModelForCausalLM.from_pretrained(resume_from)
+            else:
+                model = modeling.build_tiny_model(tokenizer, **tiny)
         else:
-            model, tokenizer = modeling.build_tiny((p + c for p, c in pairs), layers=cfg.tiny_layers,
-                                                   vocab_size=cfg.tiny_vocab_size, seed=cfg.seed,
-                                                   max_positions=max(1024, cfg.max_seq_length))
-            if method != "full" and is_main_process():
-                model.save_pretrained(base_name)  # the merge reloads this base in full precision
-                tokenizer.save_pretrained(base_name)
+            tokenizer = modeling.train_tokenizer((p + c for p, c in pairs), cfg.tiny_vocab_size)
+            model = modeling.build_tiny_model(tokenizer, **tiny)
+        if method != "full" and is_main_process():
+            model.save_pretrained(base_name)  # the merge reloads this base in full precision
+            tokenizer.save_pretrained(base_name)
     else:
         base_name = cfg.model_name
         tokenizer = modeling.load_tokenizer(cfg.model_name, cfg.trust_remote_code)
