@@ -231,6 +231,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batch", type=int, default=32, help="max batch size of the batching servers")
     p.add_argument("--skip-vllm", action="store_true")
     p.add_argument("--skip-plain", action="store_true")
+    p.add_argument("--only-vllm", action="store_true", help="just sqltune+vLLM against vLLM's own server")
     args = p.parse_args(argv)
     if args.mode == "plain-server":
         plain_server(args.model, args.port)
@@ -241,17 +242,23 @@ def main(argv: list[str] | None = None) -> int:
     prompts = load_prompts(model)
     results: dict[str, Any] = {}
     print(f"model {model}; {args.tokens} tokens per request; levels {levels}", flush=True)
-    results["sqltune-transformers"] = measure(sqltune_server("sqltune-transformers", model, "transformers",
-                                                             sys.executable, args.batch), prompts, levels, args)
-    if not args.skip_plain:
+    if not args.only_vllm:
+        results["sqltune-transformers"] = measure(sqltune_server("sqltune-transformers", model, "transformers",
+                                                                 sys.executable, args.batch), prompts, levels, args)
+    if not args.skip_plain and not args.only_vllm:
         results["plain-transformers"] = measure(plain(model), prompts, levels, args)
     if not args.skip_vllm and VLLM_PYTHON.exists():
         results["sqltune-vllm"] = measure(sqltune_server("sqltune-vllm", model, "vllm", str(VLLM_PYTHON),
                                                          args.batch), prompts, levels, args)
         results["vllm-openai"] = measure(vllm_own_server(model, args.batch), prompts, levels, args)
 
+    command = "nice -n 10 python benchmarks/serve_load.py " + " ".join(sys.argv[1:])
+    previous = json.loads(RESULTS.read_text()) if RESULTS.is_file() else {}
+    commands = {**previous.get("commands", {}), **{name: command for name in results}}
+    if previous.get("tokens_per_request") == args.tokens and previous.get("levels") == levels:
+        results = {**previous.get("results", {}), **results}  # a partial run updates its servers only
     ratios: dict[str, Any] = {}
-    if "plain-transformers" in results:
+    if "plain-transformers" in results and "sqltune-transformers" in results:
         ratios["batching_vs_plain_tokens_per_s"] = {
             c: round(results["sqltune-transformers"][c]["tokens_per_s"] / results["plain-transformers"][c]["tokens_per_s"], 2)
             for c in results["plain-transformers"]}
@@ -264,8 +271,7 @@ def main(argv: list[str] | None = None) -> int:
         "batch": args.batch, "machine": {"cpus": os.cpu_count(), "platform": platform.platform(),
                                          "omp_num_threads": os.environ.get("OMP_NUM_THREADS", "")},
         "targets": {"batching_vs_plain_at_16": 4.0, "sqltune_vllm_vs_vllm_openai": 0.95},
-        "results": results, "ratios": ratios,
-        "command": "nice -n 10 python benchmarks/serve_load.py " + " ".join(sys.argv[1:]),
+        "results": results, "ratios": ratios, "commands": commands,
     }
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     RESULTS.write_text(json.dumps(report, indent=2) + "\n")

@@ -167,6 +167,8 @@ class Config:
                                group="serve")
     vllm_enforce_eager: bool = _f(False, "vLLM: skip graph capture and compilation (faster start, slower "
                                   "decoding).", group="serve")
+    vllm_log_stats: bool = _f(False, "vLLM: record engine stats each step (fills the batch-size histogram; "
+                              "costs some throughput).", group="serve")
     predict_route: str = _f("/predict", "Extra path for /predict (Vertex AI sets AIP_PREDICT_ROUTE).",
                             env=["AIP_PREDICT_ROUTE"], group="serve")
     health_route: str = _f("/ready", "Extra path for /ready (Vertex AI sets AIP_HEALTH_ROUTE).",

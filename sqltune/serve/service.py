@@ -122,7 +122,7 @@ class Service:
         """All jobs to the end, within the request timeout (504 after it)."""
         parts: list[list[str]] = [[] for _ in jobs]
         finals: list[Delta | None] = [None] * len(jobs)
-        async with self.stream(jobs) as deltas:
+        async with self.stream(jobs, deltas=False) as deltas:
             async for i, delta in deltas:
                 parts[i].append(delta.text)
                 if delta.finish_reason:
@@ -138,15 +138,15 @@ class Service:
         return out
 
     @contextlib.asynccontextmanager
-    async def stream(self, jobs: Sequence[Job]) -> AsyncIterator[AsyncIterator[tuple[int, Delta]]]:
+    async def stream(self, jobs: Sequence[Job], deltas: bool = True) -> AsyncIterator[AsyncIterator[tuple[int, Delta]]]:
         """Admit the jobs (or 429), then yield (job index, delta) from all of them as they come.
         Leaving the block early (disconnect, error) cancels whatever is still generating."""
         self.admission.acquire(len(jobs))
         started = time.perf_counter()
         merged: asyncio.Queue[tuple[int, Delta] | BaseException] = asyncio.Queue()
-        tasks = [asyncio.create_task(self._pump(i, job, merged)) for i, job in enumerate(jobs)]
+        tasks = [asyncio.create_task(self._pump(i, job, merged, deltas)) for i, job in enumerate(jobs)]
         try:
-            yield self._merge(merged, len(jobs), started)
+            yield self._merge(merged, len(jobs), started, first_token=deltas)
         finally:
             # synchronous first: under Starlette's (anyio) cancellation every later await raises again
             for t in tasks:
@@ -154,23 +154,27 @@ class Service:
             self.admission.release(len(jobs), (time.perf_counter() - started) / max(1, len(jobs)))
             await asyncio.gather(*tasks, return_exceptions=True)
 
-    async def _pump(self, i: int, job: Job, out: asyncio.Queue[Any]) -> None:
+    async def _pump(self, i: int, job: Job, out: asyncio.Queue[Any], deltas: bool) -> None:
         try:
-            async for delta in self.engine.stream(job.prompt_ids, job.params):
+            async for delta in self.engine.stream(job.prompt_ids, job.params, deltas=deltas):
                 out.put_nowait((i, delta))
                 if delta.finish_reason:
                     return
         except Exception as e:  # an engine failure ends this job with an error, not the server
             out.put_nowait((i, Delta("", len(job.prompt_ids), 0, "error", f"{type(e).__name__}: {e}")))
 
-    async def _merge(self, merged: asyncio.Queue[Any], pending: int, started: float) -> AsyncIterator[tuple[int, Delta]]:
+    async def _merge(self, merged: asyncio.Queue[Any], pending: int, started: float,
+                     first_token: bool) -> AsyncIterator[tuple[int, Delta]]:
         deadline = started + self.cfg.request_timeout
-        first = True
+        first = first_token  # time to first token means something only when tokens stream
         counted = [0] * pending  # completion tokens already added to the metric, per job
         while pending:
             remaining = deadline - time.perf_counter()
             try:
-                i, delta = await asyncio.wait_for(merged.get(), timeout=max(remaining, 0.001))
+                if remaining > 0 and not merged.empty():
+                    i, delta = merged.get_nowait()  # no timer per token when tokens are waiting
+                else:
+                    i, delta = await asyncio.wait_for(merged.get(), timeout=max(remaining, 0.001))
             except asyncio.TimeoutError:
                 self.metrics.rejected.labels("timeout").inc()
                 raise ApiError(504, f"request took longer than {self.cfg.request_timeout:g}s (--request-timeout); "

@@ -74,13 +74,15 @@ class Engine(Protocol):
     def encode(self, prompt: str) -> list[int]:
         """Token ids of a prompt exactly as they will be fed to the model."""
 
-    def stream(self, prompt_ids: Sequence[int], params: SamplingParams) -> AsyncIterator[Delta]: ...
+    def stream(self, prompt_ids: Sequence[int], params: SamplingParams, deltas: bool = True) -> AsyncIterator[Delta]:
+        """Deltas as tokens come; with deltas=False only the final one, carrying the whole text
+        (non-streaming callers: no per-token work in the event loop)."""
 
 
 async def complete(engine: Engine, prompt_ids: Sequence[int], params: SamplingParams) -> Completion:
     """Drain one stream into a Completion."""
     parts: list[str] = []
-    async for delta in engine.stream(prompt_ids, params):
+    async for delta in engine.stream(prompt_ids, params, deltas=False):
         parts.append(delta.text)
         if delta.finish_reason:
             return Completion("".join(parts), delta.prompt_tokens, delta.completion_tokens,

@@ -10,6 +10,7 @@ event loop keeps serving /health, /metrics and new requests while a batch decode
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import inspect
 import queue
 import threading
@@ -34,11 +35,19 @@ class _Request:
     params: SamplingParams
     out: asyncio.Queue[Delta]
     loop: asyncio.AbstractEventLoop
+    deltas: bool = True
     cancelled: threading.Event = field(default_factory=threading.Event)
     text: TextStream | None = None
     generator: Any = None
+    held: list[str] = field(default_factory=list)
 
     def send(self, delta: Delta) -> None:
+        if not self.deltas and not delta.finish_reason:  # non-streaming: one message at the end
+            self.held.append(delta.text)
+            return
+        if self.held:
+            delta = dataclasses.replace(delta, text="".join(self.held) + delta.text)
+            self.held.clear()
         self.loop.call_soon_threadsafe(self.out.put_nowait, delta)
 
 
@@ -102,9 +111,10 @@ class TransformersEngine:
         # as in training and sqltune.generation: the template carries the text, no special tokens added
         return list(self.loaded.tokenizer(prompt, add_special_tokens=False)["input_ids"])
 
-    async def stream(self, prompt_ids: Sequence[int], params: SamplingParams) -> AsyncIterator[Delta]:
+    async def stream(self, prompt_ids: Sequence[int], params: SamplingParams,
+                     deltas: bool = True) -> AsyncIterator[Delta]:
         loop = asyncio.get_running_loop()
-        req = _Request(list(prompt_ids), params, asyncio.Queue(), loop)
+        req = _Request(list(prompt_ids), params, asyncio.Queue(), loop, deltas)
         self._pending.put(req)
         try:
             while True:

@@ -89,7 +89,9 @@ class VllmEngine:
 
         started = time.perf_counter()
         args = engine_args(self.cfg, self.model_dir)
-        loggers = [_batch_logger(on_batch)] if on_batch else None
+        # vLLM's stat logging (its own Prometheus metrics, recorded every engine step) costs
+        # throughput on a busy host, so it is off unless asked for; the batch-size histogram needs it
+        loggers = [_batch_logger(on_batch)] if on_batch and self.cfg.vllm_log_stats else None
         try:
             self.llm = AsyncLLM.from_engine_args(AsyncEngineArgs(**args, disable_log_stats=loggers is None),
                                                  stat_loggers=loggers)
@@ -112,14 +114,15 @@ class VllmEngine:
         # as in training: no BOS added, so both engines see the same ids for the same prompt
         return list(self.tokenizer(prompt, add_special_tokens=False)["input_ids"])
 
-    async def stream(self, prompt_ids: Sequence[int], params: SamplingParams) -> AsyncIterator[Delta]:
+    async def stream(self, prompt_ids: Sequence[int], params: SamplingParams,
+                     deltas: bool = True) -> AsyncIterator[Delta]:
         from vllm import SamplingParams as VllmParams
         from vllm.sampling_params import RequestOutputKind
 
         sampling = VllmParams(max_tokens=params.max_tokens, temperature=params.temperature, top_p=params.top_p,
                               stop=list(params.stop) or None, seed=params.seed,
                               min_tokens=params.min_tokens,
-                              output_kind=RequestOutputKind.DELTA)
+                              output_kind=RequestOutputKind.DELTA if deltas else RequestOutputKind.FINAL_ONLY)
         request_id = uuid.uuid4().hex
         generated, finished = 0, False
         try:
