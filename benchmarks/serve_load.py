@@ -232,6 +232,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--skip-vllm", action="store_true")
     p.add_argument("--skip-plain", action="store_true")
     p.add_argument("--only-vllm", action="store_true", help="just sqltune+vLLM against vLLM's own server")
+    p.add_argument("--only-transformers", action="store_true", help="just sqltune against the plain server")
     args = p.parse_args(argv)
     if args.mode == "plain-server":
         plain_server(args.model, args.port)
@@ -247,7 +248,7 @@ def main(argv: list[str] | None = None) -> int:
                                                                  sys.executable, args.batch), prompts, levels, args)
     if not args.skip_plain and not args.only_vllm:
         results["plain-transformers"] = measure(plain(model), prompts, levels, args)
-    if not args.skip_vllm and VLLM_PYTHON.exists():
+    if not args.skip_vllm and not args.only_transformers and VLLM_PYTHON.exists():
         results["sqltune-vllm"] = measure(sqltune_server("sqltune-vllm", model, "vllm", str(VLLM_PYTHON),
                                                          args.batch), prompts, levels, args)
         results["vllm-openai"] = measure(vllm_own_server(model, args.batch), prompts, levels, args)
