@@ -4,7 +4,8 @@
     python benchmarks/train_throughput.py --examples 256
 
 Tutorial recipe, reproduced faithfully: batch 1, gradient checkpointing, group_by_length, no packing,
-loss on the whole text. sqltune's: batch 16, no checkpointing (the model fits), loss on the SQL only.
+loss on the whole text (TRL appends one EOS per example where the tutorial had none: one token in ~60,
+no effect on throughput). sqltune's: batch 16, no checkpointing (the model fits), loss on the SQL only.
 Each recipe runs in its own process (peak RSS is per process) over the same examples; figures go
 to benchmarks/results/train_throughput.json. Timings are reported, never asserted.
 """
