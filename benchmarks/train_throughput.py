@@ -2,6 +2,7 @@
 
     python benchmarks/train_throughput.py                # 1,000 rows of ../shared data (synthetic if absent)
     python benchmarks/train_throughput.py --examples 256
+    BENCH_BATCH=4 BENCH_CKPT=1 python benchmarks/train_throughput.py   # sqltune's batch size / checkpointing
 
 Tutorial recipe, reproduced faithfully: batch 1, gradient checkpointing, group_by_length, no packing,
 loss on the whole text (TRL appends one EOS per example where the tutorial had none: one token in ~60,
@@ -63,7 +64,7 @@ def run_recipe(recipe: str, n: int, workdir: Path) -> dict:
         trainer = SFTTrainer(model=model, args=args, train_dataset=ds, processing_class=tok)
         trainer.remove_callback(PrinterCallback)
     else:
-        cfg = Config(train_batch_size=16, max_seq_length=512, learning_rate=3e-3, num_train_epochs=1,
+        cfg = Config(train_batch_size=int(os.environ.get("BENCH_BATCH", "16")), gradient_checkpointing=os.environ.get("BENCH_CKPT") == "1", max_seq_length=512, learning_rate=3e-3, num_train_epochs=1,
                      save_steps=10**6, logging_steps=10**6, eval_generate_limit=0)
         ds, _ = _to_dataset(pairs, tok, cfg.max_seq_length)
         trainer = _build_trainer(cfg, "full", precision, model, tok, ds, None, workdir, [])
