@@ -1,0 +1,35 @@
+"""`sqltune serve --model s3://... | gs://...`: the server fetches the published version, verifies it
+and answers with it; a second server start downloads nothing."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import httpx
+import pytest
+
+from sqltune import artifacts
+from sqltune.serve.process import ServerProcess
+
+pytest_plugins = ["fixtures_buckets"]
+
+pytestmark = pytest.mark.slow
+
+
+def test_serves_a_published_model_from_a_bucket(bucket, tiny_model_dir: Path, tmp_path: Path) -> None:
+    url = f"{bucket.url}/models/tiny-sql"
+    artifacts.publish(tiny_model_dir, url)
+    env = {**bucket.env, "SQLTUNE_CACHE": str(tmp_path / "cache")}
+    body = {"question": "How many employees are older than 30?",
+            "context": "CREATE TABLE employees (name VARCHAR, age INTEGER)", "max_tokens": 48}
+    with ServerProcess(["--model", url, "--default-max-tokens", "48"], env=env) as server:
+        first = httpx.post(server.url + "/v1/sql", json=body, timeout=60)
+    assert first.status_code == 200, first.text
+    assert first.json()["sql"].upper().startswith("SELECT")
+    cached = list((tmp_path / "cache").rglob("model.safetensors"))
+    assert len(cached) == 1
+    mtime = cached[0].stat().st_mtime_ns
+    with ServerProcess(["--model", url, "--default-max-tokens", "48"], env=env) as server:
+        second = httpx.post(server.url + "/v1/sql", json=body, timeout=60)
+    assert second.json()["sql"] == first.json()["sql"]  # greedy, same verified version
+    assert cached[0].stat().st_mtime_ns == mtime  # served from the cache, not downloaded again
