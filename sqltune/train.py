@@ -49,6 +49,8 @@ def run(args: argparse.Namespace) -> int:
 
 def summary(meta: dict[str, Any], output: str) -> str:
     """What a person reads at the end of a run: where the model is, how training went, sample SQL."""
+    from sqltune import heldout
+
     m = meta["metrics"]
     lines = [f"model: {output}  ({meta['method']}, {meta['dtype']}, base {meta['base_model']})",
              f"steps: {m['steps']}  train loss: {m['train_loss']:.3f}" +
@@ -56,7 +58,7 @@ def summary(meta: dict[str, Any], output: str) -> str:
     held = m.get("heldout")
     if held:
         for s in held["samples"]:
-            mark = "ok " if s["predicted"].strip().lower() == s["gold"].strip().lower() else "   "
+            mark = "ok " if heldout.normalise(s["predicted"]) == heldout.normalise(s["gold"]) else "   "
             lines += [f"\nQ: {s['question']}", f"{mark}predicted: {s['predicted']}", "   gold:      " + s["gold"]]
         lines.append(f"\nheld-out: exact match {held['exact_match']:.1%}, parseable SQL {held['parseable']:.1%} "
                      f"on {held['examples']} questions never seen in training")
@@ -140,8 +142,7 @@ def finetune(cfg: Config, sources: dict[str, str] | None = None) -> Path:
     splits = data.load_splits(cfg.dataset, split=cfg.dataset_split, columns=cfg.column_map, limit=cfg.dataset_limit,
                               eval_fraction=cfg.eval_fraction, seed=cfg.seed)
     template = prompts.DEFAULT_TEMPLATE
-    pairs = [(template.build_prompt(ex.question, ex.context), template.build_completion(ex.answer))
-             for ex in splits.train]
+    pairs = _pairs(splits.train, template)
 
     if cfg.model_name == modeling.TINY:
         base_name = str(run_dir / ".tiny-base")
@@ -174,8 +175,7 @@ def finetune(cfg: Config, sources: dict[str, str] | None = None) -> Path:
     model.config.use_cache = False
 
     train_ds, too_long = _to_dataset(pairs, tokenizer, cfg.max_seq_length)
-    eval_pairs = [(template.build_prompt(ex.question, ex.context), template.build_completion(ex.answer))
-                  for ex in splits.eval]
+    eval_pairs = _pairs(splits.eval, template)
     eval_ds, eval_too_long = _to_dataset(eval_pairs, tokenizer, cfg.max_seq_length) if eval_pairs else (None, 0)
     if too_long:
         splits.report.skipped["too_long"] += too_long
@@ -213,6 +213,10 @@ def finetune(cfg: Config, sources: dict[str, str] | None = None) -> Path:
     logs.event(log, "finetune finished", output=where, wall_s=round(time.time() - started, 1),
                **{k: v for k, v in metrics.items() if isinstance(v, (int, float))})
     return final
+
+
+def _pairs(examples: list[Any], template: Any) -> list[tuple[str, str]]:
+    return [(template.build_prompt(ex.question, ex.context), template.build_completion(ex.answer)) for ex in examples]
 
 
 def _device_map() -> Any:
