@@ -2,8 +2,8 @@
 
     nice -n 10 python benchmarks/bucket_io.py [--mb 200] [--repeats 2] [--link-mb-s 25]
 
-Compares sqltune's path (artifacts.publish: parallel files and multipart parts, manifest last,
-`latest` pointer; artifacts.fetch: parallel ranged GETs, sha256 check of every file, cache)
+Compares sqltune's path (registry.publish: parallel files and multipart parts, manifest last,
+`latest` pointer; registry.fetch: parallel ranged GETs, sha256 check of every file, cache)
 with a plain sequential copy through fsspec (put_file / get_file one file after another, s3fs
 defaults). moto runs in its own process so client and server do not share an interpreter.
 
@@ -34,7 +34,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from sqltune import artifacts, storage  # noqa: E402
+from sqltune.artifacts import manifests, registry, storage  # noqa: E402
 
 
 def free_port() -> int:
@@ -121,7 +121,7 @@ def make_artifact(folder: Path, total_mb: int) -> int:
                 left -= n
     for name in ("config.json", "generation_config.json", "tokenizer_config.json", "sqltune.json"):
         (folder / name).write_text(json.dumps({"name": name}))
-    manifest = artifacts.write_manifest(folder)
+    manifest = manifests.write_manifest(folder)
     return sum(f["size"] for f in manifest["files"].values())
 
 
@@ -164,13 +164,13 @@ def run_link(work: Path, size: int, repeats: int, tag: str) -> dict[str, object]
         fs.rm(f"bench/{tag}-plain-{i}", recursive=True)
 
         url = f"s3://bench/{tag}-sqltune-{i}"
-        times["sqltune_upload"].append(timed(artifacts.publish, work / "model", url))
+        times["sqltune_upload"].append(timed(registry.publish, work / "model", url))
         t0 = time.perf_counter()
-        got = artifacts.fetch(url, cache=work / f"cache-{i}")
+        got = registry.fetch(url, cache=work / f"cache-{i}")
         times["sqltune_download"].append(time.perf_counter() - t0)
         assert not got.cached and got.bytes_downloaded == size
         t0 = time.perf_counter()
-        again = artifacts.fetch(url, cache=work / f"cache-{i}")
+        again = registry.fetch(url, cache=work / f"cache-{i}")
         times["sqltune_cache_hit"].append(time.perf_counter() - t0)
         assert again.cached and again.bytes_downloaded == 0
         shutil.rmtree(work / f"cache-{i}")
@@ -208,7 +208,7 @@ def main() -> int:
             links[tag] = run_link(work, size, args.repeats, tag)
         result = {
             "artifact_mb": round(size / 1e6, 1),
-            "files": len(artifacts.read_manifest(work / "model")["files"]),
+            "files": len(manifests.read_manifest(work / "model")["files"]),
             "server": "moto_server (separate process) on 127.0.0.1",
             "links": {"direct": "loopback to moto", "capped": f"proxy pacing each TCP connection to {args.link_mb_s} MB/s"},
             "transfer_workers": storage.settings().workers,

@@ -24,7 +24,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from sqltune.sql.score import Item, Settings, iter_scores  # noqa: E402
+from sqltune.evaluate.score import Item, Settings, iter_scores  # noqa: E402
 
 DATA = ROOT.parent / "shared/data/sql-create-context/train.jsonl"
 _NUMBER = re.compile(r"(?<![\w.])\d+(\.\d+)?(?![\w.])")

@@ -2,7 +2,7 @@
 
     nice -n 10 python benchmarks/recipe_quality.py --steps 300 --eval-limit 200
 
-Same base (sqltune.modeling.build_tiny with the same texts and seed, so the same tokenizer and
+Same base (sqltune.finetune.base_models.build_tiny with the same texts and seed, so the same tokenizer and
 initial weights), same rows, same optimiser settings and number of steps; only the recipe differs:
 
   tutorial  loss on the whole text, no EOS after the answer, and at inference the prompt stops
@@ -48,14 +48,15 @@ def train_tutorial(args: argparse.Namespace, out: Path) -> float:
     from datasets import Dataset
     from trl import SFTConfig, SFTTrainer
 
-    from sqltune import data, modeling
+    from sqltune.data import loading
+    from sqltune.finetune import base_models
     from sqltune.prompts import DEFAULT_TEMPLATE as T
 
     torch.set_num_threads(args.threads)
-    splits = data.load_splits(str(DATA), eval_fraction=args.eval_fraction, seed=args.seed)
+    splits = loading.load_splits(str(DATA), eval_fraction=args.eval_fraction, seed=args.seed)
     pairs = [(T.build_prompt(e.question, e.context), T.build_completion(e.answer)) for e in splits.train]
     # exactly what `sqltune finetune --model tiny` builds, so both runs start from the same weights
-    model, tok = modeling.build_tiny((p + c for p, c in pairs), layers=args.layers, vocab_size=2048,
+    model, tok = base_models.build_tiny((p + c for p, c in pairs), layers=args.layers, vocab_size=2048,
                                      seed=args.seed, max_positions=1024)
     ids = [tok(p + c)["input_ids"] for p, c in pairs]
     ds = Dataset.from_list([{"input_ids": x} for x in ids if len(x) <= 512])
@@ -123,7 +124,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"no data at {DATA}", file=sys.stderr)
         return 1
     from sqltune import config
-    from sqltune.evaluate import load_examples
+    from sqltune.evaluate.cli import load_examples
 
     work = Path(args.workdir)
     work.mkdir(parents=True, exist_ok=True)

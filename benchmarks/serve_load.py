@@ -195,14 +195,14 @@ def measure(server: Server, prompts: list[str], levels: list[int], args: argpars
 
 
 def load_prompts(model: str, n: int = 256) -> list[str]:
-    from sqltune.data import read_rows
+    from sqltune.data.loading import read_rows
     from sqltune.prompts import load_template
 
     template = load_template(model)
     if SHARED.is_file():
         rows = [r for _, r in zip(range(n), read_rows(str(SHARED)), strict=False)]
     else:
-        from sqltune import synthetic
+        from sqltune.data import synthetic
 
         rows = list(synthetic.generate(n, seed=11))
     return [template.build_prompt(r["question"], r["context"]) for r in rows]

@@ -29,10 +29,10 @@ RESULTS = ROOT / "benchmarks" / "results"
 
 
 def _rows(n: int) -> tuple[str, list]:
-    from sqltune import data
+    from sqltune.data import loading
 
     source = str(SHARED) if SHARED.is_file() else f"synthetic:{n * 2}"
-    splits = data.load_splits(source, limit=n, eval_fraction=0.0, seed=0)
+    splits = loading.load_splits(source, limit=n, eval_fraction=0.0, seed=0)
     return source, splits.train
 
 
@@ -42,16 +42,17 @@ def run_recipe(recipe: str, n: int, workdir: Path) -> dict:
     from transformers import PrinterCallback
     from trl import SFTConfig, SFTTrainer
 
-    from sqltune import modeling
+    from sqltune import generation
     from sqltune.config import Config
+    from sqltune.finetune import base_models
+    from sqltune.finetune.trainer import build_trainer, to_dataset
     from sqltune.prompts import DEFAULT_TEMPLATE as T
-    from sqltune.train import _build_trainer, _to_dataset
 
     torch.set_num_threads(int(os.environ.get("BENCH_THREADS", "2")))
     source, examples = _rows(n)
     pairs = [(T.build_prompt(e.question, e.context), T.build_completion(e.answer)) for e in examples]
-    model, tok = modeling.build_tiny((p + c for p, c in pairs), layers=4, vocab_size=2048, seed=0)
-    precision = modeling.choose_precision("fp32")
+    model, tok = base_models.build_tiny((p + c for p, c in pairs), layers=4, vocab_size=2048, seed=0)
+    precision = generation.choose_precision("fp32")
     if recipe == "tutorial":
         # the tutorial's SFT: one text column, loss on every token, batch 1, checkpointing, length grouping
         ds = Dataset.from_list([{"text": p + c} for p, c in pairs])
@@ -66,8 +67,8 @@ def run_recipe(recipe: str, n: int, workdir: Path) -> dict:
     else:
         cfg = Config(train_batch_size=int(os.environ.get("BENCH_BATCH", "16")), gradient_checkpointing=os.environ.get("BENCH_CKPT") == "1", max_seq_length=512, learning_rate=3e-3, num_train_epochs=1,
                      save_steps=10**6, logging_steps=10**6, eval_generate_limit=0)
-        ds, _ = _to_dataset(pairs, tok, cfg.max_seq_length)
-        trainer = _build_trainer(cfg, "full", precision, model, tok, ds, None, workdir, [])
+        ds, _ = to_dataset(pairs, tok, cfg.max_seq_length)
+        trainer = build_trainer(cfg, "full", precision, model, tok, ds, None, workdir, [])
     loader = trainer.get_train_dataloader()
     supervised = sum(int((b["labels"] != -100).sum()) for b in loader)
     t0 = time.perf_counter()

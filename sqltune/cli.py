@@ -12,14 +12,13 @@ from collections.abc import Sequence
 from sqltune import __version__
 from sqltune.errors import SqltuneError
 
-# command modules, in the order `sqltune --help` lists them
+# command modules, one `cli.py` per stage, in the order `sqltune --help` lists them
 COMMAND_MODULES = (
-    "sqltune.train",
-    "sqltune.data",
-    "sqltune.models_cmd",
-    "sqltune.evaluate",
+    "sqltune.finetune.cli",
+    "sqltune.data.cli",
+    "sqltune.artifacts.cli",
+    "sqltune.evaluate.cli",
     "sqltune.serve.cli",
-    "sqltune.config_cmd",
     "sqltune.deploy.cli",
 )
 
@@ -31,7 +30,30 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for module in COMMAND_MODULES:
         importlib.import_module(module).register(sub)
+    _register_config(sub)
     return parser
+
+
+def _register_config(sub: argparse._SubParsersAction) -> None:
+    """`sqltune config show`: the resolved config and where each non-default came from.
+
+        MODEL_NAME=google/gemma-2b sqltune config show --config configs/gemma-2b-qlora.yaml --lora-r 16
+    """
+    from sqltune import config
+
+    p = sub.add_parser("config", help="Show the resolved config.")
+    csub = p.add_subparsers(dest="config_command", metavar="ACTION", required=True)
+    show = csub.add_parser("show", help="Print every field's value and, for non-defaults, its source.")
+    config.add_arguments(show)
+    show.set_defaults(func=_run_config_show)
+
+
+def _run_config_show(args: argparse.Namespace) -> int:
+    from sqltune import config
+
+    cfg, sources = config.from_namespace(args)
+    print(config.render(cfg, sources))
+    return 0
 
 
 def main(argv: Sequence[str] | None = None) -> int:

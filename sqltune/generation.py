@@ -11,7 +11,38 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from sqltune import artifacts, prompts
+from sqltune import prompts
+from sqltune.artifacts import manifests, registry
+
+
+@dataclass(frozen=True)
+class Precision:
+    """The compute dtype and why it was chosen (logged at start-up)."""
+
+    name: str  # "bf16" | "fp16" | "fp32"
+    device: str  # "cuda" | "cpu"
+    reason: str
+
+    @property
+    def torch_dtype(self) -> Any:
+        import torch
+
+        return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[self.name]
+
+
+def choose_precision(requested: str = "auto") -> Precision:
+    import torch
+
+    if not torch.cuda.is_available():
+        if requested in ("auto", "fp32"):
+            return Precision("fp32", "cpu", "no CUDA device: fp32, since bf16/fp16 matmuls are emulated and slow on CPU")
+        return Precision(requested, "cpu", f"{requested} requested on CPU (slower than fp32 on most CPUs)")
+    name = torch.cuda.get_device_name(0)
+    if requested != "auto":
+        return Precision(requested, "cuda", f"{requested} requested on {name}")
+    if torch.cuda.is_bf16_supported():
+        return Precision("bf16", "cuda", f"{name} supports bf16: same range as fp32, no loss scaling needed")
+    return Precision("fp16", "cuda", f"{name} has no bf16: fp16 with loss scaling")
 
 
 @dataclass
@@ -41,9 +72,7 @@ class Loaded:
 
 def load(model: str | Path, device: str = "auto", dtype: str = "auto") -> Loaded:
     """Load a finished model (local folder or bucket URL), checking its manifest and template."""
-    from sqltune.modeling import choose_precision
-
-    return from_folder(artifacts.resolve_model(str(model)), choose_precision(dtype), device)
+    return from_folder(registry.resolve_model(str(model)), choose_precision(dtype), device)
 
 
 def from_folder(path: Path, precision: Any, device: str = "auto") -> Loaded:
@@ -58,7 +87,7 @@ def from_folder(path: Path, precision: Any, device: str = "auto") -> Loaded:
         tokenizer.pad_token = tokenizer.eos_token
     net = AutoModelForCausalLM.from_pretrained(path, dtype=precision.torch_dtype).to(device)
     net.eval()
-    return Loaded(net, tokenizer, template, Path(path), artifacts.read_meta(path))
+    return Loaded(net, tokenizer, template, Path(path), manifests.read_meta(path))
 
 
 def _cut(text: str, stops: Sequence[str]) -> tuple[str, bool]:
@@ -76,7 +105,9 @@ def generate(loaded: Loaded, prompts_: Sequence[str], max_new_tokens: int | Sequ
         return []
     limits = [max_new_tokens] * len(prompts_) if isinstance(max_new_tokens, int) else list(max_new_tokens)
     tok = loaded.tokenizer
-    batch = tok(list(prompts_), return_tensors="pt", padding=True, add_special_tokens=False).to(loaded.device)
+    # the ids the model was trained on (prompts.encode_prompt), left-padded into one batch
+    encoded = [{"input_ids": prompts.encode_prompt(tok, p)} for p in prompts_]
+    batch = tok.pad(encoded, padding=True, return_tensors="pt").to(loaded.device)
     kwargs: dict[str, Any] = {"max_new_tokens": max(limits), "pad_token_id": tok.pad_token_id,
                               "eos_token_id": loaded.model.generation_config.eos_token_id or tok.eos_token_id}
     if temperature > 0:
@@ -112,5 +143,5 @@ def generate_sql(loaded: Loaded, pairs: Sequence[tuple[str, str]], max_new_token
     out: list[str] = []
     for i in range(0, len(pairs), batch_size):
         chunk = [loaded.template.build_prompt(q, c) for q, c in pairs[i:i + batch_size]]
-        out += [prompts.extract_sql(c.text) for c in generate(loaded, chunk, max_new_tokens)]
+        out += [prompts.extract_sql(c.text, template=loaded.template) for c in generate(loaded, chunk, max_new_tokens)]
     return out

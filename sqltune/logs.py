@@ -51,5 +51,10 @@ def event(logger: logging.Logger, message: str, level: int = logging.INFO, **fie
     logger.log(level, message, extra={"fields": fields})
 
 
+def is_rank0() -> bool:
+    """True in a single process and on rank 0 of torchrun: the one process that logs results and publishes."""
+    return os.environ.get("RANK", "0") in ("", "0")
+
+
 def show_progress() -> bool:
     return sys.stderr.isatty() and os.environ.get("SQLTUNE_NO_PROGRESS", "") in ("", "0")

@@ -3,17 +3,23 @@ artifact carries the template it was trained with (in sqltune.json), so they can
 
 The prompt ends with `Answer:` and no trailing space; the completion starts with a space, then
 the SQL, then EOS. Loss is taken on the completion only, so the model learns where SQL stops.
+
+The template also owns what follows from it: the stop strings that end an answer (a new section
+label of its own, or a blank line) and the token ids of a prompt (`encode_prompt`), which training
+and every inference path share, so a tokenizer that adds `<bos>` gets it everywhere or nowhere.
 """
 
 from __future__ import annotations
 
-import json
+import functools
 import re
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 from sqltune.errors import ArtifactError
+
+_LABEL = re.compile(r"(?:^|\n)([A-Z][A-Za-z ]*:)")
 
 
 @dataclass(frozen=True)
@@ -27,6 +33,13 @@ class PromptTemplate:
 
     def build_completion(self, answer: str) -> str:
         return self.completion.format(answer=answer.strip())
+
+    @property
+    def stops(self) -> tuple[str, ...]:
+        """Where an answer ends when the model runs on: a blank line, or a line that starts one of the
+        template's own section labels (`Question:` ...), derived from the template text itself."""
+        labels = dict.fromkeys(m.group(1) for m in _LABEL.finditer(self.prompt))
+        return ("\n\n", *(f"\n{label}" for label in labels))
 
     def to_dict(self) -> dict[str, str]:
         return asdict(self)
@@ -43,15 +56,30 @@ def build_prompt(question: str, context: str, template: PromptTemplate = DEFAULT
     return template.build_prompt(question, context)
 
 
-_STOP_AT = re.compile(r"\n\s*(Question|Context|Answer):|\n\n")
+@functools.lru_cache(maxsize=16)
+def _stop_pattern(template: PromptTemplate) -> re.Pattern[str]:
+    # the template's stops, each label also after indentation the model may add before it
+    return re.compile("|".join(re.escape(s) if s == "\n\n" else r"\n\s*" + re.escape(s[1:]) for s in template.stops))
 
 
-def extract_sql(text: str, eos_token: str | None = None) -> str:
-    """The SQL in a raw completion: cut at EOS, at a new prompt section, or after the first
-    complete statement (a `;` outside quotes)."""
+def encode_prompt(tokenizer: Any, prompt: str) -> list[int]:
+    """A prompt's token ids, with the special tokens the tokenizer itself adds (Gemma's `<bos>`):
+    the ids the model was trained on, so every inference path feeds exactly these."""
+    return list(tokenizer(prompt)["input_ids"])
+
+
+def encode_completion(tokenizer: Any, completion: str) -> list[int]:
+    """A completion's ids as trained: the text without special tokens, then EOS."""
+    ids = list(tokenizer(completion, add_special_tokens=False)["input_ids"])
+    return ids + [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else ids
+
+
+def extract_sql(text: str, eos_token: str | None = None, template: PromptTemplate = DEFAULT_TEMPLATE) -> str:
+    """The SQL in a raw completion: cut at EOS, at one of the template's stop strings (a new prompt
+    section), or after the first complete statement (a `;` outside quotes)."""
     if eos_token and eos_token in text:
         text = text.split(eos_token, 1)[0]
-    match = _STOP_AT.search(text)
+    match = _stop_pattern(template).search(text)
     if match:
         text = text[: match.start()]
     quote: str | None = None
@@ -72,13 +100,15 @@ TEMPLATE_KEY = "prompt_template"
 
 def load_template(model_dir: str | Path) -> PromptTemplate:
     """The template stored in a model folder's sqltune.json; a folder without one is refused."""
-    meta = Path(model_dir) / "sqltune.json"
+    from sqltune.artifacts import manifests
+
+    meta = Path(model_dir) / manifests.SQLTUNE_META
     if not meta.is_file():
         raise ArtifactError(
-            f"{model_dir} has no sqltune.json, so the prompt template it was trained with is unknown",
+            f"{model_dir} has no {manifests.SQLTUNE_META}, so the prompt template it was trained with is unknown",
             "point at a folder written by `sqltune finetune`, or re-export it with `sqltune finetune`",
         )
-    data = json.loads(meta.read_text())
+    data = manifests.read_meta(model_dir)
     if TEMPLATE_KEY not in data:
         raise ArtifactError(f"{meta} has no `{TEMPLATE_KEY}` entry", "re-export the model with `sqltune finetune`")
     return PromptTemplate.from_dict(data[TEMPLATE_KEY])

@@ -60,7 +60,7 @@ def gcs_server() -> Iterator[str]:
 
 
 def _isolate(monkeypatch: pytest.MonkeyPatch, tmp_path: Path, env: dict[str, str]) -> None:
-    from sqltune import storage
+    from sqltune.artifacts import storage
 
     for key, value in env.items():
         monkeypatch.setenv(key, value)
@@ -74,7 +74,7 @@ def _isolate(monkeypatch: pytest.MonkeyPatch, tmp_path: Path, env: dict[str, str
 def s3_bucket(s3_server: str, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Bucket:
     env = {**S3_ENV, "AWS_ENDPOINT_URL": s3_server}
     _isolate(monkeypatch, tmp_path, env)
-    from sqltune import storage
+    from sqltune.artifacts import storage
 
     name = f"b-{uuid.uuid4().hex[:12]}"
     fs, _ = storage.filesystem(f"s3://{name}")
@@ -86,7 +86,7 @@ def s3_bucket(s3_server: str, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -
 def gcs_bucket(gcs_server: str, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Bucket:
     env = {"STORAGE_EMULATOR_HOST": gcs_server, "GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT": "false"}
     _isolate(monkeypatch, tmp_path, env)
-    from sqltune import storage
+    from sqltune.artifacts import storage
 
     name = f"b-{uuid.uuid4().hex[:12]}"
     fs, _ = storage.filesystem(f"gs://{name}")

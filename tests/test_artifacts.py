@@ -13,7 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from sqltune import artifacts, config, storage
+from sqltune import config
+from sqltune.artifacts import manifests, registry, storage
 from sqltune.errors import ArtifactError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -28,7 +29,7 @@ def make_model(folder: Path, tag: str = "a") -> Path:
     (folder / "checkpoints" / "checkpoint-2" / "optimizer.pt").write_bytes(b"x")
     (folder / ".tiny-base").mkdir()
     (folder / ".tiny-base" / "w.bin").write_bytes(b"y")
-    artifacts.write_manifest(folder)
+    manifests.write_manifest(folder)
     return folder
 
 
@@ -41,10 +42,10 @@ def cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
 
 def test_manifest_lists_model_files_only(tmp_path: Path) -> None:
     model = make_model(tmp_path / "m")
-    files = artifacts.read_manifest(model)["files"]
+    files = manifests.read_manifest(model)["files"]
     assert set(files) == {"model.safetensors", "config.json", "sqltune.json"}  # no checkpoints, no dot-folders
     assert files["model.safetensors"]["size"] == 50_000
-    assert artifacts.verify(model)["digest"] == artifacts.manifest_digest(files)
+    assert manifests.verify(model)["digest"] == manifests.manifest_digest(files)
 
 
 @pytest.mark.parametrize("damage, message", [
@@ -56,7 +57,7 @@ def test_damaged_file_is_refused_by_name(tmp_path: Path, damage, message: str) -
     model = make_model(tmp_path / "m")
     damage(model / "model.safetensors")
     with pytest.raises(ArtifactError, match=message) as err:
-        artifacts.resolve_model(str(model))
+        registry.resolve_model(str(model))
     assert "model.safetensors" in str(err.value)
 
 
@@ -64,8 +65,8 @@ def test_folder_without_manifest_is_not_a_model(tmp_path: Path) -> None:
     model = make_model(tmp_path / "m")
     (model / "manifest.json").unlink()
     with pytest.raises(ArtifactError, match="no manifest.json"):
-        artifacts.resolve_model(str(model))
-    assert not artifacts.is_complete(model)
+        registry.resolve_model(str(model))
+    assert not manifests.is_complete(model)
 
 
 def test_edited_manifest_is_refused(tmp_path: Path) -> None:
@@ -74,47 +75,47 @@ def test_edited_manifest_is_refused(tmp_path: Path) -> None:
     manifest["files"]["config.json"]["size"] += 1
     storage.write_bytes(str(model / "elsewhere" / "manifest.json"), json.dumps(manifest).encode())
     with pytest.raises(ArtifactError, match="digest does not match"):
-        artifacts.locate(str(model / "elsewhere"))
+        registry.locate(str(model / "elsewhere"))
 
 
 def test_publish_into_own_folder_is_a_no_op(tmp_path: Path) -> None:
     model = make_model(tmp_path / "m")
-    assert artifacts.publish(model, str(model)) == str(model)
+    assert registry.publish(model, str(model)) == str(model)
     assert not (model / "latest").exists()
 
 
 def test_publish_to_a_mounted_folder_uses_versions_and_latest(tmp_path: Path) -> None:
     """A gcsfuse mount is a folder: the same versions/ + latest layout, read like a local folder."""
     mount = tmp_path / "mnt" / "models" / "sql"
-    first = artifacts.publish(make_model(tmp_path / "a", "a"), str(mount))
+    first = registry.publish(make_model(tmp_path / "a", "a"), str(mount))
     assert Path(first).parent == mount / "versions"
-    got = artifacts.fetch(f"file://{mount}")
+    got = registry.fetch(f"file://{mount}")
     assert got.path == Path(first) and got.bytes_downloaded == 0
-    assert artifacts.read_meta(artifacts.resolve_model(str(mount)))["tag"] == "a"
+    assert manifests.read_meta(registry.resolve_model(str(mount)))["tag"] == "a"
 
     def fail_at_pointer(url: str) -> None:
         if url.endswith("/latest"):
             raise OSError("disk full")
 
     with pytest.raises(OSError):
-        artifacts.publish(make_model(tmp_path / "b", "b"), str(mount), before=fail_at_pointer)
-    assert artifacts.read_meta(artifacts.resolve_model(str(mount)))["tag"] == "a"  # previous version still served
-    artifacts.publish(tmp_path / "b", str(mount))
-    assert artifacts.read_meta(artifacts.resolve_model(str(mount)))["tag"] == "b"
-    assert json.loads((mount / "latest").read_text())["digest"] == artifacts.read_manifest(tmp_path / "b")["digest"]
+        registry.publish(make_model(tmp_path / "b", "b"), str(mount), before=fail_at_pointer)
+    assert manifests.read_meta(registry.resolve_model(str(mount)))["tag"] == "a"  # previous version still served
+    registry.publish(tmp_path / "b", str(mount))
+    assert manifests.read_meta(registry.resolve_model(str(mount)))["tag"] == "b"
+    assert json.loads((mount / "latest").read_text())["digest"] == manifests.read_manifest(tmp_path / "b")["digest"]
 
 
 def test_only_rank_zero_publishes(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("RANK", "1")
     dest = tmp_path / "dest"
-    artifacts.publish(make_model(tmp_path / "m"), str(dest))
+    registry.publish(make_model(tmp_path / "m"), str(dest))
     assert not dest.exists()
 
 
 def test_remote_work_dir_is_a_stable_staging_folder(cache: Path) -> None:
-    a = artifacts.work_dir("s3://bucket/models/sql")
-    assert a == artifacts.work_dir("s3://bucket/models/sql/") and a.is_dir() and cache in a.parents
-    assert a != artifacts.work_dir("gs://bucket/models/sql")
+    a = registry.work_dir("s3://bucket/models/sql")
+    assert a == registry.work_dir("s3://bucket/models/sql/") and a.is_dir() and cache in a.parents
+    assert a != registry.work_dir("gs://bucket/models/sql")
 
 
 def test_bucket_fields_resolve_and_configure_storage(tmp_path: Path) -> None:
@@ -143,7 +144,7 @@ def test_unknown_protocol_is_named() -> None:
 
 def test_models_commands_help_and_local_list(tmp_path: Path) -> None:
     mount = tmp_path / "models"
-    artifacts.publish(make_model(tmp_path / "a"), str(mount))
+    registry.publish(make_model(tmp_path / "a"), str(mount))
     for args in (["models", "--help"], ["models", "list", "--help"], ["models", "fetch", "--help"]):
         proc = subprocess.run([sys.executable, "-m", "sqltune", *args], cwd=ROOT, capture_output=True, text=True,
                               timeout=60)

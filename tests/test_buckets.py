@@ -17,7 +17,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from sqltune import artifacts, storage
+from sqltune.artifacts import checkpoints, manifests, registry, storage
 from sqltune.errors import ArtifactError
 
 pytest_plugins = ["fixtures_buckets"]
@@ -42,18 +42,18 @@ def make_model(folder: Path, seed: int, shards: int = 3, shard_bytes: int = 300_
     (folder / "tokenizer" / "vocab.txt").write_text(f"vocab {seed}")
     (folder / "checkpoints" / "checkpoint-1").mkdir(parents=True)
     (folder / "checkpoints" / "checkpoint-1" / "junk.bin").write_bytes(b"not published")
-    artifacts.write_manifest(folder)
+    manifests.write_manifest(folder)
     return folder
 
 
 def same_files(a: Path, b: Path) -> bool:
-    names = artifacts.read_manifest(a)["files"]
+    names = manifests.read_manifest(a)["files"]
     return all((a / n).read_bytes() == (b / n).read_bytes() for n in names)
 
 
-def fresh_fetch(url: str, tmp: Path) -> artifacts.Fetched:
+def fresh_fetch(url: str, tmp: Path) -> registry.Fetched:
     """Fetch as a new machine would: an empty cache."""
-    return artifacts.fetch(url, cache=tmp / f"cache-{time.monotonic_ns()}")
+    return registry.fetch(url, cache=tmp / f"cache-{time.monotonic_ns()}")
 
 
 @pytest.fixture(autouse=True)
@@ -66,65 +66,65 @@ def test_publish_then_fetch_round_trip(bucket, tmp_path: Path, caplog: pytest.Lo
     model = make_model(tmp_path / "m", seed=1)
     url = f"{bucket.url}/models/sql"
     with caplog.at_level("INFO", logger="sqltune"):
-        where = artifacts.publish(model, url)
+        where = registry.publish(model, url)
     assert where.startswith(f"{url}/versions/")
     published = [r.fields for r in caplog.records if r.getMessage() == "model published"]
     assert published and published[0]["mb_per_s"] > 0 and published[0]["bytes"] > 900_000
-    got = artifacts.fetch(url)
-    assert not got.cached and got.bytes_downloaded == sum(f["size"] for f in artifacts.read_manifest(model)["files"].values())
+    got = registry.fetch(url)
+    assert not got.cached and got.bytes_downloaded == sum(f["size"] for f in manifests.read_manifest(model)["files"].values())
     assert same_files(model, got.path)
     assert not (got.path / "checkpoints").exists()  # checkpoints never ship with the model
-    assert artifacts.verify(got.path)["digest"] == artifacts.read_manifest(model)["digest"]
-    assert artifacts.resolve_model(url) == got.path
+    assert manifests.verify(got.path)["digest"] == manifests.read_manifest(model)["digest"]
+    assert registry.resolve_model(url) == got.path
 
 
 def test_second_fetch_downloads_nothing(bucket, tmp_path: Path) -> None:
     model = make_model(tmp_path / "m", seed=2)
     url = f"{bucket.url}/m"
-    version_url = artifacts.publish(model, url)
-    first = artifacts.fetch(url)
+    version_url = registry.publish(model, url)
+    first = registry.fetch(url)
     assert first.bytes_downloaded > 0
     # Delete the shards from the bucket: a fetch that tried to download anything would now fail.
     fs, path = storage.filesystem(version_url)
-    for name in artifacts.read_manifest(model)["files"]:
+    for name in manifests.read_manifest(model)["files"]:
         if name.endswith(".safetensors"):
             fs.rm_file(f"{path}/{name}")
-    second = artifacts.fetch(url)
+    second = registry.fetch(url)
     assert second.cached and second.bytes_downloaded == 0 and second.path == first.path
 
 
 def test_corrupted_byte_is_detected_and_named(bucket, tmp_path: Path) -> None:
     model = make_model(tmp_path / "m", seed=3)
     url = f"{bucket.url}/m"
-    version_url = artifacts.publish(model, url)
+    version_url = registry.publish(model, url)
     victim = "model-00001-of-00003.safetensors"
     fs, path = storage.filesystem(f"{version_url}/{victim}")
     data = bytearray(fs.cat_file(path))
     data[len(data) // 2] ^= 0x01
     fs.pipe_file(path, bytes(data))
     with pytest.raises(ArtifactError, match=victim) as err:
-        artifacts.fetch(url)
+        registry.fetch(url)
     assert "sha256" in str(err.value)
     models = storage.cache_root() / "models"
-    assert not (models / artifacts.read_manifest(model)["digest"]).exists()  # nothing half-good is cached
+    assert not (models / manifests.read_manifest(model)["digest"]).exists()  # nothing half-good is cached
 
 
 def test_missing_manifest_or_nothing_published_is_refused(s3_bucket, tmp_path: Path) -> None:
     with pytest.raises(ArtifactError, match="no manifest.json and no `latest`"):
-        artifacts.fetch(f"{s3_bucket.url}/nothing-here")
+        registry.fetch(f"{s3_bucket.url}/nothing-here")
     # files uploaded without their manifest (a killed copy) are not a model
     model = make_model(tmp_path / "m", seed=4)
     storage.upload([(model / "config.json", f"{s3_bucket.url}/half/config.json")])
     with pytest.raises(ArtifactError, match="no manifest.json"):
-        artifacts.fetch(f"{s3_bucket.url}/half")
+        registry.fetch(f"{s3_bucket.url}/half")
 
 
 def test_publish_fault_at_each_file_leaves_previous_version(s3_bucket, tmp_path: Path) -> None:
     """A real exception raised as each chosen file starts uploading (shard, manifest, pointer)."""
     old, new = make_model(tmp_path / "old", seed=5), make_model(tmp_path / "new", seed=6)
     url = f"{s3_bucket.url}/m"
-    artifacts.publish(old, url)
-    names = [*artifacts.read_manifest(new)["files"], "manifest.json", "latest"]
+    registry.publish(old, url)
+    names = [*manifests.read_manifest(new)["files"], "manifest.json", "latest"]
 
     class Boom(RuntimeError):
         pass
@@ -135,15 +135,15 @@ def test_publish_fault_at_each_file_leaves_previous_version(s3_bucket, tmp_path:
                 raise Boom(name)
 
         with pytest.raises(Boom):
-            artifacts.publish(new, url, before=before)
+            registry.publish(new, url, before=before)
         got = fresh_fetch(url, tmp_path)
         assert same_files(old, got.path), f"fault at {name} changed what readers get"
-    artifacts.publish(new, url)
+    registry.publish(new, url)
     assert same_files(new, fresh_fetch(url, tmp_path).path)
 
 
-PUBLISH = ("import sys; from sqltune import artifacts, storage; storage.CHUNK = 256 << 10; "
-           "print('start', flush=True); artifacts.publish(sys.argv[1], sys.argv[2]); print('done', flush=True)")
+PUBLISH = ("import sys; from sqltune.artifacts import registry, storage; storage.CHUNK = 256 << 10; "
+           "print('start', flush=True); registry.publish(sys.argv[1], sys.argv[2]); print('done', flush=True)")
 
 
 def _spawn_publish(model: Path, url: str, env: dict[str, str]) -> subprocess.Popen[str]:
@@ -170,7 +170,7 @@ def test_publish_killed_at_random_points_never_serves_a_mix(s3_bucket, tmp_path:
     old = make_model(tmp_path / "old", seed=7)
     new = make_model(tmp_path / "new", seed=8, shards=12, shard_bytes=400_000)
     url = f"{s3_bucket.url}/m"
-    artifacts.publish(old, url)
+    registry.publish(old, url)
     env = {**s3_bucket.env, "TRANSFER_WORKERS": "2"}  # a few files at a time: every stage lasts long enough to hit
     stages = {"start": lambda n, m: True, "first file": lambda n, m: n >= 1, "half": lambda n, m: n >= 7,
               "manifest": lambda n, m: m}
@@ -194,7 +194,7 @@ def test_publish_killed_at_random_points_never_serves_a_mix(s3_bucket, tmp_path:
         else:
             assert same_files(new, got.path), f"kill at {stage}: reader got neither the old nor the new version"
             outcome = "new"
-            artifacts.publish(old, url)  # race the next kill against a pointer to the old version again
+            registry.publish(old, url)  # race the next kill against a pointer to the old version again
         if not has_manifest:
             assert outcome == "old", f"kill at {stage}: a version without its manifest was served"
         seen.append((stage, files, has_manifest, outcome))
@@ -206,8 +206,8 @@ def test_reader_during_publish_gets_a_complete_version(s3_bucket, tmp_path: Path
     old = make_model(tmp_path / "old", seed=9)
     new = make_model(tmp_path / "new", seed=10, shards=8, shard_bytes=400_000)
     url = f"{s3_bucket.url}/m"
-    artifacts.publish(old, url)
-    digests = {artifacts.read_manifest(old)["digest"], artifacts.read_manifest(new)["digest"]}
+    registry.publish(old, url)
+    digests = {manifests.read_manifest(old)["digest"], manifests.read_manifest(new)["digest"]}
     seen: list[str] = []
     errors: list[BaseException] = []
     done = threading.Event()
@@ -216,7 +216,7 @@ def test_reader_during_publish_gets_a_complete_version(s3_bucket, tmp_path: Path
         while not done.is_set():
             try:
                 got = fresh_fetch(url, tmp_path)
-                assert got.digest in digests and artifacts.verify(got.path)
+                assert got.digest in digests and manifests.verify(got.path)
                 seen.append(got.digest)
             except BaseException as e:  # noqa: BLE001 - reported below
                 errors.append(e)
@@ -230,7 +230,7 @@ def test_reader_during_publish_gets_a_complete_version(s3_bucket, tmp_path: Path
     done.set()
     reader.join()
     assert not errors, errors
-    assert seen and seen[-1] == artifacts.read_manifest(new)["digest"]
+    assert seen and seen[-1] == manifests.read_manifest(new)["digest"]
 
 
 def _checkpoint(root: Path, step: int) -> Path:
@@ -239,17 +239,17 @@ def _checkpoint(root: Path, step: int) -> Path:
     (folder / "model.safetensors").write_bytes(blob(step, 200_000))
     (folder / "optimizer.pt").write_bytes(blob(-step, 100_000))
     (folder / "trainer_state.json").write_text(json.dumps({"global_step": step}))
-    artifacts.write_manifest(folder, exclude=(), step=step)
+    manifests.write_manifest(folder, exclude=(), step=step)
     return folder
 
 
 def test_checkpoints_resume_on_a_fresh_machine(bucket, tmp_path: Path) -> None:
     """Machine A saves checkpoints through the Trainer callback; machine B (empty disk) restores the newest."""
     output = f"{bucket.url}/models/sql"
-    run_a = artifacts.work_dir(output)
+    run_a = registry.work_dir(output)
     assert run_a.is_dir() and str(run_a).startswith(str(storage.cache_root()))
     ckpts_a = run_a / "checkpoints"
-    callback = artifacts.checkpoint_callback(output, ckpts_a, save_total_limit=2)
+    callback = checkpoints.callback(output, ckpts_a, save_total_limit=2)
     for step in (5, 10, 15):
         _checkpoint(ckpts_a, step)
         callback.on_save(None, SimpleNamespace(is_world_process_zero=True, global_step=step), None)
@@ -257,35 +257,33 @@ def test_checkpoints_resume_on_a_fresh_machine(bucket, tmp_path: Path) -> None:
     half = _checkpoint(tmp_path / "half", 20)
     storage.upload([(half / "model.safetensors", f"{output}/checkpoints/checkpoint-20/model.safetensors")])
 
-    from sqltune import checkpoints
-
     assert [(s, ok) for s, _, ok in checkpoints.remote(output)] == [(10, True), (15, True), (20, False)]
 
     ckpts_b = tmp_path / "machine-b" / "checkpoints"
-    assert artifacts.restore_checkpoints(output, ckpts_b) == 1
+    assert checkpoints.restore(output, ckpts_b) == 1
     restored = ckpts_b / "checkpoint-15"
-    assert artifacts.verify(restored)["step"] == 15
+    assert manifests.verify(restored)["step"] == 15
     assert same_files(ckpts_a / "checkpoint-15", restored)
     assert json.loads((restored / "trainer_state.json").read_text())["global_step"] == 15
     assert [p.name for p in ckpts_b.iterdir()] == ["checkpoint-15"]
-    assert artifacts.restore_checkpoints(output, ckpts_b) == 0  # already current: nothing downloaded
+    assert checkpoints.restore(output, ckpts_b) == 0  # already current: nothing downloaded
 
 
 def test_local_output_needs_no_bucket_hooks(tmp_path: Path) -> None:
     out = tmp_path / "model"
-    assert artifacts.work_dir(str(out)) == out
-    assert artifacts.checkpoint_callback(str(out), out / "checkpoints", 2) is None
-    assert artifacts.restore_checkpoints(str(out), out / "checkpoints") == 0
+    assert registry.work_dir(str(out)) == out
+    assert checkpoints.callback(str(out), out / "checkpoints", 2) is None
+    assert checkpoints.restore(str(out), out / "checkpoints") == 0
 
 
 def test_models_list_shows_versions_latest_and_incomplete(s3_bucket, tmp_path: Path) -> None:
     from sqltune import cli
 
     url = f"{s3_bucket.url}/m"
-    first = artifacts.publish(make_model(tmp_path / "a", seed=1), url)
-    second = artifacts.publish(make_model(tmp_path / "b", seed=2), url)
+    first = registry.publish(make_model(tmp_path / "a", seed=1), url)
+    second = registry.publish(make_model(tmp_path / "b", seed=2), url)
     storage.upload([(tmp_path / "a" / "config.json", f"{url}/versions/zz-killed/config.json")])
-    from sqltune.models_cmd import list_versions
+    from sqltune.artifacts.cli import list_versions
 
     versions = {v.version: v for v in list_versions(url)}
     assert set(versions) == {first.rsplit("/", 1)[1], second.rsplit("/", 1)[1], "zz-killed"}
@@ -315,7 +313,7 @@ def _events(stderr: str, message: str) -> list[dict]:
 def test_finetune_killed_resumes_from_the_bucket_on_a_fresh_machine(s3_bucket, tmp_path: Path) -> None:
     """Train into s3:// with local dir A, SIGKILL after a checkpoint reached the bucket, restart with an
     empty local dir B: training continues from that step, and the published model is fetchable."""
-    from sqltune import checkpoints
+    from sqltune.artifacts import checkpoints
 
     output = f"{s3_bucket.url}/models/sql"
     args = [sys.executable, "-m", "sqltune", "finetune", "--model", "tiny", "--dataset", "synthetic:300",
@@ -343,6 +341,6 @@ def test_finetune_killed_resumes_from_the_bucket_on_a_fresh_machine(s3_bucket, t
     assert resumed and resumed[0]["checkpoint"].endswith(f"checkpoint-{k}"), second.stderr[-3000:]
     steps = [e["step"] for e in _events(second.stderr, "train step")]
     assert steps and min(steps) > k and max(steps) == 20, steps
-    got = artifacts.fetch(output)
-    assert artifacts.read_meta(got.path)["metrics"]["steps"] == 20
+    got = registry.fetch(output)
+    assert manifests.read_meta(got.path)["metrics"]["steps"] == 20
     assert [s for s, _, ok in checkpoints.remote(output) if ok][-1] == 20

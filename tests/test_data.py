@@ -5,14 +5,14 @@ from pathlib import Path
 
 import pytest
 
-from sqltune import data, synthetic
+from sqltune.data import loading, synthetic
 from sqltune.errors import DataError
 
 ASSETS = Path(__file__).parent / "assets"
 
 
 def test_every_bad_row_kind_is_counted_and_skipped() -> None:
-    splits = data.load_splits(str(ASSETS / "bad_rows.jsonl"), eval_fraction=0.0)
+    splits = loading.load_splits(str(ASSETS / "bad_rows.jsonl"), eval_fraction=0.0)
     r = splits.report
     assert r.rows_read == 16
     assert dict(r.skipped) == {
@@ -26,21 +26,21 @@ def test_every_bad_row_kind_is_counted_and_skipped() -> None:
 
 
 def test_report_is_serialisable_with_totals() -> None:
-    report = data.load_splits(str(ASSETS / "bad_rows.jsonl"), eval_fraction=0.0).report.to_dict()
+    report = loading.load_splits(str(ASSETS / "bad_rows.jsonl"), eval_fraction=0.0).report.to_dict()
     assert json.loads(json.dumps(report))["skipped_total"] == 12
 
 
 def test_split_is_by_question_hash_and_stable() -> None:
     rows = list(synthetic.generate(800, seed=3))
-    a = data.load_splits("synthetic:800", eval_fraction=0.2, seed=3)
+    a = loading.load_splits("synthetic:800", eval_fraction=0.2, seed=3)
     assert 0.1 < len(a.eval) / (len(a.train) + len(a.eval)) < 0.3
     # the same normalised question never sits on both sides
-    norm_train = {data.normalise_question(ex.question) for ex in a.train}
-    assert not norm_train & {data.normalise_question(ex.question) for ex in a.eval}
+    norm_train = {loading.normalise_question(ex.question) for ex in a.train}
+    assert not norm_train & {loading.normalise_question(ex.question) for ex in a.eval}
     # a question's side depends on its text only, not on order, limit or seed
     for ex in a.eval:
-        assert data.is_eval(ex.question.upper() + "  ", 0.2)
-    b = data.load_splits("synthetic:800", eval_fraction=0.2, limit=300, seed=3)
+        assert loading.is_eval(ex.question.upper() + "  ", 0.2)
+    b = loading.load_splits("synthetic:800", eval_fraction=0.2, limit=300, seed=3)
     side_a = {ex.question: False for ex in a.train} | {ex.question: True for ex in a.eval}
     side_b = {ex.question: False for ex in b.train} | {ex.question: True for ex in b.eval}
     assert side_b and all(side_a[q] == side for q, side in side_b.items())
@@ -48,12 +48,12 @@ def test_split_is_by_question_hash_and_stable() -> None:
 
 
 def test_limit_is_a_seeded_random_subset() -> None:
-    a = data.load_splits("synthetic:500", limit=100, seed=1, eval_fraction=0.0)
-    b = data.load_splits("synthetic:500", limit=100, seed=1, eval_fraction=0.0)
-    c = data.load_splits("synthetic:500", limit=100, seed=2, eval_fraction=0.0)
+    a = loading.load_splits("synthetic:500", limit=100, seed=1, eval_fraction=0.0)
+    b = loading.load_splits("synthetic:500", limit=100, seed=1, eval_fraction=0.0)
+    c = loading.load_splits("synthetic:500", limit=100, seed=2, eval_fraction=0.0)
     assert a.train == b.train and a.train != c.train and len(a.train) == 100
     assert a.report.limited_to == 100
-    first_100 = data.load_splits("synthetic:100", seed=1, eval_fraction=0.0).train
+    first_100 = loading.load_splits("synthetic:100", seed=1, eval_fraction=0.0).train
     assert a.train != first_100  # a sample of the whole set, not its head
 
 
@@ -66,7 +66,7 @@ def test_synthetic_is_deterministic_and_covers_the_query_shapes() -> None:
         assert clause in answers, clause
     assert any(r["context"].count("CREATE TABLE") >= 2 for r in rows)
     for r in rows:
-        assert isinstance(data.validate(r, data.parse_columns("")), data.Example)
+        assert isinstance(loading.validate(r, loading.parse_columns("")), loading.Example)
 
 
 def test_synthetic_gold_sql_runs_on_its_schema() -> None:
@@ -89,23 +89,23 @@ def test_column_mapping_and_other_formats(tmp_path: Path) -> None:
     frame.to_parquet(tmp_path / "d.parquet")
     (tmp_path / "d.json").write_text(frame.to_json(orient="records"))
     for name in ("d.csv", "d.parquet", "d.json"):
-        splits = data.load_splits(str(tmp_path / name), columns="question=q,context=schema,answer=sql", eval_fraction=0.0)
+        splits = loading.load_splits(str(tmp_path / name), columns="question=q,context=schema,answer=sql", eval_fraction=0.0)
         assert [ex.answer for ex in splits.train] == ["SELECT COUNT(*) FROM head", "SELECT MAX(age) FROM head"], name
     with pytest.raises(DataError, match="no usable rows"):
-        data.load_splits(str(tmp_path / "d.csv"), eval_fraction=0.0)
+        loading.load_splits(str(tmp_path / "d.csv"), eval_fraction=0.0)
     with pytest.raises(DataError, match="field=column"):
-        data.parse_columns("question")
+        loading.parse_columns("question")
 
 
 def test_missing_file_and_bad_synthetic_spec(tmp_path: Path) -> None:
     with pytest.raises(DataError, match="does not exist"):
-        data.load_splits(str(tmp_path / "nope.jsonl"))
+        loading.load_splits(str(tmp_path / "nope.jsonl"))
     with pytest.raises(DataError, match="positive integer"):
-        data.load_splits("synthetic:lots")
+        loading.load_splits("synthetic:lots")
 
 
 def test_shared_sql_create_context_loads_cleanly(shared_data: Path) -> None:
-    splits = data.load_splits(str(shared_data), eval_fraction=0.05, seed=0)
+    splits = loading.load_splits(str(shared_data), eval_fraction=0.05, seed=0)
     assert splits.report.rows_read == 9710
     assert sum(splits.report.skipped.values()) == 0
     assert 0.03 < len(splits.eval) / 9710 < 0.07

@@ -17,7 +17,7 @@ import pytest
 from dockerfile_parse import DockerfileParser
 from packaging.requirements import Requirement
 
-from sqltune.deploy import render
+from sqltune.deploy import common
 
 tomllib = pytest.importorskip("tomllib")  # Python 3.11+
 
@@ -69,8 +69,8 @@ def test_runs_sqltune_as_non_root_without_secrets(path: Path) -> None:
     entry = [i["value"] for i in insts if i["instruction"] == "ENTRYPOINT"]
     assert entry == ['["sqltune"]']
     users = [i["value"] for i in insts if i["instruction"] == "USER"]
-    assert users and users[-1] == f"{render.RUN_AS_UID}:{render.RUN_AS_UID}", "the Kubernetes runAsUser must match"
-    assert f"--uid {render.RUN_AS_UID}" in path.read_text()
+    assert users and users[-1] == f"{common.RUN_AS_UID}:{common.RUN_AS_UID}", "the Kubernetes runAsUser must match"
+    assert f"--uid {common.RUN_AS_UID}" in path.read_text()
     for inst in insts:
         if inst["instruction"] in ("ENV", "ARG"):
             assert not re.search(r"(TOKEN|SECRET|PASSWORD|API_KEY)", inst["value"], re.I), inst["content"]

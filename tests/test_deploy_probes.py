@@ -18,7 +18,7 @@ import pytest
 import yaml
 
 from sqltune.config import Config
-from sqltune.deploy import k8s, render
+from sqltune.deploy import common, k8s, render
 
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[1]
@@ -34,7 +34,7 @@ def test_rendered_serve_command_passes_its_own_probes(tiny_model_dir: Path) -> N
     cfg = Config(gpu_count=0, deploy_cpu=2, deploy_memory="4Gi", serve_engine="transformers")
     deployment = yaml.safe_load(render.render(cfg, "kubernetes")["deployment.yaml"])
     container = deployment["spec"]["template"]["spec"]["containers"][0]
-    assert container == k8s.deployment(cfg, render.names(cfg))["spec"]["template"]["spec"]["containers"][0]
+    assert container == k8s.deployment(cfg, common.names(cfg))["spec"]["template"]["spec"]["containers"][0]
 
     # The bucket URL and the platform's port are what differs here; everything else is as rendered.
     args = list(container["args"])

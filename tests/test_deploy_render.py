@@ -21,7 +21,7 @@ import yaml
 
 from sqltune import config
 from sqltune.config import Config
-from sqltune.deploy import render
+from sqltune.deploy import common, render
 from sqltune.errors import DeployError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -143,11 +143,11 @@ def test_manifests_are_structurally_valid(case: str) -> None:
 def test_validator_rejects_a_misplaced_field() -> None:
     """The structural check can fail: a field one level too deep is caught."""
     cfg = CASES["cloudrun-default"][1]
-    job = render.cloudrun_job(cfg, render.names(cfg))
+    job = render.cloudrun_job(cfg, common.names(cfg))
     job["spec"]["template"]["spec"]["template"]["spec"]["containers"][0]["maxRetries"] = 3
     with pytest.raises(Exception, match="maxRetries"):
         _k8s(_as_pod(job["spec"]["template"]["spec"]["template"]["spec"], ("maxRetries", "timeoutSeconds")))
-    svc = render.cloudrun_service(cfg, render.names(cfg))
+    svc = render.cloudrun_service(cfg, common.names(cfg))
     svc["spec"]["containerConcurrency"] = 4
     with pytest.raises(jsonschema.ValidationError):
         jsonschema.validate(svc, CLOUDRUN_SERVICE)
@@ -217,7 +217,7 @@ def test_kubernetes_multi_gpu_job_runs_torchrun() -> None:
     assert c["command"] == ["torchrun", "--nproc-per-node", "4", "-m", "sqltune"] and c["args"] == ["finetune"]
     assert c["resources"]["limits"]["nvidia.com/gpu"] == "4"
     pod = job["spec"]["template"]["spec"]
-    assert pod["securityContext"]["runAsUser"] == render.RUN_AS_UID and pod["restartPolicy"] == "Never"
+    assert pod["securityContext"]["runAsUser"] == common.RUN_AS_UID and pod["restartPolicy"] == "Never"
     assert job["spec"]["backoffLimit"] == 0
 
 
@@ -242,8 +242,8 @@ def test_kubernetes_allows_what_cloud_run_does_not() -> None:
 
 
 def test_warns_when_training_can_outlast_the_task() -> None:
-    assert any("--max-train-minutes 50" in w for w in render.warnings(Config(), "cloudrun"))
-    assert render.warnings(Config(max_train_minutes=45), "cloudrun") == []
+    assert any("--max-train-minutes 50" in w for w in common.warnings(Config(), "cloudrun"))
+    assert common.warnings(Config(max_train_minutes=45), "cloudrun") == []
 
 
 @pytest.mark.parametrize("case", ["cloudrun-gcsfuse-vpc", "kubernetes-multigpu"])

@@ -21,7 +21,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from sqltune import artifacts
+from sqltune.artifacts import manifests
 
 pytestmark = pytest.mark.slow
 pytest_plugins = ["fixtures_buckets"]
@@ -80,7 +80,7 @@ def killed_and_resumed(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, 
     tmp = tmp_path_factory.mktemp("dist")
     (tmp / "probe").mkdir(exist_ok=True)
     first = _launch(tmp, "first")
-    ckpts = tmp / "model" / artifacts.CHECKPOINTS
+    ckpts = tmp / "model" / manifests.CHECKPOINTS
     deadline = time.time() + 150
     while time.time() < deadline and first.poll() is None:
         if (ckpts / f"checkpoint-{SAVE_STEPS}" / "manifest.json").exists():
@@ -92,7 +92,7 @@ def killed_and_resumed(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, 
     # A preempted machine: no SIGTERM, no chance to save. torchrun starts each worker in its own
     # session, so the whole process tree is killed, not only torchrun's group.
     _kill_tree(first)
-    complete = [int(p.name.split("-")[1]) for p in ckpts.glob("checkpoint-*") if artifacts.is_complete(p)]
+    complete = [int(p.name.split("-")[1]) for p in ckpts.glob("checkpoint-*") if manifests.is_complete(p)]
     resumed_at = max(complete)
     assert resumed_at < MAX_STEPS, "the first run finished before it was killed; lower SAVE_STEPS"
 
@@ -142,8 +142,8 @@ def test_only_rank_zero_logs_and_publishes_one_model(killed_and_resumed: tuple[P
     info = [line for line in rank1.splitlines() if line.startswith("{") and '"severity": "INFO"' in line]
     assert info == [], f"rank 1 logged: {info[:3]}"
     model = tmp / "model"
-    artifacts.verify(model)
-    meta = artifacts.read_meta(model)
+    manifests.verify(model)
+    meta = manifests.read_meta(model)
     assert meta["metrics"]["steps"] == MAX_STEPS
 
 

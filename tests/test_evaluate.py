@@ -13,9 +13,10 @@ from typing import Any
 
 import pytest
 
-from sqltune import cli, data
-from sqltune.evaluate import parse_shard
-from sqltune.sql.report import METRICS
+from sqltune import cli
+from sqltune.data import loading
+from sqltune.evaluate.cli import parse_shard
+from sqltune.evaluate.report import METRICS
 
 DATASET = "synthetic:60"
 
@@ -29,7 +30,7 @@ def _quiet(monkeypatch: pytest.MonkeyPatch) -> None:
 
 @pytest.fixture(scope="module")
 def examples() -> list[dict[str, str]]:
-    return [dict(r) for r in data.read_rows(DATASET, "train", 42)]
+    return [dict(r) for r in loading.read_rows(DATASET, "train", 42)]
 
 
 def _wrong(sql: str) -> str:
@@ -290,7 +291,7 @@ def test_endpoint_failures(tmp_path: Path, http_server: Any, capsys: pytest.Capt
 
 @pytest.mark.slow
 def test_tiny_model_end_to_end(tmp_path: Path, tiny_model_dir: Path) -> None:
-    from sqltune import artifacts
+    from sqltune.artifacts import manifests
 
     out = tmp_path / "r"
     assert sqltune("--model", str(tiny_model_dir), "--dataset", "synthetic:1500", "--split", "eval", "--limit", "24",
@@ -298,7 +299,7 @@ def test_tiny_model_end_to_end(tmp_path: Path, tiny_model_dir: Path) -> None:
     report, preds = read(out)
     check_report_schema(report)
     assert report["source"]["kind"] == "model"
-    assert report["source"]["fingerprint"] == artifacts.read_manifest(tiny_model_dir)["digest"]
+    assert report["source"]["fingerprint"] == manifests.read_manifest(tiny_model_dir)["digest"]
     assert report["source"]["prompt_template"]["prompt"].endswith("Answer:")
     assert len(preds) == report["results"]["examples"] == 24
     assert all(p["raw_output"].strip() for p in preds), "the model generated text for every question"

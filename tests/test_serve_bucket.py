@@ -8,7 +8,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from sqltune import artifacts
+from sqltune.artifacts import registry
 from sqltune.serve.process import ServerProcess
 
 pytest_plugins = ["fixtures_buckets"]
@@ -18,7 +18,7 @@ pytestmark = pytest.mark.slow
 
 def test_serves_a_published_model_from_a_bucket(bucket, tiny_model_dir: Path, tmp_path: Path) -> None:
     url = f"{bucket.url}/models/tiny-sql"
-    artifacts.publish(tiny_model_dir, url)
+    registry.publish(tiny_model_dir, url)
     env = {**bucket.env, "SQLTUNE_CACHE": str(tmp_path / "cache")}
     body = {"question": "How many employees are older than 30?",
             "context": "CREATE TABLE employees (name VARCHAR, age INTEGER)", "max_tokens": 48}

@@ -15,7 +15,7 @@ import httpx
 import openai
 import pytest
 
-from sqltune import synthetic
+from sqltune.data import synthetic
 from sqltune.prompts import load_template
 from sqltune.serve.process import ServerProcess
 

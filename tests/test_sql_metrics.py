@@ -10,9 +10,10 @@ import pytest
 import sqlglot
 import yaml
 
-from sqltune.sql import metrics
+from sqltune.evaluate import metrics
+from sqltune.evaluate.score import Item, Settings, score_example
+from sqltune.sql.check import unknown_names
 from sqltune.sql.schema import parse_schema, parse_sql
-from sqltune.sql.score import Item, Settings, score_example
 
 CASES = yaml.safe_load((Path(__file__).parent / "assets" / "sql_metric_cases.yaml").read_text())
 
@@ -90,7 +91,7 @@ def test_schema_adherence_names_what_does_not_exist() -> None:
     def unknown(sql: str) -> list[str]:
         parsed = parse_sql(sql, schema)
         assert parsed.ok, parsed.error
-        return metrics.unknown_names(parsed.expression, schema)
+        return unknown_names(parsed.expression, schema)
 
     assert unknown("SELECT name FROM head WHERE age > 3") == []
     assert unknown('SELECT name FROM head WHERE name = "Ann"') == []  # a double-quoted string, not a column

@@ -11,9 +11,9 @@ import pytest
 from sqlglot import exp
 
 from sqltune.errors import DataError
+from sqltune.evaluate.score import Item, Settings, iter_scores
 from sqltune.sql.sandbox import Sandbox
 from sqltune.sql.schema import affinity, parse_schema, parse_sql
-from sqltune.sql.score import Item, Settings, iter_scores
 from sqltune.sql.synth_db import make_plan, synthesise
 
 

@@ -11,8 +11,11 @@ import pytest
 import torch
 from conftest import HF_TOKEN_SENTINEL, ROOT, run_sqltune, sqltune_cmd
 
-from sqltune import artifacts, modeling
+from sqltune import generation
+from sqltune.artifacts import manifests
 from sqltune.config import Config
+from sqltune.finetune import base_models
+from sqltune.finetune.trainer import build_trainer, to_dataset
 
 QUICK = ["--model", "tiny", "--tiny-layers", "2", "--dataset", "synthetic:400", "--train-batch-size", "8",
          "--max-seq-length", "256", "--eval-generate-limit", "0", "--logging-steps", "1", "--learning-rate", "0.003"]
@@ -41,16 +44,15 @@ def _weights(folder: Path) -> dict[str, torch.Tensor]:
 
 def test_loss_is_on_the_completion_only_and_eos_is_learned(tmp_path: Path) -> None:
     from sqltune.prompts import DEFAULT_TEMPLATE
-    from sqltune.train import _build_trainer, _to_dataset
 
     prompt = DEFAULT_TEMPLATE.build_prompt("How many heads are older than 56?", "CREATE TABLE head (age INTEGER)")
     completion = DEFAULT_TEMPLATE.build_completion("SELECT COUNT(*) FROM head WHERE age > 56")
     assert prompt.endswith("Answer:") and completion.startswith(" SELECT")
-    model, tok = modeling.build_tiny([prompt + completion] * 20, layers=1, vocab_size=300)
-    ds, too_long = _to_dataset([(prompt, completion), (prompt * 40, completion)], tok, max_len=128)
+    model, tok = base_models.build_tiny([prompt + completion] * 20, layers=1, vocab_size=300)
+    ds, too_long = to_dataset([(prompt, completion), (prompt * 40, completion)], tok, max_len=128)
     assert too_long == 1 and len(ds) == 1  # long rows are dropped and counted, never truncated
     cfg = Config(max_steps=1, max_seq_length=128)
-    trainer = _build_trainer(cfg, "full", modeling.choose_precision("fp32"), model, tok, ds, None, tmp_path, [])
+    trainer = build_trainer(cfg, "full", generation.choose_precision("fp32"), model, tok, ds, None, tmp_path, [])
     batch = next(iter(trainer.get_train_dataloader()))
     ids, labels = batch["input_ids"][0].tolist(), batch["labels"][0].tolist()
     n_prompt = len(tok(prompt, add_special_tokens=False)["input_ids"])
@@ -62,12 +64,12 @@ def test_loss_is_on_the_completion_only_and_eos_is_learned(tmp_path: Path) -> No
 
 @pytest.mark.slow
 def test_tiny_model_learns_sql(tiny_model_dir: Path) -> None:
-    meta = artifacts.read_meta(tiny_model_dir)
+    meta = manifests.read_meta(tiny_model_dir)
     losses = [h["loss"] for h in meta["loss_history"]]
     assert losses[-1] < losses[0] * 0.5, losses
     # an untrained model writes ~0% parseable SQL; 120 steps on two layers gets well past a quarter
     assert meta["metrics"]["heldout"]["parseable"] >= 0.25, meta["metrics"]["heldout"]
-    artifacts.verify(tiny_model_dir)
+    manifests.verify(tiny_model_dir)
     assert meta["prompt_template"]["prompt"].endswith("Answer:")
     assert HF_TOKEN_SENTINEL not in "".join(p.read_text(errors="ignore") for p in tiny_model_dir.rglob("*.json"))
     assert (tiny_model_dir / "loss.png").stat().st_size > 1000
@@ -134,7 +136,7 @@ def test_sigterm_saves_a_checkpoint_and_exits_nonzero(tmp_path: Path) -> None:
     rest, _ = proc.communicate(timeout=120)
     assert proc.returncode == 143, "".join(lines[-5:])
     ckpts = sorted((out / "checkpoints").glob("checkpoint-*"))
-    assert ckpts and artifacts.is_complete(ckpts[-1]), ckpts
+    assert ckpts and manifests.is_complete(ckpts[-1]), ckpts
     assert 3 <= int(ckpts[-1].name.split("-")[1]) < 500
     assert not (out / "manifest.json").exists()
 
@@ -144,18 +146,19 @@ def test_lora_merge_matches_base_plus_adapter(tmp_path: Path) -> None:
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from sqltune.export import PARITY_PROMPTS
+    from sqltune.finetune.export import parity_prompts
+    from sqltune.prompts import DEFAULT_TEMPLATE, encode_prompt
 
     out = tmp_path / "lora"
     run_sqltune("finetune", *QUICK, "--method", "lora", "--max-steps", "4", "--learning-rate", "0.01",
                 "--target-modules", "q_proj,v_proj", "--output", str(out))
-    meta = artifacts.read_meta(out)
+    meta = manifests.read_meta(out)
     assert meta["method"] == "lora" and meta["config"]["target_modules"] == ["q_proj", "v_proj"]
     tok = AutoTokenizer.from_pretrained(out)
     merged = AutoModelForCausalLM.from_pretrained(out)
     base = AutoModelForCausalLM.from_pretrained(out / ".tiny-base")
     with_adapter = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(out / ".tiny-base"), out / "adapter")
-    ids = tok(PARITY_PROMPTS[0], return_tensors="pt", add_special_tokens=False)
+    ids = {"input_ids": torch.tensor([encode_prompt(tok, parity_prompts(DEFAULT_TEMPLATE)[0])])}
     with torch.inference_mode():
         a, b, c = (m(**ids).logits for m in (with_adapter, merged, base))
     torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-4)
@@ -164,7 +167,7 @@ def test_lora_merge_matches_base_plus_adapter(tmp_path: Path) -> None:
 
 def test_parity_check_refuses_a_mismatch() -> None:
     from sqltune.errors import ModelError
-    from sqltune.export import check_parity
+    from sqltune.finetune.export import check_parity
 
     ref = [torch.randn(1, 4, 10)]
     assert check_parity(ref, [ref[0] + 1e-7], 1e-4) < 1e-4
@@ -178,11 +181,11 @@ def test_qlora_on_cpu_with_bitsandbytes(tiny_model_dir: Path, tmp_path: Path) ->
     out = tmp_path / "qlora"
     run_sqltune("finetune", "--model", str(tiny_model_dir), "--method", "qlora", "--dataset", "synthetic:200",
                 "--max-steps", "3", "--train-batch-size", "4", "--eval-generate-limit", "0", "--output", str(out))
-    meta = artifacts.read_meta(out)
+    meta = manifests.read_meta(out)
     assert meta["method"] == "qlora" and (out / "adapter" / "adapter_model.safetensors").exists()
     cfg = json.loads((out / "config.json").read_text())
     assert "quantization_config" not in cfg  # merged into a full-precision base, never into 4-bit weights
-    artifacts.verify(out)
+    manifests.verify(out)
 
 
 @pytest.mark.slow
@@ -191,19 +194,19 @@ def test_demo_command_runs(tmp_path: Path) -> None:
     env = {"MAX_STEPS": "30", "EVAL_GENERATE_LIMIT": "10", "OUTPUT": str(tmp_path / "demo"), "DATASET": "synthetic:600"}
     proc = run_sqltune("finetune", "--config", "configs/tiny-cpu.yaml", env=env)
     assert "held-out: exact match" in proc.stdout and "predicted:" in proc.stdout
-    artifacts.verify(tmp_path / "demo")
+    manifests.verify(tmp_path / "demo")
     assert "sqltune finetune --config configs/tiny-cpu.yaml" in (ROOT / "Makefile").read_text()
 
 
 def test_resume_path_must_be_a_complete_checkpoint(tmp_path: Path) -> None:
     from sqltune.errors import ConfigError
-    from sqltune.train import find_resume_checkpoint
+    from sqltune.finetune.job import find_resume_checkpoint
 
     ckpts = tmp_path / "checkpoints"
     for step in (5, 10):
         (ckpts / f"checkpoint-{step}").mkdir(parents=True)
         (ckpts / f"checkpoint-{step}" / "model.safetensors").write_bytes(b"x" * step)
-    artifacts.write_manifest(ckpts / "checkpoint-5", exclude=())
+    manifests.write_manifest(ckpts / "checkpoint-5", exclude=())
     # checkpoint-10 has no manifest: the job died while saving it
     assert find_resume_checkpoint(ckpts, "auto") == ckpts / "checkpoint-5"
     assert find_resume_checkpoint(ckpts, "never") is None

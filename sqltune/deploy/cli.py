@@ -49,15 +49,15 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run_render(args: argparse.Namespace) -> int:
-    from sqltune.deploy import render
+    from sqltune.deploy import common, render
 
     cfg, _ = config.from_namespace(args)
     paths = render.write(render.render(cfg, args.target), args.out)
     for path in paths:
         print(path)
-    for warning in render.warnings(cfg, args.target):
+    for warning in common.warnings(cfg, args.target):
         print(f"warning: {warning}", file=sys.stderr)
-    n = render.names(cfg)
+    n = common.names(cfg)
     if not n.registry:
         print("note: images are bare local names; pass --project and --region (or --image-registry) "
               "to point the manifests at Artifact Registry", file=sys.stderr)
@@ -65,14 +65,14 @@ def run_render(args: argparse.Namespace) -> int:
 
 
 def run_cloudrun(args: argparse.Namespace) -> int:
-    from sqltune.deploy import cloudrun, render
+    from sqltune.deploy import cloudrun, common, render
 
     cfg, _ = config.from_namespace(args)
     cloudrun.require(cfg)
     if not args.teardown:
-        render.check(cfg, "cloudrun")  # what Cloud Run would reject fails before any gcloud call
+        common.check(cfg, "cloudrun")  # what Cloud Run would reject fails before any gcloud call
     gcloud = cloudrun.Gcloud()
-    n = render.names(cfg)
+    n = common.names(cfg)
     where = f"project {n.project}, region {n.region}"
     if args.teardown:
         steps = cloudrun.teardown_plan(cfg, n, gcloud)
@@ -96,7 +96,7 @@ def run_cloudrun(args: argparse.Namespace) -> int:
 
     out = Path(args.out)
     render.write(render.render(cfg, "cloudrun"), out)
-    for warning in render.warnings(cfg, "cloudrun"):
+    for warning in common.warnings(cfg, "cloudrun"):
         print(f"warning: {warning}", file=sys.stderr)
     steps = cloudrun.plan(cfg, n, out, gcloud, rebuild=args.rebuild, execute=args.execute)
     if args.dry_run:

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from sqltune.config import Config
-from sqltune.deploy.render import Names
+from sqltune.deploy.common import Names
 from sqltune.errors import DeployError
 
 # Resources sqltune creates carry this label, so teardown removes those and keeps the ones it found.

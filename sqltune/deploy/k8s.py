@@ -9,16 +9,7 @@ from __future__ import annotations
 from typing import Any
 
 from sqltune.config import Config
-from sqltune.deploy.render import (
-    MOUNT_PATH,
-    RUN_AS_UID,
-    SERVE_PORT,
-    Names,
-    job_env,
-    serve_args,
-    serve_env,
-    to_yaml,
-)
+from sqltune.deploy.common import MOUNT_PATH, RUN_AS_UID, SERVE_PORT, Names, job_env, serve_args, serve_env, to_yaml
 
 
 def _labels(component: str) -> dict[str, str]:

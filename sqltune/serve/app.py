@@ -23,15 +23,14 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException
-from starlette.responses import StreamingResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from sqltune import __version__, logs
 from sqltune.config import Config
-from sqltune.serve.engines import Delta, Engine, SamplingParams, complete
+from sqltune.serve.engines.base import Engine, SamplingParams, complete
 from sqltune.serve.metrics import Metrics
 from sqltune.serve.protocol import error_body
-from sqltune.serve.service import ApiError, Job, Service
+from sqltune.serve.service import ApiError, Service
 
 log = logs.get("serve")
 access_log = logs.get("serve.access")
@@ -101,78 +100,6 @@ async def _load(app: FastAPI) -> None:
     logs.event(log, "ready", engine=engine.name, model=engine.model_id, max_model_len=engine.max_model_len,
                seconds=round(time.perf_counter() - started, 2))
 
-
-def require_ready(request: Request) -> Service:
-    """The service, once the model is loaded and warm; 503 with Retry-After before that and while draining."""
-    state = request.app.state
-    if state.draining:
-        raise ApiError(503, "server is shutting down", "service_unavailable", "draining")
-    if not state.ready:
-        msg = f"model failed to load: {state.load_error}" if state.load_error else "model is still loading"
-        raise ApiError(503, msg, "service_unavailable", "not_ready", headers={"Retry-After": "5"})
-    return state.service
-
-
-def check_model(request: Request, model: str | None) -> None:
-    served = request.app.state.engine.model_id
-    if model and model != served:
-        raise ApiError(404, f"model `{model}` does not exist; this server serves `{served}` (see /v1/models)",
-                       code="model_not_found", param="model")
-
-
-async def cancel_on_disconnect(request: Request, work: Awaitable[Any]) -> Any:
-    """Run `work` unless the client goes away first, in which case it is cancelled (and with it the
-    generation it started). Streaming responses get the same from Starlette itself."""
-    task = asyncio.ensure_future(work)
-
-    async def gone() -> None:
-        while (await request.receive())["type"] != "http.disconnect":
-            pass
-
-    watcher = asyncio.ensure_future(gone())
-    try:
-        done, _ = await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
-        if task in done:
-            return task.result()
-        task.cancel()
-        with contextlib.suppress(BaseException):
-            await task
-        logs.event(log, "client disconnected; generation cancelled", path=request.url.path)
-        raise ApiError(499, "client closed the request", code="client_closed")
-    finally:
-        watcher.cancel()
-
-
-async def open_stream(service: Service, jobs: list[Job]) -> tuple[AsyncIterator[tuple[int, Delta]],
-                                                                 Callable[[], Awaitable[None]]]:
-    """Admit jobs for a streaming response (429 now, before any byte is sent); the returned
-    `close` releases them and is safe to call twice."""
-    stream = service.stream(jobs)
-    deltas = await stream.__aenter__()
-    closed = False
-
-    async def close() -> None:
-        nonlocal closed
-        if not closed:
-            closed = True
-            await stream.__aexit__(None, None, None)
-
-    return deltas, close
-
-
-class ClosingStream(StreamingResponse):
-    """A StreamingResponse that always runs `close`, even when its body was never iterated
-    (a client gone before the first byte)."""
-
-    def __init__(self, content: AsyncIterator[Any], close: Callable[[], Awaitable[None]], **kwargs: Any) -> None:
-        super().__init__(content, **kwargs)
-        self.close = close
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        try:
-            await super().__call__(scope, receive, send)
-        finally:
-            await self.close()
 
 
 def _install_error_handlers(app: FastAPI) -> None:

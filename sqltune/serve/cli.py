@@ -31,17 +31,20 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--dtype", dest="dtype", default=argparse.SUPPRESS, choices=["auto", "bf16", "fp16", "fp32"],
                    help="Compute dtype; auto = bf16 on GPUs that support it, fp16 on older GPUs, fp32 on CPU. "
                         "[env DTYPE]")
-    config.add_arguments(p, groups=["serve"])
+    config.add_arguments(p, groups=["serve", "buckets"])
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
+    from sqltune.artifacts import storage
+
     cfg, sources = config.from_namespace(args)
     logs.setup(cfg.log_level)
+    storage.configure(cfg)  # bucket_endpoint, transfer_workers and model_cache apply to the model fetch
     url = cfg.model_name if "model_name" in sources else cfg.output_dir
     model_dir, template, meta = resolve(url)
     from sqltune.serve.app import create_app
-    from sqltune.serve.engines import create_engine
+    from sqltune.serve.engines.factory import create_engine
 
     engine = create_engine(cfg, model_dir, template, meta)
     app = create_app(cfg, engine)
@@ -53,18 +56,19 @@ def run(args: argparse.Namespace) -> int:
 
 def resolve(url: str) -> tuple[Path, Any, dict[str, Any]]:
     """A verified local folder with its prompt template and metadata, or a clear refusal."""
-    from sqltune import artifacts, prompts
+    from sqltune import prompts
+    from sqltune.artifacts import manifests, registry
 
-    if not artifacts.is_remote(url):
-        local = artifacts.local_path(url)
+    if not manifests.is_remote(url):
+        local = manifests.local_path(url)
         if not local.is_dir():
             from sqltune.errors import ArtifactError
 
             raise ArtifactError(f"model folder {local} does not exist",
                                 "pass --model with a folder written by `sqltune finetune`, or a gs:// / s3:// URL")
         prompts.load_template(local)  # refuse a folder without its template before checking anything else
-    model_dir = artifacts.resolve_model(url)
-    return model_dir, prompts.load_template(model_dir), artifacts.read_meta(model_dir)
+    model_dir = registry.resolve_model(url)
+    return model_dir, prompts.load_template(model_dir), manifests.read_meta(model_dir)
 
 
 def serve(app: Any, cfg: config.Config) -> int:

@@ -15,8 +15,8 @@ from typing import Any
 from fastapi import APIRouter, Depends, Request
 from starlette.responses import StreamingResponse
 
-from sqltune.serve.app import ApiError, ClosingStream, cancel_on_disconnect, check_model, open_stream, require_ready
-from sqltune.serve.engines import Completion, Delta
+from sqltune.serve.deps import ClosingStream, cancel_on_disconnect, check_model, open_stream, require_ready
+from sqltune.serve.engines.base import Completion, Delta
 from sqltune.serve.protocol import (
     ChatCompletionRequest,
     CompletionRequest,
@@ -27,7 +27,7 @@ from sqltune.serve.protocol import (
     error_body,
     new_id,
 )
-from sqltune.serve.service import Job, Service
+from sqltune.serve.service import ApiError, Job, Service
 
 router = APIRouter()
 
@@ -35,7 +35,8 @@ router = APIRouter()
 @router.get("/v1/models", response_model=ModelList)
 async def models(request: Request) -> ModelList:
     engine = request.app.state.engine
-    return ModelList(data=[ModelCard(id=engine.model_id, max_model_len=engine.max_model_len)])
+    return ModelList(data=[ModelCard(id=engine.model_id, max_model_len=engine.max_model_len,
+                                     prompt_template=engine.template.to_dict())])
 
 
 @router.post("/v1/completions")

@@ -152,6 +152,8 @@ class ModelCard(BaseModel):
     created: int = Field(default_factory=lambda: int(time.time()))
     owned_by: str = "sqltune"
     max_model_len: int | None = None
+    # sqltune's extension: the template the model was trained with, so clients build the same prompt
+    prompt_template: dict[str, str] | None = None
 
 
 class ModelList(BaseModel):

@@ -14,16 +14,15 @@ from pydantic import ValidationError
 
 from sqltune.errors import DataError
 from sqltune.prompts import extract_sql
-from sqltune.serve.app import ApiError, ClosingStream, cancel_on_disconnect, check_model, open_stream, require_ready
+from sqltune.serve.deps import ClosingStream, cancel_on_disconnect, check_model, open_stream, require_ready
 from sqltune.serve.protocol import GenerateRequest, PredictRequest, Sampling, SqlRequest, SqlResponse, Usage
-from sqltune.serve.service import Service
-from sqltune.serve.sqlcheck import check_sql
+from sqltune.serve.service import ApiError, Service
+from sqltune.sql.check import check_sql
 from sqltune.sql.schema import parse_schema
 
 router = APIRouter()
 
 # The model learned to end an answer with EOS; these catch one that runs on into a new example.
-SQL_STOPS = ("\nQuestion:", "\nContext:", "\n\n")
 
 
 @router.get("/health")
@@ -98,9 +97,9 @@ async def answer_sql(service: Service, body: SqlRequest) -> SqlResponse:
         raise ApiError(400, f"schema: {e.message}", code="invalid_schema",
                        param="schema" if body.schema_ else "context") from None
     prompt = service.engine.template.build_prompt(body.question, ddl)
-    sampling = Sampling(max_tokens=body.max_tokens, stop=list(SQL_STOPS))
+    sampling = Sampling(max_tokens=body.max_tokens, stop=list(service.engine.template.stops))
     (result,) = await service.complete([service.job(prompt, sampling, param="question")])
-    text = extract_sql(result.text, service.engine.eos_token)
+    text = extract_sql(result.text, service.engine.eos_token, service.engine.template)
     check = check_sql(text, schema)
     usage = Usage()
     usage.add(result.prompt_tokens, result.completion_tokens)

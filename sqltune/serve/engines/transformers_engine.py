@@ -23,7 +23,7 @@ from typing import Any
 from sqltune import logs
 from sqltune.config import Config
 from sqltune.prompts import PromptTemplate
-from sqltune.serve.engines import Delta, SamplingParams, model_context_length, model_id_for
+from sqltune.serve.engines.base import Delta, SamplingParams, model_context_length, model_id_for
 from sqltune.serve.engines.text import TextStream
 
 log = logs.get("serve.engine")
@@ -82,7 +82,7 @@ class TransformersEngine:
 
     def _load(self) -> Any:
         from sqltune import generation
-        from sqltune.modeling import choose_precision
+        from sqltune.generation import choose_precision
 
         if not logs.show_progress():
             from transformers.utils import logging as hf_logging

@@ -24,7 +24,7 @@ from sqltune import logs
 from sqltune.config import Config
 from sqltune.errors import ModelError
 from sqltune.prompts import PromptTemplate
-from sqltune.serve.engines import Delta, SamplingParams, model_context_length, model_id_for
+from sqltune.serve.engines.base import Delta, SamplingParams, model_context_length, model_id_for
 
 log = logs.get("serve.engine")
 
@@ -45,7 +45,7 @@ def engine_args(cfg: Config, model_dir: Path) -> dict[str, Any]:
         args["max_model_len"] = cfg.max_model_len
     # the transformers engine's precision rule (fp32 on CPU, bf16/fp16 on GPUs), not vLLM's own
     # `auto`, which halves an fp32 checkpoint even on CPU: both engines then agree token for token
-    from sqltune.modeling import choose_precision
+    from sqltune.generation import choose_precision
 
     name = choose_precision(cfg.dtype).name
     args["dtype"] = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}[name]

@@ -24,7 +24,8 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from sqltune import __version__, config, logs, storage
+from sqltune import __version__, config, logs
+from sqltune.artifacts import storage
 from sqltune.errors import ConfigError, DataError
 
 log = logs.get("eval")
@@ -51,7 +52,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                    "lists gold queries that fail on their own context and checks that EX is 100%%.")
     p.add_argument("--compare", nargs="+", metavar="REPORT", help="Print two or more reports (report.json or "
                    "their folders) side by side, with the examples where they disagree.")
-    config.add_arguments(p, groups=["eval"])
+    config.add_arguments(p, groups=["eval", "buckets"])
     p.set_defaults(func=run)
     actions = p.add_subparsers(dest="eval_action", metavar="merge")
     merge = actions.add_parser("merge", help="Join shard reports into one report.")
@@ -75,26 +76,26 @@ def parse_shard(spec: str, environ: Mapping[str, str]) -> tuple[int, int]:
 def _model_meta(cfg: config.Config, mode: str) -> dict[str, Any]:
     if mode != "model":
         return {}
-    from sqltune import artifacts
+    from sqltune.artifacts import manifests
 
     path = Path(cfg.model_name)
-    return artifacts.read_meta(path) if (path / artifacts.SQLTUNE_META).is_file() else {}
+    return manifests.read_meta(path) if (path / manifests.SQLTUNE_META).is_file() else {}
 
 
 def load_examples(cfg: config.Config, sources: Mapping[str, str], meta: Mapping[str, Any]) -> tuple[list[Any], dict[str, Any]]:
     """The examples to evaluate (split, then a seeded --limit sample, in dataset order) and their description."""
-    from sqltune import data
+    from sqltune.data import loading
 
     trained = meta.get("config", {})
     source = cfg.dataset if "dataset" in sources else trained.get("dataset", "")
     if not source:
         raise ConfigError("no dataset to evaluate on", "pass --dataset (a hub id, a .jsonl file or synthetic:N)")
     fraction = cfg.eval_fraction if "eval_fraction" in sources else trained.get("eval_fraction", cfg.eval_fraction)
-    report = data.DataReport(source=source)
-    rows = data.read_rows(source, cfg.dataset_split, cfg.seed)
-    examples = data.clean(rows, data.parse_columns(cfg.column_map), report)
+    report = loading.DataReport(source=source)
+    rows = loading.read_rows(source, cfg.dataset_split, cfg.seed)
+    examples = loading.clean(rows, loading.parse_columns(cfg.column_map), report)
     if cfg.eval_split != "all":
-        examples = [ex for ex in examples if data.is_eval(ex.question, fraction) == (cfg.eval_split == "eval")]
+        examples = [ex for ex in examples if loading.is_eval(ex.question, fraction) == (cfg.eval_split == "eval")]
     if 0 <= cfg.eval_limit < len(examples):
         keep = sorted(random.Random(cfg.seed).sample(range(len(examples)), cfg.eval_limit))
         examples = [examples[i] for i in keep]
@@ -102,7 +103,7 @@ def load_examples(cfg: config.Config, sources: Mapping[str, str], meta: Mapping[
         raise DataError(f"no examples in split `{cfg.eval_split}` of {source}",
                         "use --split all, or a larger dataset / --eval-fraction")
     desc = {"source": source, "split": cfg.eval_split, "dataset_split": cfg.dataset_split, "eval_fraction": fraction,
-            "limit": cfg.eval_limit, "examples": len(examples), "fingerprint": data.fingerprint(examples),
+            "limit": cfg.eval_limit, "examples": len(examples), "fingerprint": loading.fingerprint(examples),
             "skipped": dict(report.skipped), "duplicates": report.duplicates}
     return examples, desc
 
@@ -115,15 +116,15 @@ def _progress_bar(total: int, desc: str) -> Any:
 
 def predict(cfg: config.Config, mode: str, examples: Sequence[Any], all_examples_rows: list[dict[str, Any]] | None
             ) -> tuple[list[Any], dict[str, Any]]:
-    from sqltune import eval_sources as src
+    from sqltune.evaluate import sources as src
 
     pairs = [(ex.question, ex.context) for ex in examples]
     with _progress_bar(len(pairs), "generate") as bar:
         if mode == "gold":
-            from sqltune import data
+            from sqltune.data import loading
 
             preds = [src.Prediction(ex.answer) for ex in examples]
-            info = {"kind": "gold", "name": "gold-self-check", "fingerprint": data.fingerprint(examples)}
+            info = {"kind": "gold", "name": "gold-self-check", "fingerprint": loading.fingerprint(examples)}
         elif mode == "predictions":
             preds = src.match_predictions(all_examples_rows or [], examples, cfg.eval_predictions)
             info = {"kind": "predictions", "path": cfg.eval_predictions, "name": Path(cfg.eval_predictions).stem,
@@ -145,7 +146,7 @@ def _sha256(path: Path) -> str:
 
 
 def score(items: Sequence[Any], settings: Any, workers: int) -> list[dict[str, Any]]:
-    from sqltune.sql.score import iter_scores
+    from sqltune.evaluate.score import iter_scores
 
     records = []
     step = max(1, len(items) // 10)
@@ -177,24 +178,26 @@ def _mode(cfg: config.Config, sources: Mapping[str, str], self_check: bool = Fal
 def run(args: argparse.Namespace) -> int:
     if args.compare:
         return run_compare(args.compare)
-    from sqltune.sql import report as rep
-    from sqltune.sql.score import Item, Settings
+    from sqltune.evaluate import report as rep
+    from sqltune.evaluate.score import Item, Settings
 
     cfg, sources = config.from_namespace(args)
     logs.setup(cfg.log_level)
+    storage.configure(cfg)  # bucket_endpoint, transfer_workers and model_cache apply to models and reports
     mode = _mode(cfg, sources, getattr(args, "self_check", False))
     shard_index, shard_count = parse_shard(cfg.eval_shard, os.environ)
     rows: list[dict[str, Any]] | None = None
     if mode == "predictions":
-        from sqltune import eval_sources
+        from sqltune.evaluate import sources as src
 
-        rows = eval_sources.read_predictions(cfg.eval_predictions)
+        rows = src.read_predictions(cfg.eval_predictions)
     if mode == "predictions" and "dataset" not in sources:
-        from sqltune import data, eval_sources
+        from sqltune.data import loading
+        from sqltune.evaluate import sources as src
 
-        examples = eval_sources.examples_from_predictions(rows or [], cfg.eval_predictions)
+        examples = src.examples_from_predictions(rows or [], cfg.eval_predictions)
         dataset = {"source": cfg.eval_predictions, "split": "all", "examples": len(examples),
-                   "fingerprint": data.fingerprint(examples)}
+                   "fingerprint": loading.fingerprint(examples)}
     else:
         examples, dataset = load_examples(cfg, sources, _model_meta(cfg, mode))
     indices = [i for i in range(len(examples)) if i % shard_count == shard_index]
@@ -241,7 +244,7 @@ def _slug(name: str) -> str:
 
 
 def write_report(out: str, report: dict[str, Any], records: Sequence[dict[str, Any]], *, chart: bool = True) -> None:
-    from sqltune.sql import report as rep
+    from sqltune.evaluate import report as rep
 
     lines = "".join(json.dumps(r, ensure_ascii=False, default=str) + "\n" for r in records)
     storage.write_bytes(storage.join(out, PREDICTIONS), lines.encode())
@@ -262,7 +265,7 @@ def read_report(where: str) -> tuple[dict[str, Any], list[dict[str, Any]]]:
 
 
 def run_compare(paths: Sequence[str]) -> int:
-    from sqltune.sql import report as rep
+    from sqltune.evaluate import report as rep
 
     if len(paths) < 2:
         raise ConfigError("--compare needs two or more reports", "pass e.g. --compare reports/a reports/b")
@@ -276,7 +279,7 @@ def run_compare(paths: Sequence[str]) -> int:
 
 def run_merge(args: argparse.Namespace) -> int:
     """Join shard-*-of-N reports: check every shard is there and from the same run, re-aggregate."""
-    from sqltune.sql import report as rep
+    from sqltune.evaluate import report as rep
 
     logs.setup("info")
     shards = {}

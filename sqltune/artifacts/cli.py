@@ -42,28 +42,28 @@ def _metrics(meta: dict[str, Any]) -> dict[str, Any]:
 
 def list_versions(url: str) -> list[Version]:
     """Every version prefix under `url`, oldest first, with completeness and metrics."""
-    from sqltune import artifacts, storage
+    from sqltune.artifacts import manifests, storage
 
-    pointer = storage.read_bytes(storage.join(url, artifacts.LATEST))
+    pointer = storage.read_bytes(storage.join(url, manifests.LATEST))
     latest = json.loads(pointer).get("version") if pointer else None
 
     def one(name: str) -> Version:
-        vurl = storage.join(url, artifacts.VERSIONS, name)
-        raw = storage.read_bytes(storage.join(vurl, artifacts.MANIFEST))
+        vurl = storage.join(url, manifests.VERSIONS, name)
+        raw = storage.read_bytes(storage.join(vurl, manifests.MANIFEST))
         if raw is None:
             return Version(name, vurl, complete=False, latest=name == latest)
         manifest = json.loads(raw)
         files = manifest.get("files", {})
         v = Version(name, vurl, True, name == latest, files=len(files), digest=manifest.get("digest", ""),
                     bytes=sum(f["size"] for f in files.values()))
-        meta_raw = storage.read_bytes(storage.join(vurl, artifacts.SQLTUNE_META))
+        meta_raw = storage.read_bytes(storage.join(vurl, manifests.SQLTUNE_META))
         if meta_raw:
             meta = json.loads(meta_raw)
             v.created, v.metrics = meta.get("created", ""), _metrics(meta)
         return v
 
     with ThreadPoolExecutor(max_workers=8) as pool:
-        return list(pool.map(one, storage.list_dirs(storage.join(url, artifacts.VERSIONS))))
+        return list(pool.map(one, storage.list_dirs(storage.join(url, manifests.VERSIONS))))
 
 
 def render(versions: list[Version]) -> str:
@@ -95,7 +95,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def _setup(args: argparse.Namespace) -> None:
-    from sqltune import storage
+    from sqltune.artifacts import storage
 
     cfg, _ = config.from_namespace(args)
     logs.setup(cfg.log_level)
@@ -110,9 +110,9 @@ def run_list(args: argparse.Namespace) -> int:
 
 
 def run_fetch(args: argparse.Namespace) -> int:
-    from sqltune import artifacts
+    from sqltune.artifacts import registry
 
     _setup(args)
-    got = artifacts.fetch(args.url)
+    got = registry.fetch(args.url)
     print(got.path)
     return 0

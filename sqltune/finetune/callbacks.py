@@ -11,7 +11,8 @@ from typing import Any
 
 from transformers import TrainerCallback
 
-from sqltune import artifacts, logs
+from sqltune import logs
+from sqltune.artifacts import manifests
 
 log = logs.get("train")
 
@@ -59,7 +60,7 @@ class CheckpointManifest(TrainerCallback):
             return
         folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
         if folder.is_dir():
-            artifacts.write_manifest(folder, exclude=(), step=state.global_step)
+            manifests.write_manifest(folder, exclude=(), step=state.global_step)
             logs.event(log, "checkpoint saved", step=state.global_step, path=str(folder))
 
 

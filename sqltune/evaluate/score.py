@@ -19,7 +19,8 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 from sqltune.errors import DataError
-from sqltune.sql import metrics
+from sqltune.evaluate import metrics
+from sqltune.sql import check
 from sqltune.sql.sandbox import EMPTY, MULTIPLE, SYNTAX, ExecResult, Sandbox
 from sqltune.sql.schema import Parsed, Schema, parse_schema, parse_sql
 from sqltune.sql.synth_db import make_plan, synthesise
@@ -134,7 +135,7 @@ def _score_prediction(item: Item, schema: Schema, gold: Parsed, boxes: list[tupl
     gold_expr = gold.expression if gold.ok else None
     same_text = metrics.strip_sql(item.predicted) == metrics.strip_sql(item.gold)
     pred = gold if same_text else parse_sql(item.predicted, schema)
-    unknown = metrics.unknown_names(pred.expression, schema) if pred.ok and pred.expression is not None else []
+    unknown = check.unknown_names(pred.expression, schema) if pred.ok and pred.expression is not None else []
     fields: dict[str, Any] = {
         **common, "gold_ok": True, "gold_empty": not any(_informative(r) for _, r in boxes),
         "unknown_names": unknown, "schema_ok": pred.ok and not unknown}

@@ -1,6 +1,5 @@
 """Load, validate and split text-to-SQL examples.
 
-    sqltune data synth --n 2000 --out data/synthetic.jsonl
     sqltune data check --dataset ../shared/data/sql-create-context/train.jsonl
 
 Sources: a hub id (datasets.load_dataset, HF_TOKEN read here), a local .json / .jsonl /
@@ -11,7 +10,6 @@ same question never sits on both sides, whatever the limit, order or machine.
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import json
 import os
@@ -103,7 +101,7 @@ def _read_json_lines(path: Path) -> Iterator[dict[str, Any] | str]:
 def read_rows(source: str, split: str = "train", seed: int = 0) -> Iterator[Any]:
     """Raw rows from any supported source, before validation."""
     if source.startswith("synthetic:"):
-        from sqltune import synthetic
+        from sqltune.data import synthetic
 
         count = source.split(":", 1)[1]
         if not count.isdigit() or int(count) < 1:
@@ -220,34 +218,3 @@ def write_jsonl(examples: Iterable[dict[str, Any]], path: str | Path) -> int:
             fh.write(json.dumps(ex, ensure_ascii=False) + "\n")
             count += 1
     return count
-
-
-def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("data", help="Generate or check datasets.")
-    dsub = p.add_subparsers(dest="data_command", metavar="ACTION", required=True)
-    synth = dsub.add_parser("synth", help="Write N synthetic examples as JSON lines.")
-    synth.add_argument("--n", type=int, default=1000, help="Number of examples.")
-    synth.add_argument("--seed", type=int, default=0, help="Generator seed.")
-    synth.add_argument("--out", required=True, help="Output .jsonl path.")
-    synth.set_defaults(func=_run_synth)
-    check = dsub.add_parser("check", help="Validate a dataset and print the counts by reason.")
-    check.add_argument("--dataset", required=True, help="Hub id, local file, or synthetic:N.")
-    check.add_argument("--column-map", dest="columns", default="", help="Column mapping: question=q,context=schema,answer=sql.")
-    check.add_argument("--eval-fraction", type=float, default=0.05)
-    check.set_defaults(func=_run_check)
-
-
-def _run_synth(args: argparse.Namespace) -> int:
-    from sqltune import synthetic
-
-    if args.n < 1:
-        raise DataError(f"--n {args.n} must be at least 1", "use e.g. --n 1000")
-    count = write_jsonl(synthetic.generate(args.n, seed=args.seed), args.out)
-    print(f"wrote {count} examples to {args.out}")
-    return 0
-
-
-def _run_check(args: argparse.Namespace) -> int:
-    splits = load_splits(args.dataset, columns=args.columns, eval_fraction=args.eval_fraction)
-    print(json.dumps(splits.report.to_dict(), indent=2))
-    return 0

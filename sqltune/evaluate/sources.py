@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from sqltune import logs, prompts
-from sqltune.data import Example
+from sqltune.data.loading import Example
 from sqltune.errors import ConfigError, DataError, SqltuneError
 
 log = logs.get("eval")
@@ -45,7 +45,8 @@ class Prediction:
 def from_model(model: str, pairs: Sequence[tuple[str, str]], *, batch_size: int, max_new_tokens: int,
                progress: Progress) -> tuple[list[Prediction], dict[str, Any]]:
     """Greedy SQL from a local (or bucket) model with the template stored in its artifact."""
-    from sqltune import artifacts, generation
+    from sqltune import generation
+    from sqltune.artifacts import manifests
 
     loaded = generation.load(model)
     texts = [loaded.template.build_prompt(q, c) for q, c in pairs]
@@ -54,9 +55,9 @@ def from_model(model: str, pairs: Sequence[tuple[str, str]], *, batch_size: int,
     for start in range(0, len(order), batch_size):
         idx = order[start:start + batch_size]
         for i, c in zip(idx, generation.generate(loaded, [texts[i] for i in idx], max_new_tokens), strict=True):
-            out[i] = Prediction(prompts.extract_sql(c.text, loaded.tokenizer.eos_token), c.text)
+            out[i] = Prediction(prompts.extract_sql(c.text, loaded.tokenizer.eos_token, loaded.template), c.text)
         progress(len(idx))
-    manifest = artifacts.read_manifest(loaded.path)
+    manifest = manifests.read_manifest(loaded.path)
     meta = loaded.meta or {}
     info = {"kind": "model", "model": model, "path": str(loaded.path), "fingerprint": manifest.get("digest", ""),
             "name": meta.get("config", {}).get("new_model") or Path(str(model).rstrip("/")).name,
@@ -119,6 +120,9 @@ class Endpoint:
         models = self._request("GET", "/v1/models")
         data = models.json().get("data", []) if models.status_code < 400 else []
         self.model_id = data[0]["id"] if data else "default"
+        # the served model's own template (sqltune servers publish it), else the default one
+        stored = data[0].get("prompt_template") if data else None
+        self.template = prompts.PromptTemplate.from_dict(stored) if stored else prompts.DEFAULT_TEMPLATE
         self.route = "completions"
 
     def one(self, question: str, context: str) -> Prediction:
@@ -127,15 +131,15 @@ class Endpoint:
                 body = self._request("POST", "/v1/sql", {"question": question, "context": context,
                                                          "max_tokens": self.max_new_tokens}).json()
                 return Prediction(body.get("sql", ""), body.get("sql", ""))
-            prompt = prompts.build_prompt(question, context)
+            prompt = self.template.build_prompt(question, context)
             resp = self._request("POST", "/v1/completions", {
                 "model": self.model_id, "prompt": prompt, "max_tokens": self.max_new_tokens, "temperature": 0.0,
-                "stop": ["\n\n", "\nQuestion:"]})
+                "stop": list(self.template.stops)})
             if resp.status_code >= 400:
                 raise EndpointError(f"{self.url} has neither /v1/sql nor /v1/completions ({resp.status_code})",
                                     "point --endpoint at a sqltune or OpenAI-compatible server")
             text = resp.json()["choices"][0]["text"]
-            return Prediction(prompts.extract_sql(text), text)
+            return Prediction(prompts.extract_sql(text, template=self.template), text)
         except RetriesExhausted as e:  # one failing example is recorded, not fatal to the run
             return Prediction("", "", e.message)
 

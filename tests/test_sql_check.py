@@ -1,7 +1,7 @@
 """The /v1/sql check (sqlglot against the request's schema), cross-checked with SQLite, and the
 stop-string handling of streamed text. No server needed.
 
-    pytest tests/test_serve_sqlcheck.py
+    pytest tests/test_sql_check.py
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ import sqlite3
 import pytest
 
 from sqltune.serve.engines.text import TextStream
-from sqltune.serve.sqlcheck import check_sql
+from sqltune.sql.check import check_sql
 from sqltune.sql.schema import parse_schema
 
 SCHEMA = "CREATE TABLE head (age INTEGER, name VARCHAR); CREATE TABLE dept (id INTEGER, head_name TEXT)"

@@ -21,117 +21,28 @@ import os
 import secrets
 import shutil
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from sqltune import logs, storage
+from sqltune import logs
+from sqltune.artifacts import storage
+from sqltune.artifacts.manifests import (
+    LATEST,
+    MANIFEST,
+    VERSIONS,
+    is_remote,
+    local_path,
+    locked,
+    manifest_digest,
+    sha256_file,
+    verify,
+)
 from sqltune.errors import ArtifactError
 
 log = logs.get("artifacts")
-
-MANIFEST = "manifest.json"
-SQLTUNE_META = "sqltune.json"
-CHECKPOINTS = "checkpoints"
-VERSIONS = "versions"
-LATEST = "latest"
-MANIFEST_VERSION = 1
-
-
-def is_remote(url: str) -> bool:
-    return "://" in url and not url.startswith("file://")
-
-
-def local_path(url: str) -> Path:
-    return Path(url[len("file://"):] if url.startswith("file://") else url)
-
-
-def sha256_file(path: Path, chunk: int = 8 << 20) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as fh:
-        while block := fh.read(chunk):
-            h.update(block)
-    return h.hexdigest()
-
-
-def _files(folder: Path, exclude: Iterable[str]) -> list[Path]:
-    skip = set(exclude) | {MANIFEST}
-    out = []
-    for p in sorted(folder.rglob("*")):
-        rel = p.relative_to(folder)
-        if p.is_file() and rel.parts[0] not in skip and not rel.parts[0].startswith("."):
-            out.append(p)
-    return out
-
-
-def write_manifest(folder: str | Path, exclude: Iterable[str] = (CHECKPOINTS,), **extra: Any) -> dict[str, Any]:
-    """Write manifest.json (files, sizes, sha256) atomically; call it after every other file."""
-    root = Path(folder)
-    files = {str(p.relative_to(root)): {"size": p.stat().st_size, "sha256": sha256_file(p)}
-             for p in _files(root, exclude)}
-    manifest = {"version": MANIFEST_VERSION, "files": files, **extra}
-    manifest["digest"] = hashlib.sha256(json.dumps(files, sort_keys=True).encode()).hexdigest()
-    tmp = root / f".{MANIFEST}.tmp"
-    tmp.write_text(json.dumps(manifest, indent=2, sort_keys=True))
-    os.replace(tmp, root / MANIFEST)
-    return manifest
-
-
-def read_manifest(folder: str | Path) -> dict[str, Any]:
-    path = Path(folder) / MANIFEST
-    if not path.is_file():
-        raise ArtifactError(f"{folder} has no {MANIFEST}: it is not a finished sqltune model "
-                            "(the job may have been killed before it finished)",
-                            "point at a complete model, or rerun `sqltune finetune` with the same output to resume")
-    try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise ArtifactError(f"{path} is not valid JSON: {e}", "republish the model") from None
-
-
-def verify(folder: str | Path, *, checksums: bool = True) -> dict[str, Any]:
-    """Check that every file in the manifest is present with its size (and sha256)."""
-    root = Path(folder)
-    manifest = read_manifest(root)
-    for name, entry in manifest["files"].items():
-        p = root / name
-        if not p.is_file():
-            raise ArtifactError(f"{p} is listed in the manifest but missing", "republish or re-fetch the model")
-        if p.stat().st_size != entry["size"]:
-            raise ArtifactError(f"{p} has {p.stat().st_size} bytes, the manifest says {entry['size']}",
-                                "the file is truncated or was changed: republish or re-fetch the model")
-        if checksums and sha256_file(p) != entry["sha256"]:
-            raise ArtifactError(f"{p} does not match its sha256 in the manifest (corrupt file)",
-                                "republish or re-fetch the model")
-    return manifest
-
-
-def is_complete(folder: str | Path) -> bool:
-    try:
-        verify(folder, checksums=False)
-    except ArtifactError:
-        return False
-    return True
-
-
-def read_meta(folder: str | Path) -> dict[str, Any]:
-    path = Path(folder) / SQLTUNE_META
-    if not path.is_file():
-        raise ArtifactError(f"{folder} has no {SQLTUNE_META}",
-                            "point at a folder written by `sqltune finetune`")
-    return json.loads(path.read_text())
-
-
-def manifest_digest(files: dict[str, Any]) -> str:
-    return hashlib.sha256(json.dumps(files, sort_keys=True).encode()).hexdigest()
-
-
-def is_rank0() -> bool:
-    return os.environ.get("RANK", "0") in ("", "0")
-
-
 # --- reading: resolve `latest`, verify, cache ------------------------------------------------------
 
 @dataclass
@@ -199,7 +110,7 @@ def fetch(url: str, *, cache: Path | None = None) -> Fetched:
     models = (cache or storage.cache_root()) / "models"
     models.mkdir(parents=True, exist_ok=True)
     final = models / digest
-    with _locked(models / f".{digest}.lock"):
+    with locked(models / f".{digest}.lock"):
         if (final / MANIFEST).is_file():
             try:
                 verify(final, checksums=False)
@@ -213,22 +124,6 @@ def fetch(url: str, *, cache: Path | None = None) -> Fetched:
         os.replace(partial, final)
     logs.event(log, "model fetched", source=vurl, version=version, path=str(final), bytes_downloaded=n)
     return Fetched(final, vurl, version, digest, len(manifest["files"]), n, False)
-
-
-class _locked:
-    """An exclusive file lock, so two processes filling the cache never write the same folder."""
-
-    def __init__(self, path: Path) -> None:
-        self.path = path
-
-    def __enter__(self) -> None:
-        import fcntl
-
-        self.fh = self.path.open("a")
-        fcntl.flock(self.fh, fcntl.LOCK_EX)
-
-    def __exit__(self, *exc: Any) -> None:
-        self.fh.close()
 
 
 def download_verified(url: str, manifest: dict[str, Any], dest: Path) -> int:
@@ -292,7 +187,7 @@ def publish(local_dir: str | Path, dest: str, *, before: Callable[[str], None] |
     manifest = verify(root, checksums=False)
     if not is_remote(dest) and local_path(dest).resolve() == root.resolve():
         return str(root)
-    if not is_rank0():
+    if not logs.is_rank0():
         return dest
     url = dest if is_remote(dest) else str(local_path(dest).resolve())
     version = new_version_id()
@@ -319,19 +214,3 @@ def work_dir(output: str) -> Path:
     run = storage.cache_root() / "runs" / key
     run.mkdir(parents=True, exist_ok=True)
     return run
-
-
-def restore_checkpoints(output: str, local_checkpoints: Path) -> int:
-    from sqltune import checkpoints
-
-    return checkpoints.restore(output, Path(local_checkpoints))
-
-
-def checkpoint_callback(output: str, local_checkpoints: Path, save_total_limit: int) -> Any:
-    """A transformers TrainerCallback that copies each complete checkpoint to `output`, or None when
-    the output is local (the Trainer already writes and prunes checkpoints there)."""
-    if not is_remote(output):
-        return None
-    from sqltune import checkpoints
-
-    return checkpoints.callback(output, Path(local_checkpoints), save_total_limit)

@@ -16,39 +16,41 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from sqltune import artifacts, logs, storage
+from sqltune import logs
+from sqltune.artifacts import manifests, registry, storage
 
 log = logs.get("checkpoints")
 
-_CKPT = re.compile(r"^checkpoint-(\d+)$")
+# a checkpoint folder as the Trainer names it; the step is group 1
+NAME = re.compile(r"^checkpoint-(\d+)$")
 
 
 def remote(output: str) -> list[tuple[int, str, bool]]:
     """(step, name, complete) of every checkpoint under `output`, oldest first."""
-    root = storage.join(output, artifacts.CHECKPOINTS)
+    root = storage.join(output, manifests.CHECKPOINTS)
     fs, _ = storage.filesystem(root)
     found = []
     for name in storage.list_dirs(root):
-        if m := _CKPT.match(name):
-            _, mpath = storage.filesystem(storage.join(root, name, artifacts.MANIFEST))
+        if m := NAME.match(name):
+            _, mpath = storage.filesystem(storage.join(root, name, manifests.MANIFEST))
             found.append((int(m.group(1)), name, bool(fs.exists(mpath))))
     return sorted(found)
 
 
 def _local_newest(local: Path) -> int:
-    steps = [int(m.group(1)) for p in local.iterdir() if (m := _CKPT.match(p.name)) and artifacts.is_complete(p)] \
+    steps = [int(m.group(1)) for p in local.iterdir() if (m := NAME.match(p.name)) and manifests.is_complete(p)] \
         if local.is_dir() else []
     return max(steps, default=-1)
 
 
 def upload(output: str, folder: Path) -> bool:
     """Copy one complete local checkpoint to the bucket; False when it is not complete."""
-    if not artifacts.is_complete(folder):
+    if not manifests.is_complete(folder):
         log.warning(f"not uploading {folder.name}: it has no complete manifest")
         return False
-    manifest = artifacts.read_manifest(folder)
-    url = storage.join(output, artifacts.CHECKPOINTS, folder.name)
-    stats = artifacts.upload_folder(folder, manifest, url, desc=f"upload {folder.name}")
+    manifest = manifests.read_manifest(folder)
+    url = storage.join(output, manifests.CHECKPOINTS, folder.name)
+    stats = registry.upload_folder(folder, manifest, url, desc=f"upload {folder.name}")
     logs.event(log, "checkpoint uploaded", checkpoint=folder.name, url=url, bytes=stats.bytes,
                seconds=round(stats.seconds, 2), mb_per_s=round(stats.mb_per_s, 1))
     return True
@@ -64,7 +66,7 @@ def prune(output: str, keep: int) -> list[str]:
     for step, name, ok in found:
         if step in kept or (not ok and step > oldest_kept):
             continue  # an incomplete one newer than what we keep may still be uploading
-        storage.remove(storage.join(output, artifacts.CHECKPOINTS, name), names=[artifacts.MANIFEST])
+        storage.remove(storage.join(output, manifests.CHECKPOINTS, name), names=[manifests.MANIFEST])
         gone.append(name)
     if gone:
         logs.event(log, "pruned remote checkpoints", removed=gone, kept=sorted(kept))
@@ -76,7 +78,7 @@ def restore(output: str, local: Path) -> int:
 
     Returns how many checkpoints were brought down (0 or 1: resuming needs only the newest).
     """
-    if not artifacts.is_remote(output):
+    if not manifests.is_remote(output):
         return 0
     complete = [(step, name) for step, name, ok in remote(output) if ok]
     if not complete:
@@ -85,11 +87,11 @@ def restore(output: str, local: Path) -> int:
     if _local_newest(local) >= step:
         logs.event(log, "local checkpoint is current", step=step)
         return 0
-    url = storage.join(output, artifacts.CHECKPOINTS, name)
-    vurl, manifest, _ = artifacts.locate(url)
+    url = storage.join(output, manifests.CHECKPOINTS, name)
+    vurl, manifest, _ = registry.locate(url)
     local.mkdir(parents=True, exist_ok=True)
     partial = local / f".restore-{name}-{os.getpid()}"
-    n = artifacts.download_verified(vurl, manifest, partial)
+    n = registry.download_verified(vurl, manifest, partial)
     target = local / name
     if target.exists():
         shutil.rmtree(target)  # an incomplete local save of the same step
@@ -99,6 +101,10 @@ def restore(output: str, local: Path) -> int:
 
 
 def callback(output: str, local: Path, save_total_limit: int) -> Any:
+    """A TrainerCallback that copies each complete checkpoint to `output`, or None when the output is
+    local (the Trainer already writes and prunes checkpoints there)."""
+    if not manifests.is_remote(output):
+        return None
     from transformers import TrainerCallback
 
     class BucketCheckpoints(TrainerCallback):

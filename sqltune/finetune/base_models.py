@@ -7,47 +7,17 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from sqltune import logs
 from sqltune.errors import ModelError
+from sqltune.generation import Precision
 
 log = logs.get("modeling")
 
 TINY = "tiny"
 SPECIAL_TOKENS = {"bos_token": "<s>", "eos_token": "</s>", "pad_token": "<pad>", "unk_token": "<unk>"}
-
-
-@dataclass(frozen=True)
-class Precision:
-    """The compute dtype and why it was chosen (logged at start-up)."""
-
-    name: str  # "bf16" | "fp16" | "fp32"
-    device: str  # "cuda" | "cpu"
-    reason: str
-
-    @property
-    def torch_dtype(self) -> Any:
-        import torch
-
-        return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[self.name]
-
-
-def choose_precision(requested: str = "auto") -> Precision:
-    import torch
-
-    if not torch.cuda.is_available():
-        if requested in ("auto", "fp32"):
-            return Precision("fp32", "cpu", "no CUDA device: fp32, since bf16/fp16 matmuls are emulated and slow on CPU")
-        return Precision(requested, "cpu", f"{requested} requested on CPU (slower than fp32 on most CPUs)")
-    name = torch.cuda.get_device_name(0)
-    if requested != "auto":
-        return Precision(requested, "cuda", f"{requested} requested on {name}")
-    if torch.cuda.is_bf16_supported():
-        return Precision("bf16", "cuda", f"{name} supports bf16: same range as fp32, no loss scaling needed")
-    return Precision("fp16", "cuda", f"{name} has no bf16: fp16 with loss scaling")
 
 
 def choose_method(requested: str, model_name: str) -> tuple[str, str]:

@@ -138,43 +138,6 @@ def exact_match_norm(gold: exp.Expression | None, pred: exp.Expression | None, *
     return normalise(gold, copy=copy) == normalise(pred, copy=copy)
 
 
-def unknown_names(expression: exp.Expression, schema: Schema) -> list[str]:
-    """Tables and columns the query names that the context does not define."""
-    derived: set[str] = set()
-    tables, columns, aliases = [], [], set()
-    for node in expression.walk():
-        if isinstance(node, (exp.CTE, exp.Subquery)) and node.alias:
-            derived.add(node.alias.lower())
-        elif isinstance(node, exp.Table):
-            tables.append(node)
-        elif isinstance(node, exp.Column):
-            columns.append(node)
-        elif isinstance(node, exp.Alias) and node.alias:
-            aliases.add(node.alias.lower())
-    scopes: dict[str, Any] = {d: None for d in derived}
-    unknown: list[str] = []
-    for t in tables:
-        if not t.name or t.name.lower() in derived:
-            continue
-        table = schema.table(t.name)
-        if table is None:
-            unknown.append(f"table {t.name}")
-        scopes[t.name.lower()] = table
-        if t.alias:
-            scopes[t.alias.lower()] = table
-    for col in columns:
-        if isinstance(col.this, exp.Star):
-            continue
-        if col.table:
-            if col.table.lower() not in scopes:
-                unknown.append(f"table {col.table}")
-            elif scopes[col.table.lower()] is not None and not scopes[col.table.lower()].column(col.name):
-                unknown.append(f"column {col.table}.{col.name}")
-        elif not (schema.has_column(col.name) or col.name.lower() in aliases or derived):
-            unknown.append(f"column {col.name}")
-    return sorted(set(unknown))
-
-
 _CONDITIONS = (exp.EQ, exp.NEQ, exp.GT, exp.GTE, exp.LT, exp.LTE, exp.Like, exp.ILike, exp.In, exp.Between, exp.Is)
 
 

@@ -15,18 +15,24 @@ import time
 from pathlib import Path
 from typing import Any
 
-from sqltune import __version__, artifacts, logs
+from sqltune import __version__, logs
+from sqltune.artifacts import manifests
 from sqltune.config import Config
 from sqltune.errors import ModelError
 from sqltune.prompts import TEMPLATE_KEY, PromptTemplate
 
 log = logs.get("export")
 
-PARITY_PROMPTS = (
-    "Question: How many heads of the departments are older than 56?\nContext: CREATE TABLE head (age INTEGER)\nAnswer:",
-    "Question: What is the name of the oldest singer?\nContext: CREATE TABLE singer (name VARCHAR, age INTEGER)\nAnswer:",
-    "Question: List all cities.\nContext: CREATE TABLE city (name VARCHAR, population INTEGER)\nAnswer:",
+# (question, context) pairs whose prompts, built with the model's own template, the merge check compares
+PARITY_QUESTIONS = (
+    ("How many heads of the departments are older than 56?", "CREATE TABLE head (age INTEGER)"),
+    ("What is the name of the oldest singer?", "CREATE TABLE singer (name VARCHAR, age INTEGER)"),
+    ("List all cities.", "CREATE TABLE city (name VARCHAR, population INTEGER)"),
 )
+
+
+def parity_prompts(template: PromptTemplate) -> list[str]:
+    return [template.build_prompt(q, c) for q, c in PARITY_QUESTIONS]
 
 
 def _versions() -> dict[str, str]:
@@ -39,15 +45,17 @@ def _versions() -> dict[str, str]:
     return out
 
 
-def _logits(model: Any, tokenizer: Any) -> Any:
+def _logits(model: Any, tokenizer: Any, template: PromptTemplate) -> Any:
     import torch
+
+    from sqltune.prompts import encode_prompt
 
     device = next(model.parameters()).device
     with torch.inference_mode():
         outs = []
-        for text in PARITY_PROMPTS:
-            ids = tokenizer(text, return_tensors="pt", add_special_tokens=False).to(device)
-            outs.append(model(**ids).logits.float().cpu())
+        for text in parity_prompts(template):
+            ids = torch.tensor([encode_prompt(tokenizer, text)], device=device)
+            outs.append(model(input_ids=ids).logits.float().cpu())
         return outs
 
 
@@ -64,18 +72,19 @@ def check_parity(reference: list[Any], candidate: list[Any], tolerance: float) -
     return worst
 
 
-def _merge(trainer: Any, method: str, precision: Any, base_name: str, run_dir: Path, stage: Path,
+def _merge(trainer: Any, method: str, precision: Any, base_name: str, run_dir: Path, template: PromptTemplate,
            trust_remote_code: bool) -> tuple[Any, list[Any], float]:
     """Save the adapter, reload the base in 16/32-bit, merge; returns (merged, reference logits, tolerance)."""
     import torch
     from peft import PeftModel
 
-    from sqltune.modeling import Precision, load_base
+    from sqltune.finetune.base_models import load_base
+    from sqltune.generation import Precision
 
     tokenizer = trainer.processing_class
     if method == "full":
         model = trainer.model
-        return model, _logits(model, tokenizer), 1e-4
+        return model, _logits(model, tokenizer, template), 1e-4
     adapter_dir = run_dir / "adapter"
     trainer.model.save_pretrained(adapter_dir)
     # never merge into 4-bit weights: the base is reloaded un-quantised in the compute dtype
@@ -87,7 +96,7 @@ def _merge(trainer: Any, method: str, precision: Any, base_name: str, run_dir: P
     base = load_base(base_name, merge_precision, trust_remote_code=trust_remote_code)
     base.to(precision.device)
     peft_model = PeftModel.from_pretrained(base, adapter_dir)
-    reference = _logits(peft_model, tokenizer)
+    reference = _logits(peft_model, tokenizer, template)
     merged = peft_model.merge_and_unload()
     tolerance = 1e-4 if precision.name == "fp32" else 2e-2
     return merged, reference, tolerance
@@ -103,7 +112,7 @@ def export(trainer: Any, cfg: Config, *, method: str, precision: Any, base_name:
     shutil.rmtree(stage, ignore_errors=True)
     stage.mkdir(parents=True)
     tokenizer = trainer.processing_class
-    merged, reference, tolerance = _merge(trainer, method, precision, base_name, run_dir, stage, cfg.trust_remote_code)
+    merged, reference, tolerance = _merge(trainer, method, precision, base_name, run_dir, template, cfg.trust_remote_code)
     merged.config.use_cache = True
     gen = merged.generation_config
     gen.eos_token_id, gen.pad_token_id = tokenizer.eos_token_id, tokenizer.pad_token_id
@@ -115,7 +124,7 @@ def export(trainer: Any, cfg: Config, *, method: str, precision: Any, base_name:
     tokenizer.save_pretrained(stage)
 
     reloaded = AutoModelForCausalLM.from_pretrained(stage, dtype=precision.torch_dtype).to(precision.device)
-    worst = check_parity(reference, _logits(reloaded, tokenizer), tolerance)
+    worst = check_parity(reference, _logits(reloaded, tokenizer, template), tolerance)
     logs.event(log, "merge parity ok", max_relative_logit_diff=f"{worst:.2e}", tolerance=tolerance)
     del reloaded
 
@@ -135,17 +144,17 @@ def export(trainer: Any, cfg: Config, *, method: str, precision: Any, base_name:
         "versions": _versions(),
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
-    (stage / artifacts.SQLTUNE_META).write_text(json.dumps(meta, indent=2, default=str))
+    (stage / manifests.SQLTUNE_META).write_text(json.dumps(meta, indent=2, default=str))
 
     if cfg.eval_generate_limit and eval_examples:
-        from sqltune import heldout
+        from sqltune.finetune import heldout
 
         result = heldout.score(stage, eval_examples[: cfg.eval_generate_limit], precision)
         metrics["heldout"] = result
-        (stage / artifacts.SQLTUNE_META).write_text(json.dumps(meta, indent=2, default=str))
+        (stage / manifests.SQLTUNE_META).write_text(json.dumps(meta, indent=2, default=str))
 
     _move_in(stage, run_dir)
-    artifacts.write_manifest(run_dir, exclude=(artifacts.CHECKPOINTS, "adapter"), name=cfg.new_model)
+    manifests.write_manifest(run_dir, exclude=(manifests.CHECKPOINTS, "adapter"), name=cfg.new_model)
     logs.event(log, "model exported", path=str(run_dir), export_s=round(time.time() - t0, 1))
     return run_dir
 
@@ -153,8 +162,8 @@ def export(trainer: Any, cfg: Config, *, method: str, precision: Any, base_name:
 def _move_in(stage: Path, run_dir: Path) -> None:
     """Replace the previous model's files with the staged ones; the manifest goes first, so a crash
     here leaves a folder that readers refuse rather than a mix they accept."""
-    (run_dir / artifacts.MANIFEST).unlink(missing_ok=True)
-    keep = {artifacts.CHECKPOINTS, "adapter", stage.name}
+    (run_dir / manifests.MANIFEST).unlink(missing_ok=True)
+    keep = {manifests.CHECKPOINTS, "adapter", stage.name}
     for old in run_dir.iterdir():
         if old.name not in keep and not old.name.startswith("."):
             shutil.rmtree(old) if old.is_dir() else old.unlink()

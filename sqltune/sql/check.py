@@ -26,9 +26,23 @@ def check_sql(sql: str, schema: Schema) -> SqlCheck:
     tree = parsed.expression
     if not isinstance(tree, (exp.Query, exp.DML)):
         return SqlCheck(False, error=f"not a query: {tree.key.upper()} statement")
-    ctes = {c.alias_or_name.lower() for c in tree.find_all(exp.CTE)}
+    tables, columns, unknown = _names(tree, schema)
+    problems = [f"unknown {kind} `{name}`" for kind, name in unknown]
+    return SqlCheck(not problems, tables, columns, "; ".join(dict.fromkeys(problems)) or None)
+
+
+def unknown_names(expression: exp.Expression, schema: Schema) -> list[str]:
+    """Tables and columns a parsed query names that the context does not define ("table x", "column y"),
+    by the same resolution as `check_sql`; the evaluation's schema-adherence metric."""
+    return sorted({f"{kind} {name}" for kind, name in _names(expression, schema)[2]})
+
+
+def _names(tree: exp.Expression, schema: Schema) -> tuple[list[str], list[str], list[tuple[str, str]]]:
+    """(tables, columns, unknown) of a query: columns as "table.column" when resolved through the
+    query's tables and aliases, else as written; unknown as (kind, name) pairs."""
+    derived = {n.alias.lower() for n in tree.find_all(exp.CTE, exp.Subquery) if n.alias}
     tables = sorted({t.name for t in tree.find_all(exp.Table) if t.name})
-    problems = [f"unknown table `{t}`" for t in tables if t.lower() not in ctes and schema.table(t) is None]
+    unknown = [("table", t) for t in tables if t.lower() not in derived and schema.table(t) is None]
     aliases = {a.alias.lower() for a in tree.find_all(exp.Alias) if a.alias}
     columns: set[str] = set()
     names = {}
@@ -39,15 +53,21 @@ def check_sql(sql: str, schema: Schema) -> SqlCheck:
     for col in tree.find_all(exp.Column):
         if isinstance(col.this, exp.Star) or not col.name:
             continue
+        if col.table and col.table.lower() not in names and col.table.lower() not in derived:
+            unknown.append(("table", col.table))
+            columns.add(col.sql())
+            continue
         ref = _resolve(col, names, schema)
         if ref is not None:
             columns.add(f"{ref[0]}.{ref[1]}")
-        elif col.name.lower() in aliases or (col.table and col.table.lower() in ctes):
-            columns.add(col.name)
+        elif col.name.lower() in aliases or (col.table and col.table.lower() in derived) or (derived and not col.table):
+            columns.add(col.name)  # a derived table's column: its scope is the subquery, not the schema
+        elif not col.table and unknown and schema.has_column(col.name):
+            columns.add(col.name)  # the unknown table is the error; the column exists elsewhere in the schema
         else:
             columns.add(col.sql())
-            problems.append(f"unknown column `{col.sql()}`")
-    return SqlCheck(not problems, tables, sorted(columns), "; ".join(dict.fromkeys(problems)) or None)
+            unknown.append(("column", col.sql()))
+    return tables, sorted(columns), list(dict.fromkeys(unknown))
 
 
 def _resolve(col: exp.Column, names: dict[str, str], schema: Schema) -> tuple[str, str] | None:

@@ -1,0 +1,173 @@
+"""`sqltune finetune`: the fine-tuning job, from config to a published merged model.
+
+    sqltune finetune --config configs/tiny-cpu.yaml
+    sqltune finetune --model google/gemma-2b --dataset b-mc2/sql-create-context --output ./models/gemma-2b-sql
+    MODEL_NAME=google/gemma-2b LORA_R=8 LORA_ALPHA=16 DATASET_LIMIT=1000 sqltune finetune
+    torchrun --nproc-per-node 4 -m sqltune finetune --config configs/gemma-2b-qlora.yaml
+
+Rerunning with the same output resumes from the newest complete checkpoint; SIGTERM saves a
+checkpoint and exits 143, so a retried Cloud Run task loses at most one interval.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+from sqltune import logs
+from sqltune.artifacts import checkpoints, manifests, registry
+from sqltune.config import Config
+from sqltune.errors import ConfigError, DataError, TrainingInterrupted
+
+log = logs.get("train")
+
+def find_resume_checkpoint(root: Path, resume: str) -> Path | None:
+    """The checkpoint to resume from: newest complete one (auto), none (never), or an explicit path."""
+    if resume == "never":
+        return None
+    if resume != "auto":
+        path = Path(resume)
+        if not manifests.is_complete(path):
+            raise ConfigError(f"--resume {resume}: not a complete checkpoint (missing or without manifest.json)",
+                              "pass a checkpoint-<step> folder written by sqltune, or --resume auto")
+        return path
+    if not root.is_dir():
+        return None
+    found = sorted(((int(m.group(1)), p) for p in root.iterdir() if (m := checkpoints.NAME.match(p.name))), reverse=True)
+    for _step, path in found:
+        if manifests.is_complete(path):
+            return path
+        log.warning(f"skipping incomplete checkpoint {path.name} (no manifest: the job died while saving it)")
+    return None
+
+
+def _stop_reason_message(reason: str) -> str:
+    return {"sigterm": "SIGTERM received: checkpoint saved, exiting so the retry resumes here",
+            "time": "max_train_minutes reached: training stops here, then merge and publish"}[reason]
+
+
+def finetune(cfg: Config, sources: dict[str, str] | None = None) -> Path:
+    """Run the whole job; returns the local folder of the finished model."""
+    import torch
+    import transformers
+
+    from sqltune import generation, prompts
+    from sqltune.data import loading
+    from sqltune.finetune import base_models, export
+    from sqltune.finetune import trainer as sft
+    from sqltune.finetune.callbacks import CheckpointManifest, JsonLogs, StopControl
+
+    started = time.time()
+    transformers.set_seed(cfg.seed)
+    transformers.logging.set_verbosity_error()
+    if not logs.show_progress():
+        transformers.utils.logging.disable_progress_bar()
+    import datasets
+
+    datasets.disable_progress_bars()
+    if not logs.show_progress():
+        datasets.utils.logging.set_verbosity_error()
+
+    precision = generation.choose_precision(cfg.dtype)
+    method, why = base_models.choose_method(cfg.method, cfg.model_name)
+    if not cfg.learning_rate:
+        cfg = dataclasses.replace(cfg, learning_rate=base_models.default_learning_rate(method, cfg.model_name))
+    if method == "qlora" and precision.device == "cpu":
+        log.warning("qlora on CPU: bitsandbytes' CPU kernels work but are slow; use a GPU for real models")
+    logs.event(log, "finetune starting", model=cfg.model_name, method=method, method_reason=why,
+               dtype=precision.name, dtype_reason=precision.reason, learning_rate=cfg.learning_rate,
+               output=cfg.output_dir,
+               overrides=sources or {}, torch=torch.__version__)
+
+    run_dir = registry.work_dir(cfg.output_dir)
+    ckpt_root = run_dir / manifests.CHECKPOINTS
+    ckpt_root.mkdir(parents=True, exist_ok=True)
+    from accelerate import PartialState
+
+    # one process per machine restores from the bucket while the others wait; they then find the same
+    # checkpoint on the local disk, so every rank resumes at the same step
+    with PartialState().local_main_process_first():
+        restored = checkpoints.restore(cfg.output_dir, ckpt_root)
+    if restored:
+        logs.event(log, "restored checkpoints from the output", count=restored)
+    if cfg.resume == "auto" and int(os.environ.get("CLOUD_RUN_TASK_ATTEMPT", "0") or 0) > 0:
+        logs.event(log, "retried task: resuming", attempt=os.environ["CLOUD_RUN_TASK_ATTEMPT"])
+    resume_from = find_resume_checkpoint(ckpt_root, cfg.resume)
+
+    splits = loading.load_splits(cfg.dataset, split=cfg.dataset_split, columns=cfg.column_map, limit=cfg.dataset_limit,
+                              eval_fraction=cfg.eval_fraction, seed=cfg.seed)
+    template = prompts.DEFAULT_TEMPLATE
+    pairs = sft.build_pairs(splits.train, template)
+
+    if cfg.model_name == base_models.TINY:
+        base_name = str(run_dir / ".tiny-base")
+        tiny = {"layers": cfg.tiny_layers, "seed": cfg.seed, "max_positions": max(1024, cfg.max_seq_length)}
+        if resume_from is not None:
+            # resume with the first attempt's tokenizer; Trainer then loads the trained weights
+            from transformers import AutoModelForCausalLM, AutoTokenizer
+
+            tokenizer = AutoTokenizer.from_pretrained(resume_from)
+            if method == "full":
+                model = AutoModelForCausalLM.from_pretrained(resume_from)
+            else:
+                model = base_models.build_tiny_model(tokenizer, **tiny)
+        else:
+            tokenizer = base_models.train_tokenizer((p + c for p, c in pairs), cfg.tiny_vocab_size)
+            model = base_models.build_tiny_model(tokenizer, **tiny)
+        if method != "full" and logs.is_rank0():
+            model.save_pretrained(base_name)  # the merge reloads this base in full precision
+            tokenizer.save_pretrained(base_name)
+    else:
+        base_name = cfg.model_name
+        tokenizer = base_models.load_tokenizer(cfg.model_name, cfg.trust_remote_code)
+        model = base_models.load_base(cfg.model_name, precision, quantize_4bit=method == "qlora",
+                                   trust_remote_code=cfg.trust_remote_code,
+                                   device_map=sft.device_map() if method == "qlora" else None)
+        if method == "qlora":
+            from peft import prepare_model_for_kbit_training
+
+            model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=cfg.gradient_checkpointing)
+    model.config.use_cache = False
+
+    train_ds, too_long = sft.to_dataset(pairs, tokenizer, cfg.max_seq_length)
+    eval_pairs = sft.build_pairs(splits.eval, template)
+    eval_ds, eval_too_long = sft.to_dataset(eval_pairs, tokenizer, cfg.max_seq_length) if eval_pairs else (None, 0)
+    if too_long:
+        splits.report.skipped["too_long"] += too_long
+    splits.report.train = len(train_ds)
+    logs.event(log, "data ready", **splits.report.to_dict(), eval_too_long=eval_too_long)
+    if len(train_ds) == 0:
+        raise DataError(f"every training row is longer than max_seq_length={cfg.max_seq_length} tokens",
+                        "raise --max-seq-length")
+
+    stop = StopControl(cfg.max_train_minutes)
+    trainer = sft.build_trainer(cfg, method, precision, model, tokenizer, train_ds, eval_ds, run_dir,
+                             callbacks=[JsonLogs(), CheckpointManifest(), stop])
+    remote_cb = checkpoints.callback(cfg.output_dir, ckpt_root, cfg.save_total_limit)
+    if remote_cb is not None and logs.is_rank0():
+        trainer.add_callback(remote_cb)
+    if resume_from is not None:
+        logs.event(log, "resuming", checkpoint=str(resume_from))
+    with stop.installed():
+        result = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
+    if stop.reason == "sigterm":
+        raise TrainingInterrupted(_stop_reason_message("sigterm"), "rerun with the same --output to resume")
+    if stop.reason:
+        logs.event(log, _stop_reason_message(stop.reason), step=trainer.state.global_step)
+
+    metrics: dict[str, Any] = {"train_loss": result.training_loss, "steps": trainer.state.global_step,
+                               "train_runtime_s": round(time.time() - started, 1)}
+    if eval_ds is not None:
+        metrics.update({k: v for k, v in trainer.evaluate().items() if k == "eval_loss"})
+    if not logs.is_rank0():
+        return run_dir
+    final = export.export(trainer, cfg, method=method, precision=precision, base_name=base_name, run_dir=run_dir,
+                          template=template, data_report=splits.report.to_dict(), metrics=metrics,
+                          eval_examples=splits.eval)
+    where = registry.publish(final, cfg.output_dir)
+    logs.event(log, "finetune finished", output=where, wall_s=round(time.time() - started, 1),
+               **{k: v for k, v in metrics.items() if isinstance(v, (int, float))})
+    return final

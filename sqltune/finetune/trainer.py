@@ -1,0 +1,98 @@
+"""Trainer construction for the fine-tuning job: prompt/completion pairs, the tokenized dataset, and
+TRL's SFTTrainer with every setting taken from the Config.
+
+    python benchmarks/train_throughput.py     # builds trainers with these functions and times steps
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+from sqltune import logs
+from sqltune.artifacts import manifests
+from sqltune.config import Config
+
+
+def build_pairs(examples: list[Any], template: Any) -> list[tuple[str, str]]:
+    return [(template.build_prompt(ex.question, ex.context), template.build_completion(ex.answer)) for ex in examples]
+
+
+def device_map() -> Any:
+    import torch
+
+    if torch.cuda.is_available():
+        return {"": int(os.environ.get("LOCAL_RANK", "0"))}
+    return None
+
+
+def to_dataset(pairs: list[tuple[str, str]], tokenizer: Any, max_len: int) -> tuple[Any, int]:
+    """A prompt/completion Dataset without the rows longer than max_len (counted, never truncated:
+    a cut-off answer would teach the model to stop mid-query)."""
+    from datasets import Dataset
+
+    eos = tokenizer.eos_token or ""
+    texts = [p + c + eos for p, c in pairs]
+    lengths = [len(ids) for ids in tokenizer(texts, add_special_tokens=False)["input_ids"]] if texts else []
+    kept = [{"prompt": p, "completion": c} for (p, c), n in zip(pairs, lengths, strict=True) if n <= max_len]
+    return Dataset.from_list(kept) if kept else Dataset.from_dict({"prompt": [], "completion": []}), len(pairs) - len(kept)
+
+
+def build_trainer(cfg: Config, method: str, precision: Any, model: Any, tokenizer: Any, train_ds: Any,
+                   eval_ds: Any, run_dir: Path, callbacks: list[Any]) -> Any:
+    from transformers import PrinterCallback, ProgressCallback
+    from trl import SFTConfig, SFTTrainer
+
+    # Every value set from our Config: TRL/transformers defaults (bf16, gradient checkpointing, lr 2e-5)
+    # change between releases and would silently change the recipe.
+    args = SFTConfig(
+        output_dir=str(run_dir / manifests.CHECKPOINTS),
+        learning_rate=cfg.learning_rate,
+        lr_scheduler_type=cfg.lr_scheduler_type,
+        warmup_steps=cfg.warmup_ratio,
+        weight_decay=cfg.weight_decay,
+        num_train_epochs=cfg.num_train_epochs,
+        max_steps=cfg.max_steps,
+        per_device_train_batch_size=cfg.train_batch_size,
+        per_device_eval_batch_size=cfg.eval_batch_size,
+        gradient_accumulation_steps=cfg.gradient_accumulation_steps,
+        gradient_checkpointing=cfg.gradient_checkpointing,
+        bf16=precision.name == "bf16",
+        fp16=precision.name == "fp16",
+        use_cpu=precision.device == "cpu",
+        max_length=cfg.max_seq_length,
+        packing=False,
+        # batches of similar length: far less padding than random batches, still shuffled across megabatches
+        train_sampling_strategy="group_by_length",
+        completion_only_loss=True,  # loss on the SQL only: the prompt is given at inference
+        logging_strategy="steps",
+        logging_steps=cfg.logging_steps,
+        logging_first_step=True,
+        save_strategy="steps",
+        save_steps=cfg.save_steps,
+        save_total_limit=cfg.save_total_limit,
+        eval_strategy="no",
+        report_to="none",
+        seed=cfg.seed,
+        data_seed=cfg.seed,
+        include_num_input_tokens_seen="non_padding",
+        disable_tqdm=not logs.show_progress(),
+        dataloader_num_workers=0,
+        ddp_find_unused_parameters=False,
+    )
+    peft_config = None
+    if method in ("lora", "qlora"):
+        from peft import LoraConfig
+
+        targets: Any = cfg.target_modules
+        if targets == ["all-linear"]:
+            targets = "all-linear"
+        peft_config = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
+                                 target_modules=targets, bias="none", task_type="CAUSAL_LM")
+    trainer = SFTTrainer(model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds,
+                         processing_class=tokenizer, peft_config=peft_config, callbacks=callbacks)
+    trainer.remove_callback(PrinterCallback)  # our JSON lines replace the raw dict prints
+    if not logs.show_progress():
+        trainer.remove_callback(ProgressCallback)
+    return trainer

@@ -1,0 +1,105 @@
+"""The engine contract: one async token stream per request, whatever generates it.
+
+The app tokenizes once (to check the context length) and hands the engine token ids; the engine
+yields `Delta`s until one carries a finish reason. Closing the stream early (client gone, timeout)
+cancels the request inside the engine, so no tokens are spent on nobody.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator, Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Protocol, runtime_checkable
+
+from sqltune.config import Config
+from sqltune.prompts import PromptTemplate
+
+FINISH_REASONS = ("stop", "length", "abort", "error")
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    max_tokens: int
+    temperature: float = 0.0  # 0 = greedy
+    top_p: float = 1.0
+    stop: tuple[str, ...] = ()
+    seed: int | None = None
+    min_tokens: int = 0  # no EOS and no stop string before this many tokens (vLLM's min_tokens)
+
+
+@dataclass(frozen=True)
+class Delta:
+    """New text since the previous delta; the last one of a stream has `finish_reason` set."""
+
+    text: str
+    prompt_tokens: int
+    completion_tokens: int
+    finish_reason: str | None = None
+    error: str = ""  # set with finish_reason "error": why the engine failed this request
+
+
+@dataclass
+class Completion:
+    text: str
+    prompt_tokens: int
+    completion_tokens: int
+    finish_reason: str
+    error: str = ""
+    deltas: list[str] = field(default_factory=list, repr=False)
+
+
+@runtime_checkable
+class Engine(Protocol):
+    """What the app needs from a generation backend."""
+
+    name: str
+    model_id: str
+    template: PromptTemplate
+    capacity: int  # sequences it generates at once; the app queues beyond this
+
+    @property
+    def max_model_len(self) -> int: ...
+
+    @property
+    def eos_token(self) -> str | None: ...
+
+    async def start(self, on_batch: Callable[[int], None] | None = None) -> None:
+        """Load weights (may take minutes); `on_batch(size)` is told each batch size it runs."""
+
+    async def close(self) -> None: ...
+
+    def encode(self, prompt: str) -> list[int]:
+        """Token ids of a prompt exactly as they will be fed to the model."""
+
+    def stream(self, prompt_ids: Sequence[int], params: SamplingParams, deltas: bool = True) -> AsyncIterator[Delta]:
+        """Deltas as tokens come; with deltas=False only the final one, carrying the whole text
+        (non-streaming callers: no per-token work in the event loop)."""
+
+
+async def complete(engine: Engine, prompt_ids: Sequence[int], params: SamplingParams) -> Completion:
+    """Drain one stream into a Completion."""
+    parts: list[str] = []
+    async for delta in engine.stream(prompt_ids, params, deltas=False):
+        parts.append(delta.text)
+        if delta.finish_reason:
+            return Completion("".join(parts), delta.prompt_tokens, delta.completion_tokens,
+                              delta.finish_reason, delta.error, parts)
+    return Completion("".join(parts), len(prompt_ids), 0, "abort", "engine ended the stream early", parts)
+
+
+def model_id_for(cfg: Config, model_dir: Path, meta: dict) -> str:
+    if cfg.served_model_name:
+        return cfg.served_model_name
+    return str((meta.get("config") or {}).get("new_model") or model_dir.name)
+
+
+def model_context_length(model_dir: Path) -> int:
+    """The context length a model folder's config.json declares (2048 when it says nothing)."""
+    try:
+        data = json.loads((model_dir / "config.json").read_text())
+    except (OSError, json.JSONDecodeError):
+        return 2048
+    text = data.get("text_config") or {}
+    return int(data.get("max_position_embeddings") or text.get("max_position_embeddings") or 2048)
