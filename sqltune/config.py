@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import difflib
+import math
 import os
 import typing
 from collections.abc import Mapping, Sequence
@@ -53,6 +54,9 @@ class Config:
     lora_dropout: float = _f(0.05, "LoRA dropout.", minimum=0.0)
     target_modules: list[str] = _f(["all-linear"], "Modules that get LoRA adapters "
                                    "(comma-separated, or all-linear).")
+    prompt_style: str = _f("plain", "Prompt layout: plain = `Question: ...\\nContext: ...\\nAnswer:`; chat = the "
+                           "question and schema as the user turn of the tokenizer's chat template (instruct "
+                           "models), the SQL as the assistant turn.", choices=["plain", "chat"])
     tiny_layers: int = _f(4, "Layers of the `tiny` model.", minimum=1)
     tiny_vocab_size: int = _f(2048, "Tokenizer vocabulary of the `tiny` model.", minimum=300)
     trust_remote_code: bool = _f(False, "Allow model repositories to run their own code.")
@@ -249,9 +253,21 @@ def flag_name(name: str) -> str:
     return "--" + name.replace("_", "-")
 
 
+# The reference tutorial's Cloud Run Job variables keep their bare names; every other field is read only
+# by its SQLTUNE_ name, so an unrelated SEED or OUTPUT in a user's shell cannot change a run.
+TUTORIAL_ENV = frozenset({"model_name", "new_model", "lora_r", "lora_alpha", "gradient_accumulation_steps",
+                          "dataset_limit", "logging_steps", "max_seq_length", "train_batch_size", "eval_batch_size"})
+
+
 def env_names(name: str) -> tuple[str, ...]:
-    extra = FIELDS[name].metadata["env"]
-    return (ENV_PREFIX + name.upper(), name.upper(), *extra)
+    """Every variable that sets field `name`, in precedence order (the SQLTUNE_ name wins)."""
+    bare = (name.upper(),) if name in TUTORIAL_ENV else ()
+    return (ENV_PREFIX + name.upper(), *bare, *FIELDS[name].metadata["env"])
+
+
+def env_name(name: str) -> str:
+    """The variable sqltune writes for field `name` (manifests, help): the tutorial's bare name where it has one."""
+    return name.upper() if name in TUTORIAL_ENV else ENV_PREFIX + name.upper()
 
 
 def _check(f: dataclasses.Field[Any], value: Any) -> None:
@@ -285,7 +301,10 @@ def parse_value(name: str, raw: Any, origin: str) -> Any:
         if kind is float:
             if isinstance(raw, bool):
                 raise ValueError
-            return float(raw)
+            value = float(raw)
+            if not math.isfinite(value):  # inf / nan would train to NaN weights, or never stop
+                raise ValueError
+            return value
         if kind == list[str]:
             items = raw if isinstance(raw, list) else str(raw).split(",")
             return [str(i).strip() for i in items if str(i).strip()]
@@ -293,7 +312,7 @@ def parse_value(name: str, raw: Any, origin: str) -> Any:
             raise ValueError
         return str(raw)
     except (TypeError, ValueError):
-        expected = {bool: "true or false", int: "an integer", float: "a number"}.get(kind, "a string")
+        expected = {bool: "true or false", int: "an integer", float: "a finite number"}.get(kind, "a string")
         if kind == list[str]:
             expected = "a list or comma-separated string"
         raise ConfigError(f"{where}: {raw!r} is not {expected}",
@@ -344,20 +363,26 @@ def resolve(yaml_path: str | None, environ: Mapping[str, str], flags: Mapping[st
     return Config(**values), sources
 
 
-def add_arguments(parser: argparse.ArgumentParser, groups: Sequence[str] | None = None) -> None:
-    """Add `--config` and one flag per field. Flags default to SUPPRESS so only given ones count."""
+def add_arguments(parser: argparse.ArgumentParser, groups: Sequence[str] | None = None,
+                  fields: Mapping[str, str] | None = None, aliases: Mapping[str, Sequence[str]] | None = None) -> None:
+    """Add `--config` and one flag per field of `groups`, plus the named `fields` from other groups (each
+    with the command's own help text, "" for the schema's). Flags default to SUPPRESS so only given ones count."""
+    fields = dict(fields or {})
+    aliases = aliases or {}
     parser.add_argument("--config", "-c", default=argparse.SUPPRESS, metavar="YAML",
                         help="YAML file of config fields (see configs/).")
     sections: dict[str, argparse._ArgumentGroup] = {}
     for name, f in FIELDS.items():
         group = f.metadata["group"]
-        if groups is not None and group not in groups and group != "common":
+        if groups is not None and group not in groups and group != "common" and name not in fields:
             continue
+        if name in fields:
+            group = "command"
         section = sections.setdefault(group, parser.add_argument_group(f"{group} options"))
         kind = _TYPES[name]
-        env = env_names(name)[1]
-        help_text = f"{f.metadata['help']} [env {env}]"
-        names = [flag_name(name), *f.metadata["aliases"]]
+        env = env_name(name)
+        help_text = f"{fields.get(name) or f.metadata['help']} [env {env}]"
+        names = [flag_name(name), *f.metadata["aliases"], *aliases.get(name, ())]
         if kind is bool:
             section.add_argument(*names, dest=name, default=argparse.SUPPRESS,
                                  action=argparse.BooleanOptionalAction, help=help_text)

@@ -95,6 +95,12 @@ def _cut(text: str, stops: Sequence[str]) -> tuple[str, bool]:
     return (text[: min(hits)], True) if hits else (text, False)
 
 
+def encode_batch(tokenizer: Any, prompts_: Sequence[str]) -> Any:
+    """The prompts' ids as trained (prompts.encode_prompt), left-padded into one batch."""
+    return tokenizer.pad([{"input_ids": prompts.encode_prompt(tokenizer, p)} for p in prompts_], padding=True,
+                         return_tensors="pt")
+
+
 def generate(loaded: Loaded, prompts_: Sequence[str], max_new_tokens: int | Sequence[int] = 128,
              temperature: float = 0.0, top_p: float = 1.0, stop: Sequence[str] | None = None,
              seed: int | None = None) -> list[Completion]:
@@ -105,9 +111,7 @@ def generate(loaded: Loaded, prompts_: Sequence[str], max_new_tokens: int | Sequ
         return []
     limits = [max_new_tokens] * len(prompts_) if isinstance(max_new_tokens, int) else list(max_new_tokens)
     tok = loaded.tokenizer
-    # the ids the model was trained on (prompts.encode_prompt), left-padded into one batch
-    encoded = [{"input_ids": prompts.encode_prompt(tok, p)} for p in prompts_]
-    batch = tok.pad(encoded, padding=True, return_tensors="pt").to(loaded.device)
+    batch = encode_batch(tok, prompts_).to(loaded.device)
     kwargs: dict[str, Any] = {"max_new_tokens": max(limits), "pad_token_id": tok.pad_token_id,
                               "eos_token_id": loaded.model.generation_config.eos_token_id or tok.eos_token_id}
     if temperature > 0:

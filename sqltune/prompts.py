@@ -95,6 +95,27 @@ def extract_sql(text: str, eos_token: str | None = None, template: PromptTemplat
     return " ".join(text.split())
 
 
+def chat_template(tokenizer: Any) -> PromptTemplate:
+    """The instruct layout: question and schema as the user turn of the tokenizer's own chat template,
+    the SQL as the assistant turn (the tokenizer's EOS, e.g. `<|im_end|>`, ends it in training).
+
+    The chat template is rendered once with placeholders, so the result is an ordinary format string
+    that the artifact stores and every path builds prompts from, with no tokenizer at hand.
+    """
+    if not getattr(tokenizer, "chat_template", None):
+        raise ArtifactError("--prompt-style chat: this tokenizer has no chat template",
+                            "use --prompt-style plain (base models and `tiny` have none)")
+    marker = "\x00{}\x00"
+    user = f"Schema:\n{marker.format('context')}\n\nQuestion: {marker.format('question')}"
+    text = tokenizer.apply_chat_template([{"role": "user", "content": user}], tokenize=False, add_generation_prompt=True)
+    adds_bos = tokenizer("x")["input_ids"][:1] == [tokenizer.bos_token_id]
+    if adds_bos and tokenizer.bos_token and text.startswith(tokenizer.bos_token):
+        text = text[len(tokenizer.bos_token):]  # encode_prompt adds it when the tokenizer does, as in training
+    prompt = text.replace("{", "{{").replace("}", "}}")
+    prompt = prompt.replace(marker.format("context"), "{context}").replace(marker.format("question"), "{question}")
+    return PromptTemplate(name="chat", prompt=prompt, completion="{answer}")
+
+
 TEMPLATE_KEY = "prompt_template"
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -58,4 +59,46 @@ def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
                 "--save-steps", "1000", "--logging-steps", "40", "--max-seq-length", "256",
                 "--eval-generate-limit", "20", "--tiny-layers", "2", "--output", str(out),
                 env={"HF_TOKEN": HF_TOKEN_SENTINEL})
+    return out
+
+
+@pytest.fixture(scope="session")
+def model_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One model cache for the session, so each embedded GGUF is converted once for all tests."""
+    return tmp_path_factory.mktemp("model-cache")
+
+
+@pytest.fixture(scope="session")
+def embedded(model_cache: Path):
+    """The converted folder of an embedded model (skipped when its package is not installed)."""
+    from sqltune.errors import ModelError
+    from sqltune.finetune import gguf
+
+    def convert(name: str) -> Path:
+        try:
+            return gguf.resolve(name, model_cache)[0]
+        except ModelError as e:
+            if "pip install" in (e.hint or ""):
+                pytest.skip(f"{name}: {e}")
+            raise
+
+    return convert
+
+
+def finetune_real(out: Path, model: str, *extra: str, cache: Path, data: Path) -> dict:
+    """A few LoRA / QLoRA steps of a real model on the shared rows; returns its sqltune.json."""
+    run_sqltune("finetune", "--model", model, "--dataset", str(data), "--dataset-limit", "160",
+                "--eval-fraction", "0.05", "--target-modules", "all-linear", "--lora-r", "8", "--lora-alpha", "16",
+                "--learning-rate", "5e-4", "--train-batch-size", "2", "--max-seq-length", "256",
+                "--save-steps", "1000", "--logging-steps", "1", "--eval-generate-limit", "2",
+                "--output", str(out), *extra, env={"SQLTUNE_CACHE": str(cache)}, timeout=1200)
+    return json.loads((out / "sqltune.json").read_text())
+
+
+@pytest.fixture(scope="session")
+def smollm2_artifact(tmp_path_factory, embedded, model_cache, shared_data) -> Path:
+    """SmolLM2-135M-Instruct after 3 LoRA steps on real rows: a finished artifact with a real tokenizer."""
+    embedded("smollm2-135m")  # converted once into the session's cache; skips without the package
+    out = tmp_path_factory.mktemp("smollm2") / "model"
+    finetune_real(out, "smollm2-135m", "--method", "lora", "--max-steps", "3", cache=model_cache, data=shared_data)
     return out

@@ -50,6 +50,9 @@ def main(argv: list[str]) -> int:
     if state.get("logged_out"):
         print("ERROR: (gcloud) You do not currently have an active account selected.", file=sys.stderr)
         return 1
+    if state.get("garbled") and "--format=json" in argv:  # a broken installation or an unexpected version
+        print("Updates are available for some Google Cloud CLI components.")
+        return 0
     project = _flag(argv, "--project")
     pos = _positional(argv)
     group = tuple(pos[:3])

@@ -67,7 +67,7 @@ def _isolate(monkeypatch: pytest.MonkeyPatch, tmp_path: Path, env: dict[str, str
     monkeypatch.setenv("SQLTUNE_CACHE", str(tmp_path / "cache"))
     monkeypatch.setenv("SQLTUNE_NO_PROGRESS", "1")
     monkeypatch.setattr(storage, "_overrides", {})
-    storage._fs_cache.clear()
+    storage.forget_filesystems()
 
 
 @pytest.fixture

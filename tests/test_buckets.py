@@ -171,7 +171,7 @@ def test_publish_killed_at_random_points_never_serves_a_mix(s3_bucket, tmp_path:
     new = make_model(tmp_path / "new", seed=8, shards=12, shard_bytes=400_000)
     url = f"{s3_bucket.url}/m"
     registry.publish(old, url)
-    env = {**s3_bucket.env, "TRANSFER_WORKERS": "2"}  # a few files at a time: every stage lasts long enough to hit
+    env = {**s3_bucket.env, "SQLTUNE_TRANSFER_WORKERS": "2"}  # a few files at a time: every stage lasts long enough to hit
     stages = {"start": lambda n, m: True, "first file": lambda n, m: n >= 1, "half": lambda n, m: n >= 7,
               "manifest": lambda n, m: m}
     rng = random.Random(0)

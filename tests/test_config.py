@@ -50,13 +50,24 @@ def test_prefixed_environment_wins_over_bare() -> None:
     assert cfg.lora_r == 12 and sources["lora_r"] == "env SQLTUNE_LORA_R"
 
 
+def test_generic_bare_names_in_the_shell_change_nothing() -> None:
+    """Only the tutorial's variables (and the platform's) are read bare; SEED or OUTPUT from an unrelated
+    tool must not change a run."""
+    cfg, sources = load([], {"SEED": "7", "OUTPUT": "/elsewhere", "METHOD": "full", "RESUME": "never", "LORA_R": "4"})
+    assert (cfg.seed, cfg.output, cfg.method, cfg.resume) == (Config().seed, "", "auto", "auto")
+    assert cfg.lora_r == 4 and sources == {"lora_r": "env LORA_R"}
+    assert load([], {"SQLTUNE_SEED": "7"})[0].seed == 7
+
+
 @pytest.mark.parametrize(("argv", "env", "needle"), [
     ([], {"LORA_R": "eight"}, "LORA_R"),
-    ([], {"LEARNING_RATE": "fast"}, "learning_rate"),
-    ([], {"GRADIENT_CHECKPOINTING": "maybe"}, "true or false"),
+    ([], {"SQLTUNE_LEARNING_RATE": "fast"}, "learning_rate"),
+    ([], {"SQLTUNE_LEARNING_RATE": "nan"}, "finite"),
+    (["--learning-rate", "inf"], {}, "finite"),
+    ([], {"SQLTUNE_GRADIENT_CHECKPOINTING": "maybe"}, "true or false"),
     (["--lora-r", "0"], {}, "--lora-r"),
     (["--method", "prompt-tuning"], {}, "method"),
-    ([], {"METHOD": "prompt-tuning"}, "qlora"),
+    ([], {"SQLTUNE_METHOD": "prompt-tuning"}, "qlora"),
 ])
 def test_bad_values_name_the_flag(argv: list[str], env: dict[str, str], needle: str) -> None:
     with pytest.raises(ConfigError) as err:
@@ -77,7 +88,7 @@ def test_yaml_wrong_type_and_missing_file(tmp_path: Path) -> None:
 
 
 def test_target_modules_from_env_and_yaml(tmp_path: Path) -> None:
-    assert load([], {"TARGET_MODULES": "q_proj, v_proj"})[0].target_modules == ["q_proj", "v_proj"]
+    assert load([], {"SQLTUNE_TARGET_MODULES": "q_proj, v_proj"})[0].target_modules == ["q_proj", "v_proj"]
     yaml = write(tmp_path, "target_modules: [q_proj, k_proj]\n")
     assert load(["--config", yaml], {})[0].target_modules == ["q_proj", "k_proj"]
 

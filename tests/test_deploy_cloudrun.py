@@ -198,6 +198,13 @@ def test_logged_out_gcloud_is_an_error_not_an_empty_project(cloud: Cloud) -> Non
     assert len(cloud.calls()) == 1
 
 
+def test_unreadable_describe_output_is_an_error_not_an_existing_resource(cloud: Cloud) -> None:
+    cloud.state = {"garbled": True}
+    done = cloud.sqltune("--project", PROJECT, "--region", REGION, "--dry-run")
+    assert done.returncode == 2 and "not JSON" in done.stderr and "gcloud info" in done.stderr
+    assert _mutating(cloud.calls()) == []
+
+
 def test_cloud_run_limits_are_checked_before_gcloud(cloud: Cloud) -> None:
     done = cloud.sqltune("--project", PROJECT, "--region", REGION, "--deploy-cpu", "2", "--dry-run")
     assert done.returncode == 2 and "nvidia-l4 on Cloud Run needs at least 4 vCPU" in done.stderr

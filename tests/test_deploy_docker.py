@@ -87,14 +87,23 @@ def test_finetune_pins_sit_inside_pyproject_ranges() -> None:
     assert makefile_torch and makefile_torch.group(1) == args["TORCH"], "the image's torch differs from CI's"
 
 
-def test_serve_requirements_repeat_pyproject() -> None:
-    reqs = _requirements()
+def test_serve_requirements_come_from_pyproject_only() -> None:
+    """The serving image installs pyproject's vllm-serve extra, never a list of its own, and every package
+    it imports at serving time is in that extra."""
     text = DOCKERFILES[1].read_text()
-    quoted = [Requirement(r) for r in re.findall(r'"([a-z][\w-]*[<>=!~][^"]*)"', text)]
-    assert quoted
-    for req in quoted:
-        assert str(req.specifier) == str(reqs[req.name].specifier), f"{req} differs from pyproject's {reqs[req.name]}"
+    assert not re.findall(r'"([a-z][\w-]*[<>=!~][^"]*)"', text), "the serve image repeats requirements"
+    assert "extra_requirements.py vllm-serve" in text
     assert "--no-deps /app" in text, "installing sqltune with its deps would move vLLM's torch"
+    listed = subprocess.run([sys.executable, str(ROOT / "scripts" / "extra_requirements.py"), "vllm-serve"],
+                            capture_output=True, text=True, check=True).stdout.split()
+    names = {Requirement(r).name for r in listed}
+    assert {"fastapi", "uvicorn", "prometheus-client", "sqlglot", "fsspec", "pyyaml"} <= names
+    project = PYPROJECT["project"]
+    elsewhere = {r.name: r for r in map(Requirement, [*project["dependencies"],
+                                                      *project["optional-dependencies"]["serve"],
+                                                      *project["optional-dependencies"]["buckets"]])}
+    for req in map(Requirement, listed):  # the same ranges as the main install, so the two never drift apart
+        assert req.name in elsewhere and str(req.specifier) == str(elsewhere[req.name].specifier), req
 
 
 def test_serve_image_checks_health_and_tracks_the_vllm_version() -> None:

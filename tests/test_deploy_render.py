@@ -169,8 +169,8 @@ def test_job_env_carries_the_tutorial_names_and_the_token_by_reference() -> None
                  "LOGGING_STEPS", "MAX_SEQ_LENGTH", "TRAIN_BATCH_SIZE"):
         assert name in env
     assert env["LORA_R"]["value"] == "16" and env["DATASET_LIMIT"]["value"] == "1000"
-    assert env["WEIGHT_DECAY"]["value"] == "0.01"  # non-default fields outside the tutorial's list follow too
-    assert env["OUTPUT"]["value"] == "gs://p-sqltune-models/sqltune-sql"
+    assert env["SQLTUNE_WEIGHT_DECAY"]["value"] == "0.01"  # non-default fields outside the tutorial's list follow too
+    assert env["SQLTUNE_OUTPUT"]["value"] == "gs://p-sqltune-models/sqltune-sql"
     assert env["HF_TOKEN"] == {"name": "HF_TOKEN", "valueFrom": {"secretKeyRef": {"name": "HF_TOKEN", "key": "latest"}}}
     assert all("s3cret-key" not in text for text in files.values())
 

@@ -33,3 +33,25 @@ def test_serves_a_published_model_from_a_bucket(bucket, tiny_model_dir: Path, tm
         second = httpx.post(server.url + "/v1/sql", json=body, timeout=60)
     assert second.json()["sql"] == first.json()["sql"]  # greedy, same verified version
     assert cached[0].stat().st_mtime_ns == mtime  # served from the cache, not downloaded again
+
+
+def test_eval_of_a_bucket_model_keeps_its_defaults_and_the_yaml_storage_settings(bucket, tiny_model_dir: Path,
+                                                                                  tmp_path: Path) -> None:
+    """`sqltune eval --model s3://...` evaluates on the data the model was trained on (its own dataset and
+    eval fraction), and the storage settings of a YAML config (model_cache here) apply to the fetch."""
+    import json
+
+    from conftest import run_sqltune
+
+    url = f"{bucket.url}/models/tiny-eval"
+    registry.publish(tiny_model_dir, url)
+    cache = tmp_path / "yaml-cache"
+    cfg = tmp_path / "eval.yaml"
+    cfg.write_text(f"model_cache: {cache}\n")
+    run_sqltune("eval", "--config", str(cfg), "--model", url, "--eval-limit", "4", "--eval-max-new-tokens", "24",
+                "--eval-databases", "1", "--eval-output", str(tmp_path / "report"), env=bucket.env)
+    report = json.loads((tmp_path / "report" / "report.json").read_text())
+    trained = json.loads((tiny_model_dir / "sqltune.json").read_text())["config"]
+    assert report["dataset"]["source"] == trained["dataset"] == "synthetic:1500"
+    assert report["dataset"]["eval_fraction"] == trained["eval_fraction"]
+    assert list(cache.rglob("model.safetensors")), "the YAML's model_cache was not used"

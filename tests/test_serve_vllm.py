@@ -104,3 +104,28 @@ def test_vllm_engine_aborts_a_request_whose_client_left(servers, template):
     text = httpx.get(vllm.url + "/metrics").text
     spent = float(re.search(r"^sqltune_generation_tokens_total (\S+)$", text, re.M).group(1)) - before
     assert spent < 900, f"the abandoned request ran to the end ({spent:g} tokens)"
+
+
+@pytest.mark.slow
+def test_both_engines_agree_on_a_fine_tuned_smollm2(smollm2_artifact, shared_data):
+    """A real architecture and tokenizer (Llama, 49k vocabulary) through vLLM's CPU build: the same
+    greedy SQL as the transformers engine on held-out questions."""
+    from sqltune.data import loading
+
+    common = ["--model", str(smollm2_artifact), "--max-batch-size", "4"]
+    vllm = ServerProcess([*common, "--engine", "vllm", "--vllm-enforce-eager"], python=str(VLLM_PYTHON),
+                         env={"VLLM_CPU_KVCACHE_SPACE": "1"}, ready_timeout=600).launch()
+    hf = ServerProcess([*common, "--engine", "transformers"]).launch()
+    try:
+        vllm.wait_ready(), hf.wait_ready()
+        template = load_template(smollm2_artifact)
+        examples = loading.load_splits(str(shared_data), limit=400, seed=1).eval[:6]
+        assert examples
+        for ex in examples:
+            prompt = template.build_prompt(ex.question, ex.context)
+            a, b = _complete(vllm, prompt=prompt, max_tokens=48), _complete(hf, prompt=prompt, max_tokens=48)
+            assert a["choices"][0]["text"] == b["choices"][0]["text"], prompt
+            assert a["usage"] == b["usage"]
+    finally:
+        vllm.stop()
+        hf.stop()

@@ -43,7 +43,7 @@ def _weights(folder: Path) -> dict[str, torch.Tensor]:
 
 
 def test_loss_is_on_the_completion_only_and_eos_is_learned(tmp_path: Path) -> None:
-    from sqltune.prompts import DEFAULT_TEMPLATE
+    from sqltune.prompts import DEFAULT_TEMPLATE, encode_prompt
 
     prompt = DEFAULT_TEMPLATE.build_prompt("How many heads are older than 56?", "CREATE TABLE head (age INTEGER)")
     completion = DEFAULT_TEMPLATE.build_completion("SELECT COUNT(*) FROM head WHERE age > 56")
@@ -55,7 +55,7 @@ def test_loss_is_on_the_completion_only_and_eos_is_learned(tmp_path: Path) -> No
     trainer = build_trainer(cfg, "full", generation.choose_precision("fp32"), model, tok, ds, None, tmp_path, [])
     batch = next(iter(trainer.get_train_dataloader()))
     ids, labels = batch["input_ids"][0].tolist(), batch["labels"][0].tolist()
-    n_prompt = len(tok(prompt, add_special_tokens=False)["input_ids"])
+    n_prompt = len(encode_prompt(tok, prompt))
     assert labels[:n_prompt] == [-100] * n_prompt
     assert labels[n_prompt:] == ids[n_prompt:]
     assert ids[-1] == tok.eos_token_id and labels[-1] == tok.eos_token_id
@@ -191,7 +191,8 @@ def test_qlora_on_cpu_with_bitsandbytes(tiny_model_dir: Path, tmp_path: Path) ->
 @pytest.mark.slow
 def test_demo_command_runs(tmp_path: Path) -> None:
     """The README's demo, with a shorter budget through the environment (env beats the YAML)."""
-    env = {"MAX_STEPS": "30", "EVAL_GENERATE_LIMIT": "10", "OUTPUT": str(tmp_path / "demo"), "DATASET": "synthetic:600"}
+    env = {"SQLTUNE_MAX_STEPS": "30", "SQLTUNE_EVAL_GENERATE_LIMIT": "10", "SQLTUNE_OUTPUT": str(tmp_path / "demo"),
+           "SQLTUNE_DATASET": "synthetic:600"}
     proc = run_sqltune("finetune", "--config", "configs/tiny-cpu.yaml", env=env)
     assert "held-out: exact match" in proc.stdout and "predicted:" in proc.stdout
     manifests.verify(tmp_path / "demo")
@@ -237,3 +238,24 @@ def test_help_is_instant_without_torch() -> None:
     code = "import sys; from sqltune.cli import build_parser; build_parser(); print('torch' in sys.modules)"
     proc = subprocess.run([*sqltune_cmd()[:1], "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=60)
     assert proc.stdout.strip() == "False", proc.stderr
+
+
+def test_the_artifact_carries_its_longest_answer_as_max_new_tokens(tiny_model_dir: Path) -> None:
+    meta = manifests.read_meta(tiny_model_dir)
+    gen = json.loads((tiny_model_dir / "generation_config.json").read_text())
+    assert gen["max_new_tokens"] == meta["max_new_tokens"]
+    assert 5 < meta["max_new_tokens"] < 128  # measured from the training answers, not a fixed 128
+
+
+def test_a_model_with_non_finite_loss_or_weights_is_never_published() -> None:
+    from sqltune.errors import ModelError
+    from sqltune.finetune.export import check_finite
+
+    net = torch.nn.Linear(2, 2)
+    check_finite(net, {"train_loss": 0.5})
+    with pytest.raises(ModelError, match="loss is nan"):
+        check_finite(net, {"train_loss": float("nan")})
+    with torch.no_grad():
+        net.weight[0, 0] = float("inf")
+    with pytest.raises(ModelError, match="weight weight holds NaN or infinite"):
+        check_finite(net, {"train_loss": 0.5})

@@ -75,6 +75,12 @@ def cache_root() -> Path:
 
 
 _fs_cache: dict[tuple[str, ...], Any] = {}
+
+
+def forget_filesystems() -> None:
+    """Drop the cached filesystem clients, so the next call builds them from the current settings and
+    environment (a new endpoint, emulator or credentials)."""
+    _fs_cache.clear()
 _fs_lock = threading.Lock()
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 
+from sqltune import config
 from sqltune.data.loading import load_splits, write_jsonl
 from sqltune.errors import DataError
 
@@ -22,9 +23,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     synth.add_argument("--out", required=True, help="Output .jsonl path.")
     synth.set_defaults(func=_run_synth)
     check = dsub.add_parser("check", help="Validate a dataset and print the counts by reason.")
-    check.add_argument("--dataset", required=True, help="Hub id, local file, or synthetic:N.")
-    check.add_argument("--column-map", dest="columns", default="", help="Column mapping: question=q,context=schema,answer=sql.")
-    check.add_argument("--eval-fraction", type=float, default=0.05)
+    config.add_arguments(check, groups=[], fields={"dataset": "Hub id, local file, or synthetic:N.", "column_map": "",
+                                                   "dataset_split": "", "eval_fraction": ""})
     check.set_defaults(func=_run_check)
 
 
@@ -39,6 +39,9 @@ def _run_synth(args: argparse.Namespace) -> int:
 
 
 def _run_check(args: argparse.Namespace) -> int:
-    splits = load_splits(args.dataset, columns=args.columns, eval_fraction=args.eval_fraction)
+    cfg, sources = config.from_namespace(args)
+    if "dataset" not in sources:
+        raise DataError("no dataset to check", "pass --dataset (a hub id, a local file or synthetic:N)")
+    splits = load_splits(cfg.dataset, split=cfg.dataset_split, columns=cfg.column_map, eval_fraction=cfg.eval_fraction)
     print(json.dumps(splits.report.to_dict(), indent=2))
     return 0

@@ -72,9 +72,11 @@ class Gcloud:
         done = self._call([*args, "--format=json"])
         if done.returncode == 0:
             try:
-                return json.loads(done.stdout or "{}")
+                return json.loads(done.stdout)
             except json.JSONDecodeError:
-                return {}
+                # never guess "exists" (a skipped step) or "missing" (a duplicate create) from output we cannot read
+                raise DeployError(f"`{shlex.join(args)}` printed output that is not JSON: {done.stdout.strip()[:200]!r}",
+                                  "check the gcloud version and configuration (`gcloud info`), then retry") from None
         if any(word in done.stderr.lower() for word in _NOT_FOUND):
             return None
         raise DeployError(f"`{shlex.join(args)}` failed: {done.stderr.strip()[-500:]}",

@@ -160,13 +160,13 @@ def config_env(cfg: Config, groups: tuple[str, ...], always: tuple[str, ...] = (
             continue
         value = getattr(cfg, name)
         if name in always or value != _default(name):
-            env.append({"name": config.env_names(name)[1], "value": env_value(value)})
+            env.append({"name": config.env_name(name), "value": env_value(value)})
     return env
 
 
 def job_env(cfg: Config, n: Names) -> list[dict[str, str]]:
     env = config_env(cfg, ("finetune", "common"), TUTORIAL_FIELDS)
-    env.append({"name": config.env_names("output")[1], "value": n.model_url})
+    env.append({"name": config.env_name("output"), "value": n.model_url})
     return env
 
 

@@ -15,6 +15,7 @@ A sharded run writes each shard under <report-dir>/shard-IIIII-of-NNNNN; `merge`
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import random
@@ -36,23 +37,18 @@ _SHARD_DIR = re.compile(r"^shard-(\d{5})-of-(\d{5})$")
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("eval", help="Score a model, a server or a predictions file by executing its SQL.",
                        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", dest="model_name", default=argparse.SUPPRESS, metavar="MODEL",
-                   help="A finished model folder or bucket URL. [env MODEL_NAME]")
-    p.add_argument("--dataset", default=argparse.SUPPRESS, help="Examples with gold SQL: hub id, local file or "
-                   "synthetic:N; default: the model's training data. [env DATASET]")
-    p.add_argument("--dataset-split", default=argparse.SUPPRESS, help="Split of a hub dataset to read.")
-    p.add_argument("--column-map", "--columns", dest="column_map", default=argparse.SUPPRESS,
-                   help="Column mapping: question=q,context=schema,answer=sql.")
-    p.add_argument("--eval-fraction", default=argparse.SUPPRESS, help="Held-out share for --split eval; default: "
-                   "the model's own.")
-    p.add_argument("--seed", default=argparse.SUPPRESS, help="Seed for --limit sampling and the databases.")
-    p.add_argument("--eval-batch-size", "--batch-size", dest="eval_batch_size", default=argparse.SUPPRESS,
-                   help="Prompts generated together with --model.")
     p.add_argument("--self-check", action="store_true", help="Score the dataset's gold SQL against itself: "
                    "lists gold queries that fail on their own context and checks that EX is 100%%.")
     p.add_argument("--compare", nargs="+", metavar="REPORT", help="Print two or more reports (report.json or "
                    "their folders) side by side, with the examples where they disagree.")
-    config.add_arguments(p, groups=["eval", "buckets"])
+    config.add_arguments(p, groups=["eval", "buckets"], fields={
+        "model_name": "A finished model folder or bucket URL.",
+        "dataset": "Examples with gold SQL: hub id, local file or synthetic:N; default: the model's training data.",
+        "dataset_split": "", "column_map": "",
+        "eval_fraction": "Held-out share for --split eval; default: the model's own.",
+        "seed": "Seed for --limit sampling and the databases.",
+        "eval_batch_size": "Prompts generated together with --model."},
+        aliases={"column_map": ["--columns"], "eval_batch_size": ["--batch-size"]})
     p.set_defaults(func=run)
     actions = p.add_subparsers(dest="eval_action", metavar="merge")
     merge = actions.add_parser("merge", help="Join shard reports into one report.")
@@ -76,9 +72,13 @@ def parse_shard(spec: str, environ: Mapping[str, str]) -> tuple[int, int]:
 def _model_meta(cfg: config.Config, mode: str) -> dict[str, Any]:
     if mode != "model":
         return {}
-    from sqltune.artifacts import manifests
+    from sqltune.artifacts import manifests, registry
 
-    path = Path(cfg.model_name)
+    if manifests.is_remote(cfg.model_name):
+        # a bucket model keeps its own eval defaults (dataset, eval fraction): fetch it now (cached, verified);
+        # generation reuses the same cached folder
+        return manifests.read_meta(registry.fetch(cfg.model_name).path)
+    path = manifests.local_path(cfg.model_name)
     return manifests.read_meta(path) if (path / manifests.SQLTUNE_META).is_file() else {}
 
 
@@ -199,7 +199,11 @@ def run(args: argparse.Namespace) -> int:
         dataset = {"source": cfg.eval_predictions, "split": "all", "examples": len(examples),
                    "fingerprint": loading.fingerprint(examples)}
     else:
-        examples, dataset = load_examples(cfg, sources, _model_meta(cfg, mode))
+        meta = _model_meta(cfg, mode)
+        if "eval_max_new_tokens" not in sources and meta.get("max_new_tokens"):
+            # the longest answer the model was trained on, unless --eval-max-new-tokens says otherwise
+            cfg = dataclasses.replace(cfg, eval_max_new_tokens=int(meta["max_new_tokens"]))
+        examples, dataset = load_examples(cfg, sources, meta)
     indices = [i for i in range(len(examples)) if i % shard_count == shard_index]
     mine = [examples[i] for i in indices]
     logs.event(log, "eval started", mode=mode, examples=len(examples), shard=f"{shard_index}/{shard_count}",

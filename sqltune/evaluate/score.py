@@ -15,7 +15,7 @@ import hashlib
 import multiprocessing
 import os
 from collections.abc import Iterator, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import Any
 
 from sqltune.errors import DataError
@@ -184,6 +184,3 @@ def iter_scores(items: Sequence[Item], settings: Settings, workers: int = 0) -> 
     with ctx.Pool(workers, initializer=_init_worker, initargs=(settings,)) as pool:
         yield from pool.imap(_score_in_worker, items, chunksize=chunk)
 
-
-def settings_dict(settings: Settings) -> dict[str, Any]:
-    return asdict(settings)

@@ -135,3 +135,20 @@ def load_base(name: str, precision: Precision, *, quantize_4bit: bool = False, t
 
 def is_local_model(name: str) -> bool:
     return Path(name).is_dir()
+
+
+def resolve_source(name: str) -> tuple[str, dict[str, Any]]:
+    """What `from_pretrained` loads for `--model`, and where it came from (recorded in sqltune.json).
+
+    A hub id or a local folder is used as it is; an embedded model (`smollm2-135m`, `gemma3-270m`) or a
+    local `.gguf` file is converted once into the model cache and the converted folder is returned.
+    """
+    from sqltune.finetune import gguf
+
+    if not gguf.is_gguf_source(name):
+        return name, {"source": name, "kind": "local" if is_local_model(name) else "hub"}
+    from sqltune.artifacts import storage
+
+    folder, info = gguf.resolve(name, storage.cache_root())
+    return str(folder), {"source": name, "kind": "gguf", "gguf": info["gguf"], "sha256": info["sha256"],
+                         "converted_folder": str(folder), "conversion_s": info["seconds"]}

@@ -102,9 +102,25 @@ def _merge(trainer: Any, method: str, precision: Any, base_name: str, run_dir: P
     return merged, reference, tolerance
 
 
+def check_finite(model: Any, metrics: dict[str, Any]) -> None:
+    """Refuse to publish a model whose loss or weights are NaN or infinite: it would serve garbage."""
+    import math
+
+    import torch
+
+    loss = metrics.get("train_loss")
+    if loss is not None and not math.isfinite(float(loss)):
+        raise ModelError(f"training loss is {loss}: the run diverged, and the model is not published",
+                         "lower --learning-rate (and check the data); the checkpoints are kept for inspection")
+    for name, param in model.named_parameters():
+        if not bool(torch.isfinite(param).all()):
+            raise ModelError(f"weight {name} holds NaN or infinite values: the model is not published",
+                             "lower --learning-rate and rerun; the checkpoints are kept for inspection")
+
+
 def export(trainer: Any, cfg: Config, *, method: str, precision: Any, base_name: str, run_dir: Path,
            template: PromptTemplate, data_report: dict[str, Any], metrics: dict[str, Any],
-           eval_examples: list[Any]) -> Path:
+           eval_examples: list[Any], base: dict[str, Any] | None = None, max_new_tokens: int = 128) -> Path:
     from transformers import AutoModelForCausalLM
 
     t0 = time.time()
@@ -113,10 +129,12 @@ def export(trainer: Any, cfg: Config, *, method: str, precision: Any, base_name:
     stage.mkdir(parents=True)
     tokenizer = trainer.processing_class
     merged, reference, tolerance = _merge(trainer, method, precision, base_name, run_dir, template, cfg.trust_remote_code)
+    check_finite(merged, metrics)
     merged.config.use_cache = True
     gen = merged.generation_config
     gen.eos_token_id, gen.pad_token_id = tokenizer.eos_token_id, tokenizer.pad_token_id
-    gen.do_sample, gen.max_new_tokens = False, 128
+    # the longest answer trained on (EOS included): serving and eval default to it, not to a guess
+    gen.do_sample, gen.max_new_tokens = False, max_new_tokens
     for attr in ("temperature", "top_p", "top_k"):
         if hasattr(gen, attr):
             setattr(gen, attr, None)
@@ -133,10 +151,12 @@ def export(trainer: Any, cfg: Config, *, method: str, precision: Any, base_name:
     meta = {
         "name": cfg.new_model,
         "base_model": cfg.model_name,
+        "base": base or {"source": cfg.model_name},
         "method": method,
         "dtype": precision.name,
         TEMPLATE_KEY: template.to_dict(),
         "eos_token": tokenizer.eos_token,
+        "max_new_tokens": max_new_tokens,
         "config": cfg.to_dict(),
         "data": data_report,
         "metrics": metrics,

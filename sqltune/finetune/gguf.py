@@ -25,12 +25,10 @@ from pathlib import Path
 from typing import Any
 
 from sqltune import logs
+from sqltune.artifacts import manifests
 from sqltune.errors import ModelError
 
 log = logs.get("gguf")
-
-MANIFEST = "manifest.json"
-
 
 @dataclass(frozen=True)
 class EmbeddedModel:
@@ -113,7 +111,7 @@ def locate_gguf(name: str, cache_root: Path | None = None) -> Path:
     if target.is_file() and target.stat().st_size == total:
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
-    with _locked(target.parent / f".{entry.filename}.lock"):
+    with manifests.locked(target.parent / f".{entry.filename}.lock"):
         if target.is_file() and target.stat().st_size == total:
             return target  # another process assembled it while we waited
         tmp = target.parent / f".{entry.filename}.tmp"
@@ -143,7 +141,7 @@ def resolve(model: str, cache_root: Path) -> tuple[Path, dict[str, Any]]:
         if not gguf.is_file():
             raise ModelError(f"GGUF file {gguf} does not exist",
                              f"give an existing .gguf path or one of: {', '.join(sorted(EMBEDDED))}")
-    sha = _sha256_file(gguf)
+    sha = manifests.sha256_file(gguf)
     expected = EMBEDDED[model].sha256 if model in EMBEDDED else None
     if expected and sha != expected:
         raise ModelError(f"{gguf} has sha256 {sha}, expected {expected} (corrupt or another version)",
@@ -157,7 +155,7 @@ def resolve(model: str, cache_root: Path) -> tuple[Path, dict[str, Any]]:
         logs.event(log, "gguf cache hit", **info, folder=str(folder))
         return folder, info
     root.mkdir(parents=True, exist_ok=True)
-    with _locked(root / f".{sha[:16]}.lock"):
+    with manifests.locked(root / f".{sha[:16]}.lock"):
         if not _is_complete(folder, sha):  # someone else may have finished while we waited
             if folder.exists():
                 logs.event(log, "redoing incomplete gguf conversion", folder=str(folder))
@@ -168,7 +166,7 @@ def resolve(model: str, cache_root: Path) -> tuple[Path, dict[str, Any]]:
             tmp.mkdir()
             try:
                 stats = _convert(gguf, tmp)
-                _write_manifest(tmp, source=model, gguf_sha256=sha, **stats)
+                manifests.write_manifest(tmp, source=model, gguf_sha256=sha, **stats)
                 os.replace(tmp, folder)  # same filesystem: the folder appears whole or not at all
             except BaseException:
                 shutil.rmtree(tmp, ignore_errors=True)
@@ -230,49 +228,12 @@ def _convert(gguf: Path, out: Path) -> dict[str, Any]:
 def _is_complete(folder: Path, sha: str) -> bool:
     """A manifest naming this GGUF, and every file in it at its recorded size (hashing is for `verify`)."""
     try:
-        manifest = json.loads((folder / MANIFEST).read_text())
+        manifest = json.loads((folder / manifests.MANIFEST).read_text())
         if manifest.get("gguf_sha256") != sha:
             return False
         return all((folder / name).stat().st_size == entry["size"] for name, entry in manifest["files"].items())
     except (OSError, ValueError, KeyError, TypeError, AttributeError):
         return False
-
-
-def _sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as fh:
-        while block := fh.read(8 << 20):
-            h.update(block)
-    return h.hexdigest()
-
-
-def _write_manifest(folder: Path, **extra: Any) -> dict[str, Any]:
-    """manifest.json (every file's size and sha256), written last and atomically: its presence means
-    the folder is complete. Same layout as sqltune.artifacts.manifests, which will replace this."""
-    files = {str(p.relative_to(folder)): {"size": p.stat().st_size, "sha256": _sha256_file(p)}
-             for p in sorted(folder.rglob("*")) if p.is_file() and p.name != MANIFEST and not p.name.startswith(".")}
-    manifest = {"version": 1, "files": files, **extra,
-                "digest": hashlib.sha256(json.dumps(files, sort_keys=True).encode()).hexdigest()}
-    tmp = folder / f".{MANIFEST}.tmp"
-    tmp.write_text(json.dumps(manifest, indent=2, sort_keys=True))
-    os.replace(tmp, folder / MANIFEST)
-    return manifest
-
-
-class _locked:
-    """An exclusive fcntl lock on `path`, so two processes never convert the same GGUF together."""
-
-    def __init__(self, path: Path) -> None:
-        self.path = path
-
-    def __enter__(self) -> None:
-        import fcntl
-
-        self.fh = self.path.open("a")
-        fcntl.flock(self.fh, fcntl.LOCK_EX)
-
-    def __exit__(self, *exc: Any) -> None:
-        self.fh.close()  # closing releases the lock, also when the process dies
 
 
 if __name__ == "__main__":

@@ -1,12 +1,10 @@
-"""`sqltune finetune`: the fine-tuning job, from config to a published merged model.
+"""The fine-tuning job as a function: `finetune(cfg)` loads the data and the base model, trains with
+checkpoints, merges and checks, and publishes; `sqltune finetune` (cli.py) is its command line.
 
-    sqltune finetune --config configs/tiny-cpu.yaml
-    sqltune finetune --model google/gemma-2b --dataset b-mc2/sql-create-context --output ./models/gemma-2b-sql
-    MODEL_NAME=google/gemma-2b LORA_R=8 LORA_ALPHA=16 DATASET_LIMIT=1000 sqltune finetune
-    torchrun --nproc-per-node 4 -m sqltune finetune --config configs/gemma-2b-qlora.yaml
+    python -c "from sqltune.config import Config; from sqltune.finetune.job import finetune; finetune(Config())"
 
-Rerunning with the same output resumes from the newest complete checkpoint; SIGTERM saves a
-checkpoint and exits 143, so a retried Cloud Run task loses at most one interval.
+A rerun with the same output resumes from the newest complete checkpoint (restored from the bucket
+first when the output is remote); SIGTERM saves a checkpoint and raises TrainingInterrupted (exit 143).
 """
 
 from __future__ import annotations
@@ -99,9 +97,11 @@ def finetune(cfg: Config, sources: dict[str, str] | None = None) -> Path:
 
     splits = loading.load_splits(cfg.dataset, split=cfg.dataset_split, columns=cfg.column_map, limit=cfg.dataset_limit,
                               eval_fraction=cfg.eval_fraction, seed=cfg.seed)
+    # the tiny model's tokenizer is trained on the plain template's text; a chat template needs a real tokenizer
     template = prompts.DEFAULT_TEMPLATE
     pairs = sft.build_pairs(splits.train, template)
 
+    base_info: dict[str, Any] = {"source": cfg.model_name}
     if cfg.model_name == base_models.TINY:
         base_name = str(run_dir / ".tiny-base")
         tiny = {"layers": cfg.tiny_layers, "seed": cfg.seed, "max_positions": max(1024, cfg.max_seq_length)}
@@ -121,9 +121,9 @@ def finetune(cfg: Config, sources: dict[str, str] | None = None) -> Path:
             model.save_pretrained(base_name)  # the merge reloads this base in full precision
             tokenizer.save_pretrained(base_name)
     else:
-        base_name = cfg.model_name
-        tokenizer = base_models.load_tokenizer(cfg.model_name, cfg.trust_remote_code)
-        model = base_models.load_base(cfg.model_name, precision, quantize_4bit=method == "qlora",
+        base_name, base_info = base_models.resolve_source(cfg.model_name)
+        tokenizer = base_models.load_tokenizer(base_name, cfg.trust_remote_code)
+        model = base_models.load_base(base_name, precision, quantize_4bit=method == "qlora",
                                    trust_remote_code=cfg.trust_remote_code,
                                    device_map=sft.device_map() if method == "qlora" else None)
         if method == "qlora":
@@ -131,6 +131,10 @@ def finetune(cfg: Config, sources: dict[str, str] | None = None) -> Path:
 
             model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=cfg.gradient_checkpointing)
     model.config.use_cache = False
+    if cfg.prompt_style == "chat":
+        template = prompts.chat_template(tokenizer)
+        pairs = sft.build_pairs(splits.train, template)
+    logs.event(log, "prompt template", style=cfg.prompt_style, prompt=template.prompt, stops=list(template.stops))
 
     train_ds, too_long = sft.to_dataset(pairs, tokenizer, cfg.max_seq_length)
     eval_pairs = sft.build_pairs(splits.eval, template)
@@ -165,7 +169,8 @@ def finetune(cfg: Config, sources: dict[str, str] | None = None) -> Path:
     if not logs.is_rank0():
         return run_dir
     final = export.export(trainer, cfg, method=method, precision=precision, base_name=base_name, run_dir=run_dir,
-                          template=template, data_report=splits.report.to_dict(), metrics=metrics,
+                          template=template, data_report=splits.report.to_dict(), metrics=metrics, base=base_info,
+                          max_new_tokens=max(sum(m) for m in train_ds["completion_mask"]),
                           eval_examples=splits.eval)
     where = registry.publish(final, cfg.output_dir)
     logs.event(log, "finetune finished", output=where, wall_s=round(time.time() - started, 1),

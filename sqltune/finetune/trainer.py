@@ -28,21 +28,55 @@ def device_map() -> Any:
 
 
 def to_dataset(pairs: list[tuple[str, str]], tokenizer: Any, max_len: int) -> tuple[Any, int]:
-    """A prompt/completion Dataset without the rows longer than max_len (counted, never truncated:
-    a cut-off answer would teach the model to stop mid-query)."""
+    """The training rows as token ids, without the rows longer than max_len (counted, never truncated:
+    a cut-off answer would teach the model to stop mid-query).
+
+    Tokenized here rather than by TRL so that the prompt's ids are exactly `prompts.encode_prompt`,
+    which every inference path feeds (special tokens such as Gemma's `<bos>` included); the
+    completion is the SQL, then EOS, and `completion_mask` puts the loss on it alone.
+    """
     from datasets import Dataset
 
-    eos = tokenizer.eos_token or ""
-    texts = [p + c + eos for p, c in pairs]
-    lengths = [len(ids) for ids in tokenizer(texts, add_special_tokens=False)["input_ids"]] if texts else []
-    kept = [{"prompt": p, "completion": c} for (p, c), n in zip(pairs, lengths, strict=True) if n <= max_len]
-    return Dataset.from_list(kept) if kept else Dataset.from_dict({"prompt": [], "completion": []}), len(pairs) - len(kept)
+    from sqltune.prompts import encode_completion, encode_prompt
+
+    rows = []
+    for prompt, completion in pairs:
+        p_ids, c_ids = encode_prompt(tokenizer, prompt), encode_completion(tokenizer, completion)
+        if len(p_ids) + len(c_ids) <= max_len:
+            rows.append({"input_ids": p_ids + c_ids, "completion_mask": [0] * len(p_ids) + [1] * len(c_ids)})
+    empty = {"input_ids": [], "completion_mask": []}
+    return Dataset.from_list(rows) if rows else Dataset.from_dict(empty), len(pairs) - len(rows)
+
+
+# TRL computes the loss through a fused lm_head in [tokens x vocab] tiles; its defaults (4096 x 32768)
+# suit a GPU, but on a CPU each fp32 temporary of a tile is 512 MiB and several live at once.
+CPU_LOSS_TILE = (1024, 8192)
+
+
+def limit_loss_tiles(tokens: int, vocab: int) -> dict[str, int]:
+    """Set the size of TRL's fused-lm_head loss tiles (process-wide); returns what was set.
+
+    Module constants read at call time (trl.kernels.chunked_logprob.TOKEN_CHUNK_SIZE and
+    trl.trainer.utils._CHUNKED_LOGPROB_CHUNK_SIZE); absent in another TRL release, nothing is changed.
+    """
+    import trl.kernels.chunked_logprob as kernel
+    import trl.trainer.utils as trl_utils
+
+    done = {}
+    if hasattr(kernel, "TOKEN_CHUNK_SIZE"):
+        kernel.TOKEN_CHUNK_SIZE = done["tokens"] = tokens
+    if hasattr(trl_utils, "_CHUNKED_LOGPROB_CHUNK_SIZE"):
+        trl_utils._CHUNKED_LOGPROB_CHUNK_SIZE = done["vocab"] = vocab
+    return done
 
 
 def build_trainer(cfg: Config, method: str, precision: Any, model: Any, tokenizer: Any, train_ds: Any,
                    eval_ds: Any, run_dir: Path, callbacks: list[Any]) -> Any:
     from transformers import PrinterCallback, ProgressCallback
     from trl import SFTConfig, SFTTrainer
+
+    if precision.device == "cpu":
+        limit_loss_tiles(*CPU_LOSS_TILE)
 
     # Every value set from our Config: TRL/transformers defaults (bf16, gradient checkpointing, lr 2e-5)
     # change between releases and would silently change the recipe.

@@ -11,6 +11,7 @@ within --shutdown-grace seconds, then exits.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import ipaddress
 import logging
 import signal
@@ -25,13 +26,10 @@ log = logs.get("serve")
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("serve", help="Serve a finished model: OpenAI-compatible API, /v1/sql, /generate, /predict.")
-    p.add_argument("--model", dest="model_name", default=argparse.SUPPRESS, metavar="PATH_OR_URL",
-                   help="The model to serve: a folder written by `sqltune finetune`, or its gs:// / s3:// URL. "
-                        "Default: the finetune output (models/<new_model>). [env MODEL_NAME]")
-    p.add_argument("--dtype", dest="dtype", default=argparse.SUPPRESS, choices=["auto", "bf16", "fp16", "fp32"],
-                   help="Compute dtype; auto = bf16 on GPUs that support it, fp16 on older GPUs, fp32 on CPU. "
-                        "[env DTYPE]")
-    config.add_arguments(p, groups=["serve", "buckets"])
+    config.add_arguments(p, groups=["serve", "buckets"], fields={
+        "model_name": "The model to serve: a folder written by `sqltune finetune`, or its gs:// / s3:// URL. "
+                      "Default: the finetune output (models/<new_model>).",
+        "dtype": ""})
     p.set_defaults(func=run)
 
 
@@ -43,6 +41,9 @@ def run(args: argparse.Namespace) -> int:
     storage.configure(cfg)  # bucket_endpoint, transfer_workers and model_cache apply to the model fetch
     url = cfg.model_name if "model_name" in sources else cfg.output_dir
     model_dir, template, meta = resolve(url)
+    if "default_max_tokens" not in sources and meta.get("max_new_tokens"):
+        # the longest answer the model was trained on, unless the operator set a default
+        cfg = dataclasses.replace(cfg, default_max_tokens=min(int(meta["max_new_tokens"]), cfg.max_tokens_limit))
     from sqltune.serve.app import create_app
     from sqltune.serve.engines.factory import create_engine
 

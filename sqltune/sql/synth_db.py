@@ -277,15 +277,15 @@ def synthesise(plan: Plan, seed: int, *, plant: bool = True) -> dict[str, list[t
         # from another (EXCEPT, NOT IN and LEFT JOIN then have something to find)
         mine = {cls: [pool[0], *rng.sample(pool[1:], rng.randint(min(1, len(pool) - 1), len(pool) - 1))]
                 for cls, pool in pools.items()}
-        rows = [_random_row(table.columns, table.name, plan, mine, domains, rng) for _ in range(rng.randint(3, 7))]
+        rows = [_row(table.columns, table.name, plan, mine, domains, rng, planted=False) for _ in range(rng.randint(3, 7))]
         # most nullable columns get a NULL somewhere, so COUNT(*) and COUNT(col) disagree on some database
         for i, c in enumerate(table.columns):
             if not c.not_null and rng.random() < 0.8:
                 at = rng.randrange(len(rows))
                 rows[at] = rows[at][:i] + (None,) + rows[at][i + 1:]
         if plant:
-            planted = _planted_row(table.columns, table.name, plan, pools, domains, rng)
-            free = _random_row(table.columns, table.name, plan, mine, domains, rng)
+            planted = _row(table.columns, table.name, plan, pools, domains, rng, planted=True)
+            free = _row(table.columns, table.name, plan, mine, domains, rng, planted=False)
             # seeds of neighbouring databases differ in parity (score.py steps by an odd number), so
             # the K databases have both kinds of twin
             twin = planted if seed % 2 == 0 else tuple(
@@ -300,7 +300,7 @@ def synthesise(plan: Plan, seed: int, *, plant: bool = True) -> dict[str, list[t
                     # score.py's seeds for the K databases fall in different residues mod 4, so
                     # the offsets below include an exact N on at least one of any three databases
                     copies = max(1, rng.choice(plan.group_sizes) + (0, 1, 0, -1)[seed % 4])
-            other = _random_row(table.columns, table.name, plan, mine, domains, rng)
+            other = _row(table.columns, table.name, plan, mine, domains, rng, planted=False)
             nearest = seed % 2 == 0 or rng.random() < 0.5
             misses = _near_misses(table.columns, table.name, plan, planted, other, rng, nearest=nearest)
             rows += [planted, *[twin] * (copies - 1), *misses]
@@ -309,8 +309,10 @@ def synthesise(plan: Plan, seed: int, *, plant: bool = True) -> dict[str, list[t
     return data
 
 
-def _random_row(columns: tuple[Column, ...], table: str, plan: Plan, pools: dict[int, list[Value]],
-                domains: dict[str, list[Value]], rng: random.Random) -> tuple[Value, ...]:
+def _row(columns: tuple[Column, ...], table: str, plan: Plan, pools: dict[int, list[Value]],
+         domains: dict[str, list[Value]], rng: random.Random, *, planted: bool) -> tuple[Value, ...]:
+    """A planted row (every condition of the query holds, join keys from each class's first value) or a
+    random one (conditions hit or missed, join keys from the rest of the class, some NULLs)."""
     row = []
     for c in columns:
         key = (table, c.name.lower())
@@ -318,30 +320,16 @@ def _random_row(columns: tuple[Column, ...], table: str, plan: Plan, pools: dict
         if key in plan.key_class:
             pool = pools[plan.key_class[key]]
             # with a HAVING COUNT to test, the planted group's key (pool[0]) is left to the planted rows
-            value: Value = rng.choice(pool[1:] if plan.group_sizes and len(pool) > 1 else pool)
+            value: Value = pool[0] if planted else rng.choice(pool[1:] if plan.group_sizes and len(pool) > 1 else pool)
+        elif conds and planted:
+            value = rng.choice(_hits(conds[0], c, rng) or domains[key[1]])
         elif conds and rng.random() < 0.6:
             cond = rng.choice(conds)
             value = rng.choice((_hits(cond, c, rng) if rng.random() < 0.5 else _misses(cond, c)) or domains[key[1]])
         else:
             value = rng.choice(domains[key[1]])
-        if not c.not_null and rng.random() < 0.1:
+        if not planted and not c.not_null and rng.random() < 0.1:
             value = None
-        row.append(_store(value, c))
-    return tuple(row)
-
-
-def _planted_row(columns: tuple[Column, ...], table: str, plan: Plan, pools: dict[int, list[Value]],
-                 domains: dict[str, list[Value]], rng: random.Random) -> tuple[Value, ...]:
-    row = []
-    for c in columns:
-        key = (table, c.name.lower())
-        conds = plan.conditions.get(key, [])
-        if key in plan.key_class:
-            value: Value = pools[plan.key_class[key]][0]
-        elif conds:
-            value = rng.choice(_hits(conds[0], c, rng) or domains[key[1]])
-        else:
-            value = rng.choice(domains[key[1]])
         row.append(_store(value, c))
     return tuple(row)
 

@@ -89,6 +89,23 @@ async def complete(engine: Engine, prompt_ids: Sequence[int], params: SamplingPa
     return Completion("".join(parts), len(prompt_ids), 0, "abort", "engine ended the stream early", parts)
 
 
+class EngineBase:
+    """What both engines set up the same way from a resolved model folder: the served id, the template,
+    the batch capacity and the context length (the model's own, lowered by --max-model-len)."""
+
+    def __init__(self, cfg: Config, model_dir: Path, template: PromptTemplate, meta: dict) -> None:
+        self.cfg = cfg
+        self.model_dir = Path(model_dir)
+        self.template = template
+        self.model_id = model_id_for(cfg, self.model_dir, meta)
+        self.capacity = cfg.max_batch_size
+        self._own_len = model_context_length(self.model_dir)
+
+    @property
+    def max_model_len(self) -> int:
+        return min(self.cfg.max_model_len or self._own_len, self._own_len)
+
+
 def model_id_for(cfg: Config, model_dir: Path, meta: dict) -> str:
     if cfg.served_model_name:
         return cfg.served_model_name

@@ -22,8 +22,8 @@ from typing import Any
 
 from sqltune import logs
 from sqltune.config import Config
-from sqltune.prompts import PromptTemplate
-from sqltune.serve.engines.base import Delta, SamplingParams, model_context_length, model_id_for
+from sqltune.prompts import PromptTemplate, encode_prompt
+from sqltune.serve.engines.base import Delta, EngineBase, SamplingParams
 from sqltune.serve.engines.text import TextStream
 
 log = logs.get("serve.engine")
@@ -51,24 +51,15 @@ class _Request:
         self.loop.call_soon_threadsafe(self.out.put_nowait, delta)
 
 
-class TransformersEngine:
+class TransformersEngine(EngineBase):
     name = "transformers"
 
     def __init__(self, cfg: Config, model_dir: Path, template: PromptTemplate, meta: dict) -> None:
-        self.cfg = cfg
-        self.model_dir = Path(model_dir)
-        self.template = template
-        self.model_id = model_id_for(cfg, self.model_dir, meta)
-        self.capacity = cfg.max_batch_size
-        self._own_len = model_context_length(self.model_dir)
+        super().__init__(cfg, model_dir, template, meta)
         self._pending: queue.Queue[_Request | None] = queue.Queue()
         self._thread: threading.Thread | None = None
         self._on_batch: Callable[[int], None] | None = None
         self.loaded: Any = None
-
-    @property
-    def max_model_len(self) -> int:
-        return min(self.cfg.max_model_len or self._own_len, self._own_len)
 
     @property
     def eos_token(self) -> str | None:
@@ -109,7 +100,7 @@ class TransformersEngine:
 
     def encode(self, prompt: str) -> list[int]:
         # as in training and sqltune.generation: the template carries the text, no special tokens added
-        return list(self.loaded.tokenizer(prompt, add_special_tokens=False)["input_ids"])
+        return encode_prompt(self.loaded.tokenizer, prompt)  # the ids the model was trained on
 
     async def stream(self, prompt_ids: Sequence[int], params: SamplingParams,
                      deltas: bool = True) -> AsyncIterator[Delta]:

@@ -23,8 +23,8 @@ from typing import Any
 from sqltune import logs
 from sqltune.config import Config
 from sqltune.errors import ModelError
-from sqltune.prompts import PromptTemplate
-from sqltune.serve.engines.base import Delta, SamplingParams, model_context_length, model_id_for
+from sqltune.prompts import PromptTemplate, encode_prompt
+from sqltune.serve.engines.base import Delta, EngineBase, SamplingParams
 
 log = logs.get("serve.engine")
 
@@ -54,23 +54,13 @@ def engine_args(cfg: Config, model_dir: Path) -> dict[str, Any]:
     return args
 
 
-class VllmEngine:
+class VllmEngine(EngineBase):
     name = "vllm"
 
     def __init__(self, cfg: Config, model_dir: Path, template: PromptTemplate, meta: dict) -> None:
-        self.cfg = cfg
-        self.model_dir = Path(model_dir)
-        self.template = template
-        self.model_id = model_id_for(cfg, self.model_dir, meta)
-        self.capacity = cfg.max_batch_size
-        self._max_len = min(cfg.max_model_len or model_context_length(self.model_dir),
-                            model_context_length(self.model_dir))
+        super().__init__(cfg, model_dir, template, meta)
         self.llm: Any = None
         self.tokenizer: Any = None
-
-    @property
-    def max_model_len(self) -> int:
-        return self._max_len
 
     @property
     def eos_token(self) -> str | None:
@@ -99,9 +89,9 @@ class VllmEngine:
             raise ModelError(f"vLLM could not load {self.model_dir}: {e}",
                              "check --max-model-len, --gpu-memory-utilization and --tensor-parallel-size "
                              "against the device, or use --engine transformers") from e
-        self._max_len = int(self.llm.model_config.max_model_len)
+        self._own_len = int(self.llm.model_config.max_model_len)  # what vLLM settled on, --max-model-len included
         self.tokenizer = AutoTokenizer.from_pretrained(self.model_dir)
-        logs.event(log, "model loaded", engine=self.name, model=str(self.model_dir), max_model_len=self._max_len,
+        logs.event(log, "model loaded", engine=self.name, model=str(self.model_dir), max_model_len=self.max_model_len,
                    seconds=round(time.perf_counter() - started, 2),
                    **{k: v for k, v in args.items() if k != "model"})
 
@@ -111,8 +101,7 @@ class VllmEngine:
             self.llm = None
 
     def encode(self, prompt: str) -> list[int]:
-        # as in training: no BOS added, so both engines see the same ids for the same prompt
-        return list(self.tokenizer(prompt, add_special_tokens=False)["input_ids"])
+        return encode_prompt(self.tokenizer, prompt)  # the ids the model was trained on
 
     async def stream(self, prompt_ids: Sequence[int], params: SamplingParams,
                      deltas: bool = True) -> AsyncIterator[Delta]:
