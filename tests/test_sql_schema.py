@@ -36,6 +36,25 @@ def test_parse_schema_refuses_what_is_not_create_table(bad: str) -> None:
         parse_schema(bad)
 
 
+def test_a_huge_or_deep_schema_is_refused_quickly_with_the_limit() -> None:
+    import time
+
+    from sqltune.sql.schema import MAX_COLUMNS, MAX_TABLES
+
+    wide = "CREATE TABLE t (" + ", ".join(f"c{i} INT" for i in range(8000)) + ")"  # 90 kB: 21 s before
+    started = time.perf_counter()
+    with pytest.raises(DataError, match=f"at most {MAX_TABLES} tables and {MAX_COLUMNS} columns"):
+        parse_schema(wide)
+    assert time.perf_counter() - started < 3
+    at_limit = parse_schema("CREATE TABLE t (" + ", ".join(f"c{i} INT, C{i} INT" for i in range(MAX_COLUMNS // 2))
+                            + ")")  # duplicates differ only in case: dropped, each in constant time
+    assert len(at_limit.tables[0].columns) == MAX_COLUMNS // 2
+    with pytest.raises(DataError, match="tables"):
+        parse_schema("; ".join(f"CREATE TABLE t{i} (a INT)" for i in range(MAX_TABLES + 1)))
+    with pytest.raises(DataError, match="nested too deeply"):  # RecursionError inside sqlglot before
+        parse_schema("CREATE TABLE t (a INT CHECK (" + "(" * 5000 + "1" + ")" * 5000 + "))")
+
+
 def test_affinity_rules() -> None:
     assert [affinity(t) for t in ("INTEGER", "BIGINT", "VARCHAR(20)", "TEXT", "REAL", "DOUBLE", "", "DECIMAL")] == \
         ["INTEGER", "INTEGER", "TEXT", "TEXT", "REAL", "REAL", "BLOB", "NUMERIC"]

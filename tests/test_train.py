@@ -259,3 +259,16 @@ def test_a_model_with_non_finite_loss_or_weights_is_never_published() -> None:
         net.weight[0, 0] = float("inf")
     with pytest.raises(ModelError, match="weight weight holds NaN or infinite"):
         check_finite(net, {"train_loss": 0.5})
+
+
+@pytest.mark.parametrize("where", ["file", "under-file", "proc"])
+def test_an_unwritable_output_is_a_one_line_error_at_once(tmp_path: Path, where: str) -> None:
+    existing = tmp_path / "model.txt"
+    existing.write_text("not a folder")
+    output = {"file": existing, "under-file": existing / "sub", "proc": Path("/proc/sqltune-output")}[where]
+    started = time.monotonic()
+    proc = run_sqltune("finetune", "--model", "tiny", "--dataset", "synthetic:50", "--max-steps", "1",
+                       "--output", str(output), check=False)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    assert f"--output {output}" in proc.stderr and "fix:" in proc.stderr
+    assert time.monotonic() - started < 8  # before any model or data is loaded

@@ -47,8 +47,29 @@ def _stop_reason_message(reason: str) -> str:
             "time": "max_train_minutes reached: training stops here, then merge and publish"}[reason]
 
 
+EVAL_LOSS_ROWS = 256  # rows of the eval split the eval loss is computed on
+
+
+def check_output(output: str) -> None:
+    """Fail at once, not after loading a model, when a local output cannot be written."""
+    if manifests.is_remote(output):
+        return  # a bucket is checked by its first write; credentials live in the environment
+    path = manifests.local_path(output)
+    hint = "pass --output a folder you can write (e.g. ./models/<name>), or a gs:// / s3:// URL"
+    if path.exists() and not path.is_dir():
+        raise ConfigError(f"--output {output} is an existing file, not a folder", hint)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        probe = path / f".sqltune-write-probe-{os.getpid()}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as e:
+        raise ConfigError(f"--output {output} is not writable: {e.strerror or e}", hint) from None
+
+
 def finetune(cfg: Config, sources: dict[str, str] | None = None) -> Path:
     """Run the whole job; returns the local folder of the finished model."""
+    check_output(cfg.output_dir)
     import torch
     import transformers
 
@@ -139,6 +160,10 @@ def finetune(cfg: Config, sources: dict[str, str] | None = None) -> Path:
     train_ds, too_long = sft.to_dataset(pairs, tokenizer, cfg.max_seq_length)
     eval_pairs = sft.build_pairs(splits.eval, template)
     eval_ds, eval_too_long = sft.to_dataset(eval_pairs, tokenizer, cfg.max_seq_length) if eval_pairs else (None, 0)
+    if eval_ds is not None and len(eval_ds) > EVAL_LOSS_ROWS:
+        # the eval loss is a sanity figure, not the score (that is the held-out check and `sqltune eval`):
+        # a fixed seeded sample keeps it to seconds on a CPU instead of minutes
+        eval_ds = eval_ds.shuffle(seed=cfg.seed).select(range(EVAL_LOSS_ROWS))
     if too_long:
         splits.report.skipped["too_long"] += too_long
     splits.report.train = len(train_ds)

@@ -6,6 +6,11 @@ The engine loads in the background after start-up, so /health answers at once an
 200 only once the weights are loaded and a warm-up generation has run. One ASGI gate in front of
 every route does auth, the body-size limit, JSON access logs and request metrics; it is plain ASGI
 (not BaseHTTPMiddleware) so streaming responses and client disconnects pass through untouched.
+
+The gate is also the last word on errors: an exception no handler took becomes a JSON 500 and a
+request cut by the end of the shutdown grace a JSON 503, both on a connection that stays usable.
+Starlette's own catch-all re-raises into uvicorn, which then closes the connection, so a client's
+next keep-alive request failed too, and uvicorn's fallback answer is plain text.
 """
 
 from __future__ import annotations
@@ -57,7 +62,7 @@ def create_app(config: Config, engine: Engine) -> FastAPI:
             await engine.close()
             logs.event(log, "stopped")
 
-    app = FastAPI(title="sqltune", version=__version__, lifespan=lifespan,
+    app = FastAPI(title="sqltune", version=__version__, lifespan=lifespan, default_response_class=SafeJSONResponse,
                   description="Text-to-SQL model server: OpenAI-compatible, vLLM /generate, Vertex AI /predict.")
     app.state.config = config
     app.state.engine = engine
@@ -102,10 +107,21 @@ async def _load(app: FastAPI) -> None:
 
 
 
+class SafeJSONResponse(JSONResponse):
+    """JSON that always renders: text that cannot be UTF-8 (a lone surrogate echoed back) is escaped
+    instead of turning a reply into a 500."""
+
+    def render(self, content: Any) -> bytes:
+        try:
+            return super().render(content)
+        except UnicodeEncodeError:
+            return json.dumps(content, ensure_ascii=True, allow_nan=False, separators=(",", ":")).encode()
+
+
 def _install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(ApiError)
     async def api_error(request: Request, e: ApiError) -> JSONResponse:
-        return JSONResponse(error_body(e.message, e.kind, e.code, e.param), e.status, headers=e.headers)
+        return SafeJSONResponse(error_body(e.message, e.kind, e.code, e.param), e.status, headers=e.headers)
 
     @app.exception_handler(RequestValidationError)
     async def invalid(request: Request, e: RequestValidationError) -> JSONResponse:
@@ -114,25 +130,21 @@ def _install_error_handlers(app: FastAPI) -> None:
         loc = [str(p) for p in first.get("loc", ()) if p != "body"]
         if first.get("type") == "json_invalid":
             msg = f"request body is not valid JSON: {first.get('ctx', {}).get('error', first.get('msg'))}"
-            return JSONResponse(error_body(msg, "invalid_request_error", "invalid_json"), 400)
+            return SafeJSONResponse(error_body(msg, "invalid_request_error", "invalid_json"), 400)
         where = ".".join(loc) or "body"
         msg = f"{where}: {first.get('msg', 'invalid value')}"
         if len(errors) > 1:
             msg += f" (and {len(errors) - 1} more problem{'s' if len(errors) > 2 else ''})"
-        return JSONResponse(error_body(msg, "invalid_request_error", "invalid_value", where), 400)
+        return SafeJSONResponse(error_body(msg, "invalid_request_error", "invalid_value", where), 400)
 
     @app.exception_handler(HTTPException)
     async def http_error(request: Request, e: HTTPException) -> JSONResponse:
         if isinstance(e.__cause__, _BodyTooLarge):  # FastAPI wraps errors raised while it reads the body
-            return JSONResponse(*Gate.too_large(request.app.state.config.max_body_bytes), 413)
+            body, headers = Gate.too_large(request.app.state.config.max_body_bytes)
+            return SafeJSONResponse(body, 413, headers=headers)
         kind = "not_found_error" if e.status_code == 404 else "invalid_request_error"
-        return JSONResponse(error_body(f"{request.method} {request.url.path}: {e.detail}", kind), e.status_code,
-                            headers=getattr(e, "headers", None))
-
-    @app.exception_handler(Exception)
-    async def crash(request: Request, e: Exception) -> JSONResponse:
-        log.exception("unhandled error")
-        return JSONResponse(error_body(f"internal error: {type(e).__name__}", "server_error"), 500)
+        return SafeJSONResponse(error_body(f"{request.method} {request.url.path}: {e.detail}", kind), e.status_code,
+                                headers=getattr(e, "headers", None))
 
 
 class Gate:
@@ -151,11 +163,11 @@ class Gate:
         path = scope["path"]
         headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
         request_id = headers.get("x-request-id") or uuid.uuid4().hex
-        status = {"code": 500, "bytes": 0}
+        status = {"code": 500, "bytes": 0, "started": 0}
 
         async def send_logged(message: Message) -> None:
             if message["type"] == "http.response.start":
-                status["code"] = message["status"]
+                status["code"], status["started"] = message["status"], 1
                 message.setdefault("headers", []).append((b"x-request-id", request_id.encode()))
             elif message["type"] == "http.response.body":
                 status["bytes"] += len(message.get("body", b""))
@@ -172,8 +184,23 @@ class Gate:
                              + [(b"content-type", b"application/json")])
             await self.app(scope, self._limited(receive, send_logged, status), send_logged)
         except _BodyTooLarge:
-            if status["code"] == 500:
+            if not status["started"]:
                 await _reply(send_logged, 413, *self.too_large(self.max_body))
+        except asyncio.CancelledError:
+            # uvicorn cancels what is still running when --shutdown-grace ends; say so in JSON
+            if not status["started"]:
+                with contextlib.suppress(Exception):
+                    await _reply(send_logged, 503, error_body(
+                        "server shut down before this request finished (--shutdown-grace); retry it",
+                        "service_unavailable", "shutdown"), {"Retry-After": "1"})
+            raise
+        except Exception:
+            log.exception("unhandled error", extra={"fields": {"path": path, "request_id": request_id}})
+            if status["started"]:
+                return  # half a response was sent: uvicorn closes the connection, nothing else can be said
+            await _reply(send_logged, 500, error_body(
+                f"internal error (request id {request_id}); the server log has the traceback",
+                "server_error", "internal_error"), {})
         finally:
             seconds = time.perf_counter() - started
             route = path if path in ROUTES else "other"
@@ -186,9 +213,15 @@ class Gate:
 
     def _refuse(self, path: str, headers: dict[str, str]) -> tuple[int, dict[str, Any], dict[str, str]] | None:
         if self.key and path not in self.open_paths:
-            scheme, _, given = headers.get("authorization", "").partition(" ")
+            sent = headers.get("authorization", "").strip()
+            scheme, _, given = sent.partition(" ")
             if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), self.key):
-                what = "wrong API key" if given else "missing API key"
+                if not sent:
+                    what = "missing API key"
+                elif scheme.lower() != "bearer":
+                    what = "the Authorization header has no `Bearer` scheme"
+                else:
+                    what = "wrong API key" if given.strip() else "missing API key after `Bearer`"
                 return 401, error_body(f"{what}: send `Authorization: Bearer <key>` (the server's --api-key)",
                                        "authentication_error", "invalid_api_key"), {"WWW-Authenticate": "Bearer"}
         length = headers.get("content-length", "")

@@ -38,6 +38,7 @@ def run(args: argparse.Namespace) -> int:
 
     cfg, sources = config.from_namespace(args)
     logs.setup(cfg.log_level)
+    logs.capture_library_output()  # every stderr line of the server is JSON
     storage.configure(cfg)  # bucket_endpoint, transfer_workers and model_cache apply to the model fetch
     url = cfg.model_name if "model_name" in sources else cfg.output_dir
     model_dir, template, meta = resolve(url)

@@ -62,6 +62,8 @@ async def cancel_on_disconnect(request: Request, work: Awaitable[Any]) -> Any:
         raise ApiError(499, "client closed the request", code="client_closed")
     finally:
         watcher.cancel()
+        # cancelled from outside (the shutdown grace ended): the work must stop too, not run on unowned
+        task.cancel()
 
 
 async def open_stream(service: Service, jobs: list[Job]) -> tuple[AsyncIterator[tuple[int, Delta]],

@@ -1,40 +1,89 @@
 """Request and response models of every route, in the shapes existing clients already speak:
 OpenAI's completions and chat completions, vLLM's demo /generate, Vertex AI's /predict, and
 sqltune's own /v1/sql. Unknown fields are ignored (clients send extras such as `user`); a field of
-the wrong type is a 400 naming the field."""
+the wrong type is a 400 naming the field.
+
+Everything a request could use to hurt the batch it shares is refused here, before any work:
+integers are strict (`max_tokens: true` is not 1), a temperature between 0 and 0.01 (its logits
+overflow to inf) and a seed outside torch's 0 <= seed < 2**63 are 400s, and text with a lone UTF-16
+surrogate ("\ud800", legal in JSON, not encodable as UTF-8) is a 400 wherever it appears."""
 
 from __future__ import annotations
 
 import time
 import uuid
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 MAX_N = 16
 MAX_STOP = 8
+MAX_STOP_CHARS = 256  # each stop string is matched against the text after every token
+MIN_TEMPERATURE = 0.01  # below it (but above 0), logits / temperature overflow to inf and sampling fails
+MAX_SEED = 2**63  # torch.Generator.manual_seed takes 0 <= seed < 2**63
+
+Int = Annotated[int, Field(strict=True)]  # JSON true is not 1, 2.0 and "2" are not 2
+Real = Annotated[float, Field(strict=True)]  # an int is a float, a bool is not
+
+
+def surrogate_path(value: Any) -> str | None:
+    """Where in a JSON value the first string holding a lone surrogate is ("prompt[1]"), or None.
+    Iterative: a deeply nested body must not turn into a RecursionError here."""
+    stack: list[tuple[str, Any]] = [("", value)]
+    while stack:
+        path, item = stack.pop()
+        if isinstance(item, str):
+            try:
+                item.encode("utf-8")
+            except UnicodeEncodeError:
+                return path or "body"
+        elif isinstance(item, dict):
+            stack.extend((f"{path}.{k}" if path else str(k), v) for k, v in item.items())
+            stack.extend((f"{path}.<key>" if path else "<key>", k) for k in item if isinstance(k, str))
+        elif isinstance(item, list):
+            stack.extend((f"{path}[{i}]", v) for i, v in enumerate(item))
+    return None
 
 
 class _Request(BaseModel):
     model_config = ConfigDict(extra="ignore", populate_by_name=True)
 
+    @model_validator(mode="before")
+    @classmethod
+    def _valid_text(cls, data: Any) -> Any:
+        where = surrogate_path(data)
+        if where is not None:
+            raise ValueError(f"{where} holds a lone UTF-16 surrogate (such as \\ud800), which is not text: "
+                             "send valid Unicode")
+        return data
+
 
 class Sampling(_Request):
     """Sampling fields shared by every generating route."""
 
-    max_tokens: int | None = Field(None, ge=1)
-    temperature: float = Field(0.0, ge=0.0, le=2.0)
-    top_p: float = Field(1.0, gt=0.0, le=1.0)
-    n: int = Field(1, ge=1, le=MAX_N)
+    max_tokens: Int | None = Field(None, ge=1)
+    temperature: Real = Field(0.0, ge=0.0, le=2.0, description=f"0 (greedy) or {MIN_TEMPERATURE} to 2")
+    top_p: Real = Field(1.0, gt=0.0, le=1.0)
+    n: Int = Field(1, ge=1, le=MAX_N)
     stop: str | list[str] | None = None
-    seed: int | None = None
-    min_tokens: int = Field(0, ge=0)  # vLLM's extension: no EOS or stop string before this many tokens
+    seed: Int | None = Field(None, ge=0, lt=MAX_SEED)
+    min_tokens: Int = Field(0, ge=0)  # vLLM's extension: no EOS or stop string before this many tokens
+
+    @field_validator("temperature")
+    @classmethod
+    def _temperature(cls, value: float) -> float:
+        if 0 < value < MIN_TEMPERATURE:
+            raise ValueError(f"temperature {value:g} is too small to sample with: use 0 for greedy decoding "
+                             f"or at least {MIN_TEMPERATURE}")
+        return value
 
     @model_validator(mode="after")
     def _stop_list(self) -> Sampling:
         stops = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
         if len(stops) > MAX_STOP:
             raise ValueError(f"stop has {len(stops)} strings; at most {MAX_STOP} are allowed")
+        if any(len(s) > MAX_STOP_CHARS for s in stops):
+            raise ValueError(f"a stop string is longer than {MAX_STOP_CHARS} characters")
         self.stop = [s for s in stops if s]
         return self
 
@@ -52,7 +101,7 @@ class CompletionRequest(Sampling):
     stream: bool = False
     stream_options: StreamOptions | None = None
     echo: bool = False
-    logprobs: int | None = None
+    logprobs: Int | None = None
 
     def prompts(self) -> list[str]:
         return [self.prompt] if isinstance(self.prompt, str) else list(self.prompt)
@@ -76,7 +125,7 @@ class ChatMessage(_Request):
 class ChatCompletionRequest(Sampling):
     model: str | None = None
     messages: list[ChatMessage] = Field(min_length=1)
-    max_completion_tokens: int | None = Field(None, ge=1)
+    max_completion_tokens: Int | None = Field(None, ge=1)
     stream: bool = False
     stream_options: StreamOptions | None = None
     logprobs: bool | None = None
@@ -100,7 +149,7 @@ class SqlRequest(_Request):
     question: str = Field(min_length=1)
     context: str | None = None
     schema_: list[str] | None = Field(None, alias="schema")
-    max_tokens: int | None = Field(None, ge=1)
+    max_tokens: Int | None = Field(None, ge=1)
 
     @model_validator(mode="after")
     def _has_schema(self) -> SqlRequest:

@@ -107,12 +107,13 @@ class Service:
 
     @staticmethod
     def fan_out(jobs: Sequence[Job], n: int) -> list[Job]:
-        """n samples per job; with a seed, sample j uses seed + j so the n differ yet repeat."""
+        """n samples per job; with a seed, sample j uses seed + j so the n differ yet repeat (modulo
+        2**63, the seeds torch takes, so a seed near the top cannot overflow)."""
         out = []
         for job in jobs:
             for j in range(n):
                 p = job.params
-                seed = None if p.seed is None else p.seed + j
+                seed = None if p.seed is None else (p.seed + j) % 2**63
                 out.append(Job(job.prompt_ids, dataclasses.replace(p, seed=seed)))
         return out
 

@@ -1,6 +1,11 @@
 """Check generated SQL against the schema it was asked about, with sqlglot (via sqltune.sql.schema,
-which reads SQL the way SQLite does): one statement, that parses, naming only tables and columns
-that exist."""
+which reads SQL the way SQLite does).
+
+Valid means: exactly one statement, that parses, that only reads (SELECT, WITH ... SELECT, UNION /
+INTERSECT / EXCEPT of those), that reads at least one table of the schema, naming only tables and
+columns that exist, and calling no function the evaluation sandbox refuses. A product shows
+`valid` to a user as "safe to run", so a DELETE or a `load_extension()` must never pass.
+"""
 
 from __future__ import annotations
 
@@ -8,7 +13,13 @@ from dataclasses import dataclass, field
 
 from sqlglot import exp
 
+from sqltune.sql.sandbox import DENIED_FUNCTIONS
 from sqltune.sql.schema import Schema, parse_sql
+
+# Nodes that write, change the schema or the session, wherever they sit in the tree (a DELETE inside
+# a CTE, SELECT ... INTO): one of them anywhere makes the statement not read-only.
+_WRITES = (exp.DML, exp.DDL, exp.Create, exp.Drop, exp.Alter, exp.Command, exp.Into, exp.Pragma, exp.Attach,
+           exp.Detach, exp.Transaction, exp.Commit, exp.Rollback, exp.Set, exp.Use, exp.Analyze, exp.Merge)
 
 
 @dataclass(frozen=True)
@@ -24,11 +35,27 @@ def check_sql(sql: str, schema: Schema) -> SqlCheck:
     if not parsed.ok or parsed.expression is None:
         return SqlCheck(False, error=f"does not parse: {parsed.error}")
     tree = parsed.expression
-    if not isinstance(tree, (exp.Query, exp.DML)):
-        return SqlCheck(False, error=f"not a query: {tree.key.upper()} statement")
+    if not isinstance(tree, (exp.Select, exp.SetOperation, exp.Subquery)):
+        return SqlCheck(False, error=f"not a read-only query: {tree.key.upper()} statement")
+    writes = next(tree.find_all(*_WRITES), None)
+    if writes is not None:
+        return SqlCheck(False, error=f"not a read-only query: it contains {writes.key.upper()}")
     tables, columns, unknown = _names(tree, schema)
     problems = [f"unknown {kind} `{name}`" for kind, name in unknown]
+    denied = sorted(denied_functions(tree))
+    problems += [f"function `{name}()` is not allowed (the evaluation sandbox refuses it)" for name in denied]
+    if not unknown and not any(schema.table(t) for t in tables):
+        problems.append("reads no table of the schema")
     return SqlCheck(not problems, tables, columns, "; ".join(dict.fromkeys(problems)) or None)
+
+
+def denied_functions(tree: exp.Expression) -> set[str]:
+    """Names of the functions a query calls that sqltune.sql.sandbox.DENIED_FUNCTIONS lists."""
+    found = set()
+    for func in tree.find_all(exp.Func):
+        names = {func.name} if isinstance(func, exp.Anonymous) else set(type(func).sql_names())
+        found |= {n.lower() for n in names if n} & DENIED_FUNCTIONS
+    return found
 
 
 def unknown_names(expression: exp.Expression, schema: Schema) -> list[str]:

@@ -23,6 +23,10 @@ from sqlglot.errors import SqlglotError
 from sqltune.errors import DataError
 
 DIALECT = "sqlite"
+# Far above any real text-to-SQL schema (Spider's largest has 26 tables, ~350 columns), far below what
+# costs a request more than a few milliseconds to read: the server answers 400 past these.
+MAX_TABLES = 256
+MAX_COLUMNS = 4096
 _NUMBER_TEXT = re.compile(r"^-?\d{1,3}(,\d{3})+(\.\d+)?$|^-?\d+(\.\d+)?$")
 
 
@@ -94,22 +98,40 @@ class Schema:
 @lru_cache(maxsize=8192)
 def parse_schema(context: str) -> Schema:
     """Tables and columns of a `CREATE TABLE ...; CREATE TABLE ...` context. A table created
-    twice (it happens in sql-create-context) gets the union of its columns."""
+    twice (it happens in sql-create-context) gets the union of its columns. At most MAX_TABLES
+    tables and MAX_COLUMNS columns, so the work one context can cause stays small."""
+    # a cheap upper bound before the parse: every column after a table's first follows a comma
+    if context.count(",") + 1 > MAX_COLUMNS * 2:
+        raise _too_big(f"context has {context.count(',') + 1} comma-separated items")
     try:
         statements = [s for s in sqlglot.parse(context, read=DIALECT) if s is not None]
     except SqlglotError as e:
         raise DataError(f"context is not valid CREATE TABLE SQL: {_first_line(e)}",
                         "give each example a context of CREATE TABLE statements") from None
-    merged: dict[str, tuple[str, list[Column]]] = {}
+    except RecursionError:  # sqlglot's parser recurses once per nesting level
+        raise DataError("context is nested too deeply to read (parentheses inside parentheses)",
+                        "give plain CREATE TABLE statements") from None
+    except ValueError as e:  # sqlglot's tokenizer on odd literals
+        raise DataError(f"context is not valid CREATE TABLE SQL: {_first_line(e)}",
+                        "give each example a context of CREATE TABLE statements") from None
+    if len(statements) > MAX_TABLES:
+        raise _too_big(f"context has {len(statements)} statements")
+    merged: dict[str, tuple[str, list[Column], set[str]]] = {}
+    total = 0
     for st in statements:
         if not isinstance(st, exp.Create) or not isinstance(st.this, exp.Schema):
             raise DataError(f"context statement is not CREATE TABLE: {st.sql(DIALECT)[:80]}",
                             "give each example a context of CREATE TABLE statements")
         name = st.this.this.name
-        _, cols = merged.setdefault(name.lower(), (name, []))
+        _, cols, seen = merged.setdefault(name.lower(), (name, [], set()))
         for coldef in st.this.expressions:
-            if not isinstance(coldef, exp.ColumnDef) or any(c.name.lower() == coldef.name.lower() for c in cols):
+            # a set, not a scan of the list: 8000 columns took 21 s of the event loop with the scan
+            if not isinstance(coldef, exp.ColumnDef) or coldef.name.lower() in seen:
                 continue
+            seen.add(coldef.name.lower())
+            total += 1
+            if total > MAX_COLUMNS:
+                raise _too_big(f"context has more than {MAX_COLUMNS} columns")
             kind = coldef.args.get("kind")
             constraints = [c.args.get("kind") for c in coldef.args.get("constraints") or []]
             not_null = any(isinstance(k, (exp.NotNullColumnConstraint, exp.PrimaryKeyColumnConstraint))
@@ -118,7 +140,12 @@ def parse_schema(context: str) -> Schema:
             cols.append(Column(coldef.name, kind.sql() if kind else "", not_null))  # declared name, e.g. VARCHAR
     if not merged:
         raise DataError("context has no CREATE TABLE statement", "give each example its CREATE TABLE context")
-    return Schema(tuple(Table(name, tuple(cols)) for name, cols in merged.values()))
+    return Schema(tuple(Table(name, tuple(cols)) for name, cols, _ in merged.values()))
+
+
+def _too_big(what: str) -> DataError:
+    return DataError(f"{what}; at most {MAX_TABLES} tables and {MAX_COLUMNS} columns are read",
+                     "send only the tables the question is about")
 
 
 @dataclass(frozen=True)

@@ -3,7 +3,9 @@
 Requests that arrive within `batch_wait_ms` of each other (up to `max_batch_size`) are left-padded
 into one batch and decoded together with a shared KV cache; each row keeps its own max_tokens,
 stop strings, temperature and seed, and leaves the batch (its cache rows dropped) when it
-finishes, so short answers do not pay for long ones. Torch runs on a thread of its own so the
+finishes, so short answers do not pay for long ones. A failure that belongs to one row (its seed,
+its sampling) ends that row with an error and the others decode on: one request's parameters never
+fail its neighbours. Torch runs on a thread of its own so the
 event loop keeps serving /health, /metrics and new requests while a batch decodes.
 """
 
@@ -40,6 +42,7 @@ class _Request:
     text: TextStream | None = None
     generator: Any = None
     held: list[str] = field(default_factory=list)
+    failed: str = ""  # why this row cannot go on; the batch drops it at the next step
 
     def send(self, delta: Delta) -> None:
         if not self.deltas and not delta.finish_reason:  # non-streaming: one message at the end
@@ -169,8 +172,11 @@ class TransformersEngine(EngineBase):
         for r in batch:
             r.text = TextStream(tok, r.params.stop, r.params.min_tokens)
             if r.params.temperature > 0:
-                r.generator = torch.Generator(device=device)
-                r.generator.manual_seed(r.params.seed if r.params.seed is not None else int(time.time_ns() % 2**63))
+                try:
+                    r.generator = torch.Generator(device=device)
+                    r.generator.manual_seed(r.params.seed if r.params.seed is not None else time.time_ns() % 2**63)
+                except Exception as e:  # e.g. a seed torch cannot take: this row fails, not the batch
+                    r.failed = f"{type(e).__name__}: {e}"
         cache = DynamicCache()
         # transformers renamed `past_key_values` to `cache`; older releases (vLLM's pin) know only the first
         kv = {self._cache_kwarg: cache, "use_cache": True, "logits_to_keep": 1}
@@ -203,22 +209,37 @@ class TransformersEngine(EngineBase):
             return greedy
         out = greedy.clone()
         for i, r in enumerate(rows):
-            if r.params.temperature <= 0:
+            if r.params.temperature <= 0 or r.failed:
                 continue
-            probs = torch.softmax(logits[i].float() / r.params.temperature, dim=-1)
-            if r.params.top_p < 1.0:
-                sorted_p, order = probs.sort(descending=True)
-                cut = sorted_p.cumsum(0) - sorted_p > r.params.top_p  # keep the smallest set reaching top_p
-                sorted_p[cut] = 0.0
-                probs = torch.zeros_like(probs).scatter(0, order, sorted_p)
-            out[i] = torch.multinomial(probs, 1, generator=r.generator)[0]
+            try:
+                out[i] = self._sample_row(logits[i], r)
+            except Exception as e:  # inf/nan probabilities and the like end this row alone
+                r.failed = f"sampling failed: {type(e).__name__}: {e}"
         return out
+
+    @staticmethod
+    def _sample_row(logits: Any, r: _Request) -> Any:
+        import torch
+
+        probs = torch.softmax(logits.float() / r.params.temperature, dim=-1)
+        if not bool(torch.isfinite(probs).all()):  # on CUDA, multinomial would assert and kill the context
+            raise ValueError(f"temperature {r.params.temperature:g} gives probabilities that are not finite")
+        if r.params.top_p < 1.0:
+            sorted_p, order = probs.sort(descending=True)
+            cut = sorted_p.cumsum(0) - sorted_p > r.params.top_p  # keep the smallest set reaching top_p
+            sorted_p[cut] = 0.0
+            probs = torch.zeros_like(probs).scatter(0, order, sorted_p)
+        return torch.multinomial(probs, 1, generator=r.generator)[0]
 
     def _advance(self, r: _Request, token: int) -> bool:
         """Feed one sampled token to its request; False when the request is finished."""
         assert r.text is not None
         n_prompt = len(r.prompt_ids)
         if r.cancelled.is_set():
+            return False
+        if r.failed:
+            log.warning("request failed in the batch; the other rows go on", extra={"fields": {"error": r.failed}})
+            r.send(Delta(r.text.flush(), n_prompt, len(r.text.ids), "error", r.failed))
             return False
         if token in self._eos:
             r.send(Delta(r.text.flush(), n_prompt, len(r.text.ids) + 1, "stop"))
