@@ -67,6 +67,20 @@ def test_gemma_tokenizer_adds_bos_and_smollm2_carries_a_chat_template(embedded):
     assert smol.chat_template and len(smol) == 49152
 
 
+def test_the_chat_style_prompt_is_the_tokenizers_own_chat_template(embedded):
+    from transformers import AutoTokenizer
+
+    from sqltune.prompts import chat_template
+
+    tok = AutoTokenizer.from_pretrained(embedded("smollm2-135m"))
+    template = chat_template(tok)
+    question, context = "Which {name} is oldest?", "CREATE TABLE head (name VARCHAR, age INTEGER)"
+    user = f"Schema:\n{context}\n\nQuestion: {question}"
+    rendered = tok.apply_chat_template([{"role": "user", "content": user}], tokenize=False, add_generation_prompt=True)
+    assert template.build_prompt(question, context) == rendered
+    assert template.build_completion(ANSWER) == ANSWER  # then EOS (<|im_end|>) from encode_completion
+
+
 @pytest.mark.slow
 def test_lora_on_smollm2_merges_with_parity_and_records_its_base(smollm2_artifact):
     from sqltune.artifacts import manifests
@@ -76,6 +90,7 @@ def test_lora_on_smollm2_merges_with_parity_and_records_its_base(smollm2_artifac
     meta = manifests.read_meta(smollm2_artifact)
     assert meta["base"]["source"] == "smollm2-135m" and meta["base"]["sha256"] == EMBEDDED["smollm2-135m"].sha256
     assert meta["method"] == "lora" and meta["metrics"]["steps"] == 3
+    assert meta["prompt_template"]["name"] == "chat"  # prompt_style auto: the instruct model's chat template
     assert all(s["predicted"] is not None for s in meta["metrics"]["heldout"]["samples"])
     cfg = json.loads((smollm2_artifact / "config.json").read_text())
     assert cfg["vocab_size"] == 49152 and cfg["model_type"] == "llama"
@@ -119,8 +134,14 @@ def test_the_transformers_engine_serves_the_fine_tuned_smollm2(smollm2_artifact)
         server.wait_ready()
         body = {"question": QUESTION, "context": CONTEXT, "max_tokens": 48}
         answer = httpx.post(server.url + "/v1/sql", json=body, timeout=120).json()
-        assert answer["sql"].upper().startswith("SELECT"), answer
+        # the server answers what the artifact itself generates from the same ids (3 steps of training
+        # do not make good SQL yet; the same SQL on both paths is what is tested)
+        from sqltune import generation
+
+        loaded = generation.load(smollm2_artifact)
+        assert answer["sql"] == generation.generate_sql(loaded, [(QUESTION, CONTEXT)], max_new_tokens=48)[0]
+        assert answer["finish_reason"] in ("stop", "length") and answer["usage"]["prompt_tokens"] > 20
         card = httpx.get(server.url + "/v1/models").json()["data"][0]
-        assert card["prompt_template"] == DEFAULT_TEMPLATE.to_dict()
+        assert card["prompt_template"] == loaded.template.to_dict() and loaded.template.name == "chat"
     finally:
         server.stop()

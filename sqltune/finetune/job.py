@@ -152,10 +152,14 @@ def finetune(cfg: Config, sources: dict[str, str] | None = None) -> Path:
 
             model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=cfg.gradient_checkpointing)
     model.config.use_cache = False
-    if cfg.prompt_style == "chat":
+    style = cfg.prompt_style
+    if style == "auto":
+        style = "chat" if getattr(tokenizer, "chat_template", None) else "plain"
+    if style == "chat":
         template = prompts.chat_template(tokenizer)
         pairs = sft.build_pairs(splits.train, template)
-    logs.event(log, "prompt template", style=cfg.prompt_style, prompt=template.prompt, stops=list(template.stops))
+    logs.event(log, "prompt template", style=style, requested=cfg.prompt_style, prompt=template.prompt,
+               stops=list(template.stops))
 
     train_ds, too_long = sft.to_dataset(pairs, tokenizer, cfg.max_seq_length)
     eval_pairs = sft.build_pairs(splits.eval, template)
