@@ -54,11 +54,11 @@ class Config:
     lora_dropout: float = _f(0.05, "LoRA dropout.", minimum=0.0)
     target_modules: list[str] = _f(["all-linear"], "Modules that get LoRA adapters "
                                    "(comma-separated, or all-linear).")
-    prompt_style: str = _f("auto", "Prompt layout: plain = `Question: ...\\nContext: ...\\nAnswer:`; chat = the "
+    prompt_style: str = _f("plain", "Prompt layout: plain = `Question: ...\\nContext: ...\\nAnswer:`; chat = the "
                            "question and schema as the user turn of the tokenizer's chat template, the SQL as the "
-                           "assistant turn; auto = chat when the tokenizer has a chat template (instruct models: "
-                           "42% vs 37% held-out exact match on SmolLM2), else plain.",
-                           choices=["auto", "plain", "chat"])
+                           "assistant turn; auto = chat when the tokenizer has one, else plain. On SmolLM2-Instruct "
+                           "the two are within noise (benchmarks/real_model_quality.py), and plain prompts are shorter.",
+                           choices=["plain", "chat", "auto"])
     tiny_layers: int = _f(4, "Layers of the `tiny` model.", minimum=1)
     tiny_vocab_size: int = _f(2048, "Tokenizer vocabulary of the `tiny` model.", minimum=300)
     trust_remote_code: bool = _f(False, "Allow model repositories to run their own code.")

@@ -97,8 +97,10 @@ def finetune_real(out: Path, model: str, *extra: str, cache: Path, data: Path) -
 
 @pytest.fixture(scope="session")
 def smollm2_artifact(tmp_path_factory, embedded, model_cache, shared_data) -> Path:
-    """SmolLM2-135M-Instruct after 3 LoRA steps on real rows: a finished artifact with a real tokenizer."""
+    """SmolLM2-135M-Instruct after 3 LoRA steps on real rows: a finished artifact with a real tokenizer,
+    trained in its chat template (`--prompt-style auto`), so serving a chat-layout artifact is covered too."""
     embedded("smollm2-135m")  # converted once into the session's cache; skips without the package
     out = tmp_path_factory.mktemp("smollm2") / "model"
-    finetune_real(out, "smollm2-135m", "--method", "lora", "--max-steps", "3", cache=model_cache, data=shared_data)
+    finetune_real(out, "smollm2-135m", "--method", "lora", "--max-steps", "3", "--prompt-style", "auto",
+                  cache=model_cache, data=shared_data)
     return out

@@ -90,7 +90,7 @@ def test_lora_on_smollm2_merges_with_parity_and_records_its_base(smollm2_artifac
     meta = manifests.read_meta(smollm2_artifact)
     assert meta["base"]["source"] == "smollm2-135m" and meta["base"]["sha256"] == EMBEDDED["smollm2-135m"].sha256
     assert meta["method"] == "lora" and meta["metrics"]["steps"] == 3
-    assert meta["prompt_template"]["name"] == "chat"  # prompt_style auto: the instruct model's chat template
+    assert meta["prompt_template"]["name"] == "chat"  # prompt_style auto picks the instruct model's chat template
     assert all(s["predicted"] is not None for s in meta["metrics"]["heldout"]["samples"])
     cfg = json.loads((smollm2_artifact / "config.json").read_text())
     assert cfg["vocab_size"] == 49152 and cfg["model_type"] == "llama"

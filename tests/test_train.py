@@ -245,7 +245,7 @@ def test_the_artifact_carries_its_longest_answer_as_max_new_tokens(tiny_model_di
     gen = json.loads((tiny_model_dir / "generation_config.json").read_text())
     assert gen["max_new_tokens"] == meta["max_new_tokens"]
     assert 5 < meta["max_new_tokens"] < 128  # measured from the training answers, not a fixed 128
-    assert meta["prompt_template"]["name"] == "question-context-answer"  # auto: no chat template, plain
+    assert meta["prompt_template"]["name"] == "question-context-answer"  # the default, plain
 
 
 def test_a_model_with_non_finite_loss_or_weights_is_never_published() -> None:
