@@ -130,8 +130,9 @@ def test_bucket_fields_resolve_and_configure_storage(tmp_path: Path) -> None:
 
 
 def test_bucket_env_names_apply_without_configure(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("TRANSFER_WORKERS", "3")
-    monkeypatch.setenv("BUCKET_ENDPOINT", "http://127.0.0.1:9")
+    monkeypatch.setenv("TRANSFER_WORKERS", "7")  # a bare generic name from somebody else's tool: ignored
+    monkeypatch.setenv("SQLTUNE_TRANSFER_WORKERS", "3")
+    monkeypatch.setenv("SQLTUNE_BUCKET_ENDPOINT", "http://127.0.0.1:9")
     monkeypatch.setenv("SQLTUNE_CACHE", str(tmp_path / "c"))
     s = storage.settings()
     assert (s.workers, s.endpoint, storage.cache_root()) == (3, "http://127.0.0.1:9", tmp_path / "c")

@@ -43,7 +43,7 @@ def test_rendered_serve_command_passes_its_own_probes(tiny_model_dir: Path) -> N
     args[args.index("--serve-port") + 1] = str(port)
     args += ["--serve-host", "127.0.0.1"]
     env = {**os.environ, **{e["name"]: e["value"] for e in container.get("env", [])}}
-    assert env.get("SERVE_ENGINE") == "transformers", "the serve fields reach the container as environment"
+    assert env.get("SQLTUNE_SERVE_ENGINE") == "transformers", "the serve fields reach the container as environment"
 
     startup, liveness = container["startupProbe"], container["livenessProbe"]
     window = startup["periodSeconds"] * startup["failureThreshold"]

@@ -36,7 +36,7 @@ def test_serves_a_published_model_from_a_bucket(bucket, tiny_model_dir: Path, tm
 
 
 def test_eval_of_a_bucket_model_keeps_its_defaults_and_the_yaml_storage_settings(bucket, tiny_model_dir: Path,
-                                                                                  tmp_path: Path) -> None:
+                                                                                  tmp_path: Path, monkeypatch) -> None:
     """`sqltune eval --model s3://...` evaluates on the data the model was trained on (its own dataset and
     eval fraction), and the storage settings of a YAML config (model_cache here) apply to the fetch."""
     import json
@@ -48,6 +48,7 @@ def test_eval_of_a_bucket_model_keeps_its_defaults_and_the_yaml_storage_settings
     cache = tmp_path / "yaml-cache"
     cfg = tmp_path / "eval.yaml"
     cfg.write_text(f"model_cache: {cache}\n")
+    monkeypatch.delenv("SQLTUNE_CACHE", raising=False)  # the environment would win over the YAML
     run_sqltune("eval", "--config", str(cfg), "--model", url, "--eval-limit", "4", "--eval-max-new-tokens", "24",
                 "--eval-databases", "1", "--eval-output", str(tmp_path / "report"), env=bucket.env)
     report = json.loads((tmp_path / "report" / "report.json").read_text())
