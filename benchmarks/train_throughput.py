@@ -75,7 +75,9 @@ def run_recipe(recipe: str, n: int, workdir: Path) -> dict:
     trainer.train()
     wall = time.perf_counter() - t0
     tokens = int(trainer.state.num_input_tokens_seen)
-    return {"recipe": recipe, "source": source, "examples": len(pairs), "steps": trainer.state.global_step,
+    # recorded relative to the repository, so the figures read the same on every machine
+    shown = os.path.relpath(source, ROOT) if source == str(SHARED) else source
+    return {"recipe": recipe, "source": shown, "examples": len(pairs), "steps": trainer.state.global_step,
             "wall_s": round(wall, 2), "input_tokens": tokens, "input_tokens_per_s": round(tokens / wall, 1),
             "supervised_tokens": supervised, "supervised_tokens_per_s": round(supervised / wall, 1),
             "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)}
