@@ -9,6 +9,7 @@ The screenshot of an answered question is saved as reports/playground.png (its p
 
 from __future__ import annotations
 
+import fnmatch
 import json
 import os
 import re
@@ -129,9 +130,21 @@ def test_run_refuses_bad_input_with_a_json_error_naming_it(server, body, status,
     assert error["param"] == param and needle in error["message"], error
 
 
-def test_run_needs_the_key(server):
-    r = post(server, "/v1/sql/run", {"context": SCHEMA, "sql": "SELECT name FROM employee"}, auth=False)
+@pytest.mark.parametrize("path", ["/v1/sql/run", "/v1/sql/stream"])
+def test_both_routes_need_the_key(server, path):
+    r = post(server, path, {"context": SCHEMA, "sql": "SELECT name FROM employee", "question": QUESTION}, auth=False)
     assert r.status_code == 401 and r.json()["error"]["type"] == "authentication_error"
+
+
+def test_an_installed_package_carries_the_page():
+    """setuptools ships only the data files pyproject names: every file of static/ must match them."""
+    tomllib = pytest.importorskip("tomllib")  # Python 3.11+
+
+    patterns = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["package-data"]
+    static = sorted(p.relative_to(ROOT / "sqltune" / "serve").as_posix()
+                    for p in (ROOT / "sqltune" / "serve" / "static").iterdir())
+    assert "static/playground.html" in static
+    assert [f for f in static if not any(fnmatch.fnmatch(f, pat) for pat in patterns["sqltune.serve"])] == []
 
 
 # --- /v1/sql/stream ----------------------------------------------------------------------------------
