@@ -139,7 +139,7 @@ class Config:
                          "and CLOUD_RUN_TASK_COUNT when set. `sqltune eval merge` joins the shards.",
                          aliases=["--shard"], group="eval")
     # --- serving -----------------------------------------------------------------------------
-    api_key: str = _f("", "Bearer key required on every route but /health and /ready.",
+    api_key: str = _f("", "Bearer key required on every route but /health, /ready and the playground page /.",
                       group="serve")
     serve_engine: str = _f("auto", "Generation engine; auto = vllm when CUDA and vllm are installed, else "
                            "transformers.", choices=["auto", "transformers", "vllm"], aliases=["--engine"],

@@ -40,13 +40,13 @@ from sqltune.serve.service import ApiError, Service
 log = logs.get("serve")
 access_log = logs.get("serve.access")
 
-OPEN_PATHS = frozenset({"/health", "/ready"})
+OPEN_PATHS = frozenset({"/health", "/ready", "/"})  # `/` is the playground page, which holds no data
 ROUTES = frozenset({"/generate", "/v1/completions", "/v1/chat/completions", "/v1/models", "/v1/sql", "/predict",
-                    "/health", "/ready", "/metrics", "/openapi.json", "/docs"})
+                    "/health", "/ready", "/metrics", "/openapi.json", "/docs", "/", "/v1/sql/stream", "/v1/sql/run"})
 
 
 def create_app(config: Config, engine: Engine) -> FastAPI:
-    from sqltune.serve import openai_routes, routes
+    from sqltune.serve import openai_routes, playground, routes, sql_run
 
     metrics = Metrics()
 
@@ -74,6 +74,8 @@ def create_app(config: Config, engine: Engine) -> FastAPI:
     app.state.on_fatal = None  # the CLI sets this to stop the server when the model cannot load
     app.include_router(openai_routes.router)
     app.include_router(routes.router)
+    app.include_router(playground.router)
+    app.include_router(sql_run.router)
     _install_error_handlers(app)
     app.add_middleware(Gate, config=config, metrics=metrics)
     # Vertex AI sends predictions and health checks to the routes it names in AIP_PREDICT_ROUTE / AIP_HEALTH_ROUTE
