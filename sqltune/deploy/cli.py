@@ -55,6 +55,7 @@ def run_render(args: argparse.Namespace) -> int:
     paths = render.write(render.render(cfg, args.target), args.out)
     for path in paths:
         print(path)
+    _print_plan(cfg)
     for warning in common.warnings(cfg, args.target):
         print(f"warning: {warning}", file=sys.stderr)
     n = common.names(cfg)
@@ -62,6 +63,19 @@ def run_render(args: argparse.Namespace) -> int:
         print("note: images are bare local names; pass --project and --region (or --image-registry) "
               "to point the manifests at Artifact Registry", file=sys.stderr)
     return 0
+
+
+def _print_plan(cfg: config.Config) -> tuple[str, str] | None:
+    """Print the fine-tuning plan (and a warning when it cannot fit) on stderr; return the problem."""
+    from sqltune.deploy import plan
+
+    p = plan.plan(cfg)
+    for line in p.lines():
+        print(line, file=sys.stderr)
+    problem = p.problem()
+    if problem:
+        print(f"warning: {problem[0]}\n  fix: {problem[1]}", file=sys.stderr)
+    return problem
 
 
 def run_cloudrun(args: argparse.Namespace) -> int:
@@ -96,8 +110,11 @@ def run_cloudrun(args: argparse.Namespace) -> int:
 
     out = Path(args.out)
     render.write(render.render(cfg, "cloudrun"), out)
+    problem = _print_plan(cfg)
     for warning in common.warnings(cfg, "cloudrun"):
         print(f"warning: {warning}", file=sys.stderr)
+    if problem and args.execute and not args.dry_run:
+        raise DeployError(*problem)  # before anything is built or billed
     steps = cloudrun.plan(cfg, n, out, gcloud, rebuild=args.rebuild, execute=args.execute)
     if args.dry_run:
         print(cloudrun.format_plan(steps, f"sqltune deploy cloudrun: {where}; manifests in {out}")
