@@ -85,6 +85,9 @@ def run_cloudrun(args: argparse.Namespace) -> int:
     cloudrun.require(cfg)
     if not args.teardown:
         common.check(cfg, "cloudrun")  # what Cloud Run would reject fails before any gcloud call
+        problem = _print_plan(cfg)
+        if problem and args.execute and not args.dry_run:
+            raise DeployError(*problem)  # a run that cannot finish is refused before anything is built or billed
     gcloud = cloudrun.Gcloud()
     n = common.names(cfg)
     where = f"project {n.project}, region {n.region}"
@@ -110,11 +113,8 @@ def run_cloudrun(args: argparse.Namespace) -> int:
 
     out = Path(args.out)
     render.write(render.render(cfg, "cloudrun"), out)
-    problem = _print_plan(cfg)
     for warning in common.warnings(cfg, "cloudrun"):
         print(f"warning: {warning}", file=sys.stderr)
-    if problem and args.execute and not args.dry_run:
-        raise DeployError(*problem)  # before anything is built or billed
     steps = cloudrun.plan(cfg, n, out, gcloud, rebuild=args.rebuild, execute=args.execute)
     if args.dry_run:
         print(cloudrun.format_plan(steps, f"sqltune deploy cloudrun: {where}; manifests in {out}")

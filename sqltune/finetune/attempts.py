@@ -111,14 +111,17 @@ class AttemptBudget(TrainerCallback):
         return max(self.setup_s - max(IMPORTED - self.started, 0.0), 0.0) + self.save_s
 
     def on_train_begin(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
+        self.begin(state.global_step, state.max_steps)
+
+    def begin(self, step: int, max_steps: int) -> None:
+        """State the attempt: its number, the step it resumes at, the planned steps, its budget."""
         self.setup_s = self.elapsed()
-        self.start_step, self.max_steps = state.global_step, state.max_steps
-        if not state.is_world_process_zero:
+        self.start_step, self.max_steps = step, max_steps
+        if not logs.is_rank0():
             return
         fields: dict[str, Any] = {
-            "attempt": self.attempt + 1, "attempts_available": self.attempts, "resumed_step": state.global_step,
-            "planned_steps": state.max_steps, "remaining": state.max_steps - state.global_step,
-            "setup_s": round(self.setup_s, 1)}
+            "attempt": self.attempt + 1, "attempts_available": self.attempts, "resumed_step": step,
+            "planned_steps": max_steps, "remaining": max_steps - step, "setup_s": round(self.setup_s, 1)}
         if not self.active:  # no attempt budget: one run to the end, as many retries as the platform gives
             del fields["attempts_available"]
             logs.event(log, f"attempt {self.attempt + 1} starting", **fields)
@@ -214,7 +217,7 @@ class AttemptBudget(TrainerCallback):
                                "nothing to fix: the next attempt publishes from the final checkpoint")
 
 
-def train(trainer: Any, resume_from: Path | None) -> float:
+def train(trainer: Any, resume_from: Path | None, budget: AttemptBudget) -> float:
     """`trainer.train`, resumed from `resume_from`; returns the training loss.
 
     When that checkpoint already holds the planned end (an earlier attempt trained every step and was
@@ -230,6 +233,7 @@ def train(trainer: Any, resume_from: Path | None) -> float:
             trainer._load_from_checkpoint(str(resume_from))
             trainer.state = TrainerState.load_from_json(str(state_file))
             losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+            budget.begin(saved["global_step"], saved["max_steps"])
             logs.event(log, "the checkpoint holds every planned step: publishing without training",
                        step=saved["global_step"], checkpoint=str(resume_from))
             return sum(losses) / len(losses) if losses else 0.0

@@ -12,8 +12,8 @@ from dataclasses import dataclass
 
 def reserve_s(budget_s: float) -> float:
     """Seconds kept free at the end of every attempt beyond the measured costs: the exit itself, a slow
-    upload, the platform's own stop. 2% of the budget, at least 5 s (72 s of an hour)."""
-    return max(5.0, 0.02 * budget_s)
+    upload, the platform's own stop. 2% of the budget, at least 2 s (72 s of an hour)."""
+    return max(2.0, 0.02 * budget_s)
 
 
 def must_stop(elapsed_s: float, step_s: float, save_s: float, budget_s: float) -> bool:

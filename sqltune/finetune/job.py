@@ -186,7 +186,7 @@ def finetune(cfg: Config, sources: dict[str, str] | None = None) -> Path:
     if resume_from is not None:
         logs.event(log, "resuming", checkpoint=str(resume_from))
     with stop.installed():
-        train_loss = attempts.train(trainer, resume_from)
+        train_loss = attempts.train(trainer, resume_from, budget)
     if stop.reason == "sigterm":
         raise TrainingInterrupted(_stop_reason_message("sigterm"), "rerun with the same --output to resume")
     if stop.reason:
