@@ -23,7 +23,7 @@ TOKENS_PER_SECOND = {"nvidia-l4": 2000.0}
 THROUGHPUT_SOURCE = {"nvidia-l4": "a 2B model with QLoRA on an L4: the low end of the typical 2-3k tokens/s"}
 # Rows of the datasets sqltune knows, and the mean tokens of one training row (prompt, completion and
 # special tokens in the plain template) measured with the Gemma tokenizer on the 9,710 rows of
-# ../shared/data/sql-create-context: `python benchmarks/plan_tokens.py` (benchmarks/results/plan_tokens.json).
+# ../shared/data/sql-create-context: `python benchmarks/plan_tokens.py` (benchmarks/results/plan_tokens_gemma3-270m.json).
 DATASET_ROWS = {"b-mc2/sql-create-context": 78_577}
 TOKENS_PER_ROW = 71.8
 # What an attempt spends besides training, until the job measures its own: starting, downloading and
