@@ -217,6 +217,44 @@ class AttemptBudget(TrainerCallback):
                                "nothing to fix: the next attempt publishes from the final checkpoint")
 
 
+class EpochSeededOrder(TrainerCallback):
+    """Draw each epoch's batch order from a generator seeded with (data seed + epoch).
+
+    The Trainer's length-grouped sampler otherwise draws it from the global RNG when the epoch starts;
+    a run resumed inside a later epoch restores that RNG only after the order is drawn, so it would
+    skip the wrong batches and end with other weights than an uninterrupted run."""
+
+    def __init__(self) -> None:
+        self._sampler: Any = None
+
+    @staticmethod
+    def find_sampler(loader: Any) -> Any:
+        from transformers.trainer_pt_utils import LengthGroupedSampler
+
+        seen, todo = set(), [loader]
+        while todo:
+            obj = todo.pop()
+            if obj is None or id(obj) in seen:
+                continue
+            seen.add(id(obj))
+            if isinstance(obj, LengthGroupedSampler):
+                return obj
+            todo += [getattr(obj, name, None) for name in ("sampler", "batch_sampler", "base_dataloader")]
+        return None
+
+    def on_train_begin(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
+        import torch
+
+        self._sampler = self.find_sampler(kw.get("train_dataloader"))
+        if self._sampler is not None:
+            self._sampler.generator = torch.Generator()
+
+    def on_epoch_begin(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
+        if self._sampler is not None:
+            seed = args.data_seed if args.data_seed is not None else args.seed
+            self._sampler.generator.manual_seed(seed + int((state.epoch or 0) + 1e-6))
+
+
 def train(trainer: Any, resume_from: Path | None, budget: AttemptBudget) -> float:
     """`trainer.train`, resumed from `resume_from`; returns the training loss.
 

@@ -179,7 +179,8 @@ def finetune(cfg: Config, sources: dict[str, str] | None = None) -> Path:
     stop = StopControl(cfg.max_train_minutes)
     budget = attempts.from_config(cfg)
     trainer = sft.build_trainer(cfg, method, precision, model, tokenizer, train_ds, eval_ds, run_dir,
-                             callbacks=[JsonLogs(), CheckpointManifest(), stop, budget])
+                             callbacks=[JsonLogs(), CheckpointManifest(), stop, budget,
+                                        attempts.EpochSeededOrder()])
     remote_cb = checkpoints.callback(cfg.output_dir, ckpt_root, cfg.save_total_limit)
     if remote_cb is not None and logs.is_rank0():
         trainer.add_callback(remote_cb)
