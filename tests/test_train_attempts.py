@@ -118,7 +118,9 @@ def test_attempts_resume_until_done_with_the_weights_of_one_run(straight, tmp_pa
     want, got = _weights(reference), _weights(out)
     for name, tensor in want.items():
         torch.testing.assert_close(got[name], tensor, rtol=1e-4, atol=1e-5, msg=name)
-    print(f"\nattempts: {len(runs)}, budget {budget} s, wall {wall:.0f} s")
+    ends = [0] + [e["step"] for r in runs for e in _events(r.stderr, "attempt budget spent")] + [120]
+    print(f"\nattempts: {len(runs)}, budget {budget} s each, steps per attempt "
+          f"{[b - a for a, b in zip(ends, ends[1:], strict=False)]}, wall {wall:.0f} s")
 
 
 @pytest.mark.slow
@@ -180,6 +182,18 @@ def test_projection_counts_the_attempts_a_run_needs() -> None:
     # every step fits this attempt, but merge and publish do not: a fresh attempt publishes
     edge = project(max_steps=4500, **common)
     assert edge.remaining_after == 0 and edge.attempts_needed == 2
+
+
+def test_an_attempt_budget_that_could_never_resume_is_refused() -> None:
+    from sqltune.config import Config
+    from sqltune.errors import ConfigError
+    from sqltune.finetune import attempts
+
+    with pytest.raises(ConfigError, match="--resume never") as e:
+        attempts.from_config(Config(attempt_timeout=3600, resume="never"), environ={})
+    assert "--resume auto" in (e.value.hint or "")
+    budget = attempts.from_config(Config(attempt_timeout=3600, job_max_retries=3), environ={"CLOUD_RUN_TASK_ATTEMPT": "2"})
+    assert (budget.attempt, budget.attempts, budget.budget_s) == (2, 4, 3600.0)
 
 
 def test_the_more_to_do_exit_code_is_distinct_from_failures() -> None:

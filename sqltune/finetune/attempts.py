@@ -22,7 +22,7 @@ from typing import Any
 from transformers import TrainerCallback
 
 from sqltune import logs
-from sqltune.errors import AttemptEnded
+from sqltune.errors import AttemptEnded, ConfigError
 from sqltune.finetune.budget import Projection, must_stop, project, reserve_s
 
 log = logs.get("attempts")
@@ -280,6 +280,9 @@ def train(trainer: Any, resume_from: Path | None, budget: AttemptBudget) -> floa
 
 
 def from_config(cfg: Any, environ: Mapping[str, str] | None = None, started: float | None = None) -> AttemptBudget:
+    if cfg.attempt_timeout and cfg.resume == "never":
+        raise ConfigError("--attempt-timeout with --resume never: every attempt would start over and none finish",
+                          "use --resume auto (the default) so each attempt continues from the last checkpoint")
     environ = os.environ if environ is None else environ
     return AttemptBudget(cfg.attempt_timeout, attempt_index(environ), cfg.job_max_retries + 1,
                          process_started() if started is None else started, cfg.save_steps)
