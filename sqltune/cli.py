@@ -65,7 +65,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return int(args.func(args) or 0)
     except SqltuneError as e:
-        print(f"sqltune: error: {e}", file=sys.stderr)
+        print(f"sqltune: {e.label}: {e}", file=sys.stderr)
         return e.exit_code
     except KeyboardInterrupt:
         print("sqltune: interrupted", file=sys.stderr)

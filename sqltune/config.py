@@ -85,6 +85,10 @@ class Config:
     max_steps: int = _f(-1, "Stop after this many optimizer steps; -1 = run the epochs.", minimum=-1)
     max_train_minutes: float = _f(0.0, "Stop training (checkpoint, merge, publish) after this many "
                                   "minutes; 0 = no limit.", minimum=0.0)
+    attempt_timeout: int = _f(0, "Seconds this attempt of the job may run before its platform stops it (a Cloud "
+                              "Run task's timeout; rendered deployments set it from task_timeout). The job trains "
+                              "until that minus a margin it measures, saves a checkpoint and exits 75 (more to do) "
+                              "so the next attempt resumes; 0 = no limit.", minimum=0)
     train_batch_size: int = _f(8, "Per-device training batch size.", minimum=1)
     eval_batch_size: int = _f(8, "Per-device evaluation batch size.", minimum=1)
     gradient_accumulation_steps: int = _f(1, "Micro-batches per optimizer step.", minimum=1)
@@ -196,10 +200,15 @@ class Config:
     deploy_cpu: int = _f(8, "vCPUs per container (an L4 needs at least 4).", minimum=1, group="deploy")
     deploy_memory: str = _f("32Gi", "Memory per container, e.g. 32Gi (an L4 needs at least 16Gi).",
                             group="deploy")
-    job_max_retries: int = _f(0, "Retries of a failed fine-tuning task (Cloud Run maxRetries, "
-                              "Kubernetes backoffLimit).", minimum=0, group="deploy")
-    task_timeout: int = _f(3600, "Seconds one job task may run (Cloud Run caps GPU tasks at 3600).",
-                           minimum=1, group="deploy")
+    job_max_retries: int = _f(3, "Retries of a fine-tuning task (Cloud Run maxRetries, at most 10; Kubernetes "
+                              "backoffLimit): each attempt resumes from the newest checkpoint in the bucket, so "
+                              "retries + 1 attempts of task_timeout each can train a long run.", minimum=0,
+                              group="deploy")
+    task_timeout: int = _f(3600, "Seconds one attempt of a job task may run (Cloud Run caps GPU tasks at 3600); "
+                           "the fine-tuning container gets it as attempt_timeout.", minimum=1, group="deploy")
+    plan_tokens_per_second: float = _f(0.0, "Training throughput the deployment plan assumes, in tokens per "
+                                       "second; 0 = sqltune's figure for the GPU type (nvidia-l4: 2500, a 2B "
+                                       "model with QLoRA).", minimum=0.0, group="deploy")
     job_task_count: int = _f(1, "Tasks of the sharded evaluation job (each gets CLOUD_RUN_TASK_INDEX).",
                              minimum=1, group="deploy")
     job_parallelism: int = _f(1, "Evaluation tasks that run at once.", minimum=1, group="deploy")

@@ -8,6 +8,7 @@ class SqltuneError(Exception):
     """Root of every user-facing sqltune failure."""
 
     exit_code = 2
+    label = "error"  # what the CLI prints before the message
 
     def __init__(self, message: str, hint: str | None = None) -> None:
         super().__init__(message)
@@ -38,6 +39,16 @@ class TrainingInterrupted(SqltuneError):
     """The job was asked to stop (SIGTERM) and saved a checkpoint first."""
 
     exit_code = 143
+
+
+class AttemptEnded(SqltuneError):
+    """This attempt's time budget is spent before the planned end: a checkpoint is saved and the next
+    attempt resumes from it. Not a failure: the exit code asks the platform for that next attempt."""
+
+    # EX_TEMPFAIL of sysexits.h ("a temporary failure; the user is invited to retry"): distinct from
+    # 1 (a crash), 2 (bad input) and 143 (SIGTERM), and non-zero so Cloud Run and Kubernetes retry.
+    exit_code = 75
+    label = "more to do"
 
 
 class DeployError(SqltuneError):

@@ -94,7 +94,7 @@ CLOUDRUN_JOB = {
                     "parallelism": {"type": "integer", "minimum": 0},
                     "template": {"type": "object", "required": ["spec"], "additionalProperties": False,
                                  "properties": {"spec": {"type": "object", "required": ["containers"], "properties": {
-                                     "maxRetries": {"type": "integer", "minimum": 0},
+                                     "maxRetries": {"type": "integer", "minimum": 0, "maximum": 10},
                                      "timeoutSeconds": {"type": "integer", "minimum": 1, "maximum": 604800}}}}},
                 }}}}}}},
 }
@@ -218,7 +218,7 @@ def test_kubernetes_multi_gpu_job_runs_torchrun() -> None:
     assert c["resources"]["limits"]["nvidia.com/gpu"] == "4"
     pod = job["spec"]["template"]["spec"]
     assert pod["securityContext"]["runAsUser"] == common.RUN_AS_UID and pod["restartPolicy"] == "Never"
-    assert job["spec"]["backoffLimit"] == 0
+    assert job["spec"]["backoffLimit"] == 3  # retries on by default: each pod resumes from the checkpoints
 
 
 @pytest.mark.parametrize(("overrides", "message"), [
@@ -241,9 +241,9 @@ def test_kubernetes_allows_what_cloud_run_does_not() -> None:
     render.render(Config(gpu_count=8, deploy_cpu=2, task_timeout=86400), "kubernetes")
 
 
-def test_warns_when_training_can_outlast_the_task() -> None:
-    assert any("--max-train-minutes 50" in w for w in common.warnings(Config(), "cloudrun"))
-    assert common.warnings(Config(max_train_minutes=45), "cloudrun") == []
+def test_warns_when_a_stopped_task_would_never_resume() -> None:
+    assert any("--job-max-retries 3" in w for w in common.warnings(Config(job_max_retries=0), "cloudrun"))
+    assert common.warnings(Config(), "cloudrun") == []
 
 
 @pytest.mark.parametrize("case", ["cloudrun-gcsfuse-vpc", "kubernetes-multigpu"])
@@ -272,7 +272,7 @@ def test_render_command_writes_the_files(tmp_path: Path, capsys: pytest.CaptureF
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(p.name for p in golden.iterdir())
     for path in golden.iterdir():
         assert (tmp_path / path.name).read_text() == path.read_text()
-    assert "--max-train-minutes" in capsys.readouterr().err  # the timeout warning
+    assert "plan: attempts available: 4 x 3600 s" in capsys.readouterr().err  # the plan, before any money is spent
 
 
 @pytest.mark.parametrize("argv", [["deploy", "--help"], ["deploy", "render", "--help"], ["deploy", "cloudrun", "--help"]])

@@ -55,6 +55,7 @@ def run_render(args: argparse.Namespace) -> int:
     paths = render.write(render.render(cfg, args.target), args.out)
     for path in paths:
         print(path)
+    _print_plan(cfg)
     for warning in common.warnings(cfg, args.target):
         print(f"warning: {warning}", file=sys.stderr)
     n = common.names(cfg)
@@ -64,6 +65,19 @@ def run_render(args: argparse.Namespace) -> int:
     return 0
 
 
+def _print_plan(cfg: config.Config) -> tuple[str, str] | None:
+    """Print the fine-tuning plan (and a warning when it cannot fit) on stderr; return the problem."""
+    from sqltune.deploy import plan
+
+    p = plan.plan(cfg)
+    for line in p.lines():
+        print(line, file=sys.stderr)
+    problem = p.problem()
+    if problem:
+        print(f"warning: {problem[0]}\n  fix: {problem[1]}", file=sys.stderr)
+    return problem
+
+
 def run_cloudrun(args: argparse.Namespace) -> int:
     from sqltune.deploy import cloudrun, common, render
 
@@ -71,6 +85,9 @@ def run_cloudrun(args: argparse.Namespace) -> int:
     cloudrun.require(cfg)
     if not args.teardown:
         common.check(cfg, "cloudrun")  # what Cloud Run would reject fails before any gcloud call
+        problem = _print_plan(cfg)
+        if problem and args.execute and not args.dry_run:
+            raise DeployError(*problem)  # a run that cannot finish is refused before anything is built or billed
     gcloud = cloudrun.Gcloud()
     n = common.names(cfg)
     where = f"project {n.project}, region {n.region}"

@@ -26,6 +26,8 @@ FINETUNE_IMAGE, SERVE_IMAGE = "sqltune-finetune", "sqltune-serve"
 GPU_MINIMUMS = {"nvidia-l4": (4, 16), "nvidia-rtx-pro-6000": (20, 80)}
 # "For tasks using GPUs, the maximum available timeout is 1 hour": https://cloud.google.com/run/docs/create-jobs
 CLOUDRUN_GPU_TASK_TIMEOUT = 3600
+# "Specify the number of retries using an integer from 0 to 10": https://cloud.google.com/run/docs/configuring/max-retries
+CLOUDRUN_MAX_RETRIES = 10
 # Without a GPU, Cloud Run allows 1, 2, 4, 6 or 8 vCPU and at most 4 GiB per vCPU:
 # https://cloud.google.com/run/docs/configuring/jobs/cpu
 CLOUDRUN_CPUS = (1, 2, 4, 6, 8)
@@ -101,6 +103,11 @@ def check(cfg: Config, target: str) -> None:
     gib = memory_gib(cfg.deploy_memory)
     if target != "cloudrun":
         return
+    if cfg.job_max_retries > CLOUDRUN_MAX_RETRIES:
+        raise DeployError(f"--job-max-retries: Cloud Run allows at most {CLOUDRUN_MAX_RETRIES} retries of a task, "
+                          f"got {cfg.job_max_retries}",
+                          f"set --job-max-retries {CLOUDRUN_MAX_RETRIES} or less; for more training per run, "
+                          "lower --dataset-limit or --max-steps")
     if cfg.gpu_count == 0:
         if cfg.deploy_cpu not in CLOUDRUN_CPUS or gib > 4 * cfg.deploy_cpu:
             raise DeployError(f"Cloud Run without a GPU takes 1, 2, 4, 6 or 8 vCPU with at most 4 GiB "
@@ -122,18 +129,18 @@ def check(cfg: Config, target: str) -> None:
     if cfg.task_timeout > CLOUDRUN_GPU_TASK_TIMEOUT:
         raise DeployError(f"--task-timeout: Cloud Run caps GPU tasks at {CLOUDRUN_GPU_TASK_TIMEOUT} s, "
                           f"got {cfg.task_timeout}",
-                          "lower it and bound training with --max-train-minutes (the job checkpoints and "
-                          "publishes before the cap)")
+                          f"set --task-timeout {CLOUDRUN_GPU_TASK_TIMEOUT} or less: each attempt checkpoints "
+                          "before its timeout and the next resumes, so raise --job-max-retries for a longer run")
 
 
 def warnings(cfg: Config, target: str) -> list[str]:
     """What renders but will likely go wrong in the cloud."""
     found = []
-    budget_min = cfg.task_timeout / 60
-    if cfg.max_train_minutes == 0 or cfg.max_train_minutes > budget_min - 5:
-        found.append(f"the task stops after {cfg.task_timeout} s (--task-timeout) but --max-train-minutes is "
-                     f"{cfg.max_train_minutes:g}: a long training is killed before it merges and publishes; set "
-                     f"--max-train-minutes {max(int(budget_min) - 10, 1)} to leave time for both")
+    if cfg.job_max_retries == 0:
+        # GPU tasks are not live-migrated: maintenance terminates them, and Cloud Run recommends retries
+        # for every job: https://cloud.google.com/run/docs/configuring/task-timeout
+        found.append("--job-max-retries is 0: a task stopped by its timeout or by maintenance is never resumed "
+                     "from its checkpoints; set --job-max-retries 3")
     return found
 
 
@@ -165,8 +172,12 @@ def config_env(cfg: Config, groups: tuple[str, ...], always: tuple[str, ...] = (
 
 
 def job_env(cfg: Config, n: Names) -> list[dict[str, str]]:
-    env = config_env(cfg, ("finetune", "common"), TUTORIAL_FIELDS)
+    env = config_env(cfg, ("finetune", "common"), TUTORIAL_FIELDS, exclude=("output", "attempt_timeout"))
     env.append({"name": config.env_name("output"), "value": n.model_url})
+    # Each attempt trains within the task's timeout and exits 75 to be retried; the retries count is how
+    # many attempts its plan has (sqltune/finetune/attempts.py).
+    env.append({"name": config.env_name("attempt_timeout"), "value": str(cfg.task_timeout)})
+    env.append({"name": config.env_name("job_max_retries"), "value": str(cfg.job_max_retries)})
     return env
 
 

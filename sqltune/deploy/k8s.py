@@ -75,10 +75,13 @@ def job(cfg: Config, n: Names) -> dict[str, Any]:
         container["command"] = ["torchrun", "--nproc-per-node", str(cfg.gpu_count), "-m", "sqltune"]
     container["args"] = ["finetune"]
     container["env"] = [*job_env(cfg, n), {"name": "HF_TOKEN", "valueFrom": secret}]
-    pod = {"restartPolicy": "Never", **_pod(cfg, n, container, read_only=False)}
+    # The deadline is per pod, as Cloud Run's timeoutSeconds is per attempt: each pod trains within it,
+    # exits 75 and the Job starts the next, up to backoffLimit; a Job-level deadline would cut across them.
+    pod = {"restartPolicy": "Never", "activeDeadlineSeconds": cfg.task_timeout,
+           **_pod(cfg, n, container, read_only=False)}
     return {"apiVersion": "batch/v1", "kind": "Job",
             "metadata": {"name": n.job, "namespace": cfg.k8s_namespace, "labels": _labels("finetune")},
-            "spec": {"backoffLimit": cfg.job_max_retries, "activeDeadlineSeconds": cfg.task_timeout,
+            "spec": {"backoffLimit": cfg.job_max_retries,
                      "ttlSecondsAfterFinished": 86400,
                      "template": {"metadata": _template_meta(cfg, "finetune"), "spec": pod}}}
 

@@ -75,7 +75,7 @@ def finetune(cfg: Config, sources: dict[str, str] | None = None) -> Path:
 
     from sqltune import generation, prompts
     from sqltune.data import loading
-    from sqltune.finetune import base_models, export
+    from sqltune.finetune import attempts, base_models, export
     from sqltune.finetune import trainer as sft
     from sqltune.finetune.callbacks import CheckpointManifest, JsonLogs, StopControl
 
@@ -177,21 +177,25 @@ def finetune(cfg: Config, sources: dict[str, str] | None = None) -> Path:
                         "raise --max-seq-length")
 
     stop = StopControl(cfg.max_train_minutes)
+    budget = attempts.from_config(cfg)
     trainer = sft.build_trainer(cfg, method, precision, model, tokenizer, train_ds, eval_ds, run_dir,
-                             callbacks=[JsonLogs(), CheckpointManifest(), stop])
+                             callbacks=[JsonLogs(), CheckpointManifest(), stop, budget,
+                                        attempts.EpochSeededOrder()])
     remote_cb = checkpoints.callback(cfg.output_dir, ckpt_root, cfg.save_total_limit)
     if remote_cb is not None and logs.is_rank0():
         trainer.add_callback(remote_cb)
     if resume_from is not None:
         logs.event(log, "resuming", checkpoint=str(resume_from))
     with stop.installed():
-        result = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
+        train_loss = attempts.train(trainer, resume_from, budget)
     if stop.reason == "sigterm":
         raise TrainingInterrupted(_stop_reason_message("sigterm"), "rerun with the same --output to resume")
     if stop.reason:
         logs.event(log, _stop_reason_message(stop.reason), step=trainer.state.global_step)
+    else:
+        budget.finish(trainer.state.global_step)  # AttemptEnded (exit 75) when the next attempt goes on
 
-    metrics: dict[str, Any] = {"train_loss": result.training_loss, "steps": trainer.state.global_step,
+    metrics: dict[str, Any] = {"train_loss": train_loss, "steps": trainer.state.global_step,
                                "train_runtime_s": round(time.time() - started, 1)}
     if eval_ds is not None:
         metrics.update({k: v for k, v in trainer.evaluate().items() if k == "eval_loss"})
