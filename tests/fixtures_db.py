@@ -1,7 +1,7 @@
 """Real databases for the `sqltune ask` / `eval --database` tests: a PostgreSQL server started from
 Debian's binaries in a temporary data directory, and SQLite files.
 
-    pytest tests/test_db_ask.py        # test modules declare pytest_plugins = ["fixtures_db"]
+    pytest tests/test_db_ask.py        # test modules import the pg_server fixture from here
 
 The server starts once per session on a free port of 127.0.0.1 with password authentication, so
 the tests connect as a user would (postgresql://user:password@127.0.0.1:PORT/db). initdb and

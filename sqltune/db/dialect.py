@@ -135,11 +135,17 @@ def translate(sql: str, schema: Schema, *, source: str = "sqlite", target: str =
     tree, kind, error = _parse_one(sql, source, schema)
     if tree is None:
         return Translation(sql, error_kind=kind, error=error)
+    if isinstance(tree, (exp.Condition, exp.Alias, exp.Identifier, exp.Star)):
+        # sqlglot reads "SELEC x" as the expression `SELEC AS x`; the database would call it a syntax error
+        return Translation(sql, error_kind=sandbox.SYNTAX,
+                           error=f"not a SQL statement: {sql.strip().split()[0][:40]!r} starts no SELECT")
     problem = gate(tree, source)
     if problem:
         return Translation(sql, error_kind=sandbox.DENIED, error=problem)
     if target != source or target != "sqlite":
         match_names(tree, schema)
+    if target == "postgres":
+        _alias_subqueries(tree)
     try:
         out = tree.sql(dialect=target, unsupported_level=ErrorLevel.RAISE)
     except SqlglotError as e:
@@ -160,6 +166,15 @@ def translate(sql: str, schema: Schema, *, source: str = "sqlite", target: str =
     if problem:
         return Translation(sql, error_kind=sandbox.DENIED, error=problem)
     return Translation(sql, out)
+
+
+def _alias_subqueries(tree: exp.Expression) -> None:
+    """PostgreSQL before 16 refuses a subquery in FROM without an alias; SQLite does not need one."""
+    n = 0
+    for sub in list(tree.find_all(exp.Subquery)):
+        if not sub.alias and isinstance(sub.parent, (exp.From, exp.Join)):
+            n += 1
+            sub.set("alias", exp.TableAlias(this=exp.to_identifier(f"_q{n}")))
 
 
 def _sqlite_only(tree: exp.Expression) -> str:
