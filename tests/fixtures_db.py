@@ -186,3 +186,79 @@ def pg_server() -> Iterator[PgServer]:
             time.sleep(0.2)
     finally:
         shutil.rmtree(root, ignore_errors=True)
+
+
+@dataclass
+class Built:
+    """Questions of the shared data with the database the synthesised evaluation would build for each,
+    all in one schema: `ddl` and `rows` seed a real database, `lines` are predictions-file rows."""
+
+    ddl: list[str]
+    rows: dict[str, list[tuple]]
+    lines: list[dict]
+
+
+def build_from_examples(path: Path, n: int, seed: int, scan: int = 4000) -> Built:
+    """Up to `n` single-table examples with distinct tables and questions, each with the rows that
+    `sqltune eval --eval-databases 1 --seed SEED` scores it on (sqltune.evaluate.score's own choice of seed)."""
+    import json
+
+    import sqlglot
+
+    from sqltune.evaluate import metrics, score
+    from sqltune.sql.schema import parse_schema, parse_sql
+    from sqltune.sql.synth_db import make_plan
+
+    settings = score.Settings(databases=1, seed=seed)
+    ddl, rows, lines = [], {}, []
+    seen_tables, seen_questions = set(), set()
+    with path.open() as fh:
+        for k, line in enumerate(fh):
+            if len(lines) >= n or k >= scan:
+                break
+            ex = json.loads(line)
+            try:
+                schema = parse_schema(ex["context"])
+            except Exception:
+                continue
+            if len(schema.tables) != 1:
+                continue
+            table = schema.tables[0]
+            if table.name.lower() in seen_tables or ex["question"] in seen_questions:
+                continue
+            statement = schema.ddl()[0]
+            try:  # the same table must be creatable on PostgreSQL too
+                sqlglot.transpile(statement, read="sqlite", write="postgres")
+            except Exception:
+                continue
+            item = score.Item(len(lines), ex["question"], ex["context"], ex["answer"], ex["answer"])
+            gold = parse_sql(ex["answer"], schema)
+            gold_expr = gold.expression if gold.ok else None
+            plan = make_plan(schema, gold_expr, ex["question"])
+            boxes, failed, _ = score._gold_databases(item, schema, gold.sql(ex["answer"]), plan, settings,
+                                                     metrics.is_ordered(ex["answer"], gold_expr))
+            if failed is not None:
+                continue
+            box = boxes[0][0]
+            data = box.run(f'SELECT * FROM "{table.name}"')
+            for b, _ in boxes:
+                b.close()
+            if not data.ok:
+                continue
+            seen_tables.add(table.name.lower())
+            seen_questions.add(ex["question"])
+            ddl.append(statement)
+            rows[table.name] = list(data.rows)
+            lines.append({"question": ex["question"], "context": ex["context"], "gold": ex["answer"]})
+    return Built(ddl, rows, lines)
+
+
+def build_postgres_db(server: PgServer, name: str, built: Built) -> str:
+    """`built` as a PostgreSQL database (tables transpiled from the SQLite DDL, values as stored)."""
+    import sqlglot
+
+    ddl = [sqlglot.transpile(s, read="sqlite", write="postgres")[0] for s in built.ddl]
+    rows = {t: [tuple(None if v is None else str(v) if isinstance(v, str) else v for v in r) for r in rs]
+            for t, rs in built.rows.items()}
+    server.create_db(name, ddl=ddl, rows=rows)
+    return name

@@ -24,7 +24,7 @@ from sqlglot.errors import ErrorLevel, SqlglotError
 
 from sqltune.sql import sandbox
 from sqltune.sql.check import read_only_problem
-from sqltune.sql.schema import Schema, parse_sql
+from sqltune.sql.schema import Schema, column_of, parse_sql, table_scope
 
 # PostgreSQL functions a read-only transaction does not stop: server files, large objects, other
 # sessions, server settings and signals, advisory locks, notifications, and ways to run a string
@@ -146,6 +146,8 @@ def translate(sql: str, schema: Schema, *, source: str = "sqlite", target: str =
         match_names(tree, schema)
     if target == "postgres":
         _alias_subqueries(tree)
+    if source == "sqlite" and target != "sqlite":
+        _text_affinity(tree, schema)
     try:
         out = tree.sql(dialect=target, unsupported_level=ErrorLevel.RAISE)
     except SqlglotError as e:
@@ -166,6 +168,40 @@ def translate(sql: str, schema: Schema, *, source: str = "sqlite", target: str =
     if problem:
         return Translation(sql, error_kind=sandbox.DENIED, error=problem)
     return Translation(sql, out)
+
+
+_COMPARISONS = (exp.EQ, exp.NEQ, exp.GT, exp.GTE, exp.LT, exp.LTE)
+
+
+def _text_affinity(tree: exp.Expression, schema: Schema) -> None:
+    """SQLite compares a text column with a number as text: the number takes the column's TEXT affinity
+    (https://sqlite.org/datatype3.html#type_conversions_prior_to_comparison). Written as a string literal,
+    PostgreSQL compares the same way, where it would refuse `varchar = integer`."""
+    scope = table_scope(tree)
+
+    def text_column(node: exp.Expression) -> bool:
+        if not isinstance(node, exp.Column):
+            return False
+        ref = column_of(node, scope, schema)
+        table = schema.table(ref[0]) if ref else None
+        column = table.column(ref[1]) if table and ref else None
+        return column is not None and column.affinity == "TEXT"
+
+    def as_text(node: exp.Expression) -> None:
+        if isinstance(node, exp.Literal) and not node.is_string:
+            node.replace(exp.Literal.string(node.this))
+        elif isinstance(node, exp.Neg) and isinstance(node.this, exp.Literal) and not node.this.is_string:
+            node.replace(exp.Literal.string(f"-{node.this.this}"))
+
+    for cmp in list(tree.find_all(*_COMPARISONS)):
+        if text_column(cmp.this):
+            as_text(cmp.expression)
+        elif text_column(cmp.expression):
+            as_text(cmp.this)
+    for among in list(tree.find_all(exp.In)):
+        if text_column(among.this):
+            for item in list(among.expressions):
+                as_text(item)
 
 
 def _alias_subqueries(tree: exp.Expression) -> None:
