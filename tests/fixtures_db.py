@@ -1,7 +1,7 @@
 """Real databases for the `sqltune ask` / `eval --database` tests: a PostgreSQL server started from
 Debian's binaries in a temporary data directory, and SQLite files.
 
-    pytest tests/test_db_ask.py        # test modules import the pg_server fixture from here
+    pytest tests/test_db_ask.py        # test modules import pg_server_fixture (the `pg_server` fixture)
 
 The server starts once per session on a free port of 127.0.0.1 with password authentication, so
 the tests connect as a user would (postgresql://user:password@127.0.0.1:PORT/db). initdb and
@@ -140,6 +140,7 @@ def _as_postgres(args: list[str]) -> list[str]:
 
 def start_pg_server(root: Path) -> tuple[PgServer, Path]:
     """initdb + pg_ctl start under `root` (as `postgres` when root); returns the server and its data dir."""
+    pytest.importorskip("psycopg", reason="psycopg is not installed: pip install 'sqltune[db]'")
     bindir = _pg_bin()
     if bindir is None or not (bindir / "initdb").exists():
         pytest.skip("PostgreSQL binaries not found (apt-get install postgresql; .ci/run installs it)")
@@ -174,8 +175,8 @@ def stop_pg_server(server: PgServer, data: Path) -> None:
                    capture_output=True, timeout=60)
 
 
-@pytest.fixture(scope="session")
-def pg_server() -> Iterator[PgServer]:
+@pytest.fixture(scope="session", name="pg_server")
+def pg_server_fixture() -> Iterator[PgServer]:
     root = Path(tempfile.mkdtemp(prefix="sqltune-pg-"))
     try:
         server, data = start_pg_server(root)

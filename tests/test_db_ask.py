@@ -16,9 +16,11 @@ import logging
 from pathlib import Path
 
 import pytest
+
+pytest.importorskip("sqlalchemy", reason="the db extra is not installed: pip install 'sqltune[db]'")
 import yaml
 from conftest import ASSETS, run_sqltune
-from fixtures_db import READER, READER_PASS, SUPERPASS, WRITER, WRITER_PASS, pg_server, seed_sqlite  # noqa: F401
+from fixtures_db import READER, READER_PASS, SUPERPASS, WRITER, WRITER_PASS, pg_server_fixture, seed_sqlite  # noqa: F401
 
 from sqltune import config
 from sqltune.cli import main

@@ -17,7 +17,9 @@ import sqlite3
 from pathlib import Path
 
 import pytest
-from fixtures_db import READER, READER_PASS, SUPERPASS, build_from_examples, build_postgres_db, pg_server  # noqa: F401
+
+pytest.importorskip("sqlalchemy", reason="the db extra is not installed: pip install 'sqltune[db]'")
+from fixtures_db import READER, READER_PASS, build_from_examples, build_postgres_db, pg_server_fixture  # noqa: F401
 from test_db_ask import cli
 
 SEED = 7

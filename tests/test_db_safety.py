@@ -16,7 +16,9 @@ import time
 from pathlib import Path
 
 import pytest
-from fixtures_db import file_checksum, pg_server, seed_sqlite  # noqa: F401
+
+pytest.importorskip("sqlalchemy", reason="the db extra is not installed: pip install 'sqltune[db]'")
+from fixtures_db import file_checksum, pg_server_fixture, seed_sqlite  # noqa: F401
 
 from sqltune import config
 from sqltune.db import ask as asking

@@ -70,6 +70,11 @@ def connect(spec: str, *, schema: str = "") -> Database:
     """A read-only connection to `spec` (URL or SQLite file), checked by one round trip."""
     if not spec.strip():
         raise DatabaseError("no database given", "pass --database postgresql://user@host/db or a SQLite file path")
+    try:
+        import sqlalchemy  # noqa: F401
+    except ImportError:
+        raise DatabaseError("real databases need SQLAlchemy, which is not installed",
+                            "pip install 'sqltune[db]'") from None
     if _is_sqlite_path(spec) or spec.startswith("sqlite:"):
         return _connect_sqlite(spec)
     return _connect_postgres(spec, schema)

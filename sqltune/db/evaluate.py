@@ -72,7 +72,7 @@ class DatabaseEval:
         report = loading.DataReport(source=source)
         examples: list[loading.Example] = []
         seen: set[tuple[str, str]] = set()
-        for n, row in enumerate(raw, 1):
+        for row in raw:
             report.rows_read += 1
             q, a = (row.get(mapping[k]) if isinstance(row, dict) else None for k in ("question", "answer"))
             if not (isinstance(q, str) and q.strip() and isinstance(a, str) and a.strip()):
