@@ -251,3 +251,44 @@ def test_ask_api_reuses_an_open_database(shop_sqlite) -> None:
     assert first.result.rows == ((3,),) and second.result.rows == ((120.0,),)
     assert asking.table_text(("a", "bb"), ((1, None), (22, "x" * 100))).splitlines()[2:] == [
         " 1 | NULL", "22 | " + "x" * 59 + "…"]
+
+
+def test_ask_through_a_running_server_sends_the_database_s_schema(shop_sqlite) -> None:
+    """--endpoint: a real HTTP server on 127.0.0.1 gets the question and the introspected context, and its SQL runs."""
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    seen: list[dict] = []
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_POST(self) -> None:  # noqa: N802
+            body = json.loads(self.rfile.read(int(self.headers["content-length"])))
+            seen.append(body)
+            raw = json.dumps({"sql": 'SELECT name FROM customers WHERE city = "Lima"', "model": "srv"}).encode()
+            self.send_response(200)
+            self.send_header("content-type", "application/json")
+            self.send_header("content-length", str(len(raw)))
+            self.end_headers()
+            self.wfile.write(raw)
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        url = f"http://127.0.0.1:{server.server_address[1]}"
+        rc, out = _ask_json(str(shop_sqlite), "--endpoint", url, "--db-context-chars", "200",
+                            "Which customers live in Lima?")
+        rc2, text, _ = cli("ask", "--database", str(shop_sqlite), "--endpoint", url, "--db-context-chars", "200",
+                           "Which customers live in Lima?")
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert rc == 0 and out["source"] == "endpoint" and out["rows"] == [["Bob"]]
+    assert seen[-1]["question"] == "Which customers live in Lima?"
+    assert seen[-1]["context"].startswith("CREATE TABLE customers (id INTEGER, name VARCHAR, city VARCHAR")
+    assert out["schema"]["tables"] == ["customers"]  # orders, its neighbour, would not fit in 200 characters
+    assert out["schema"]["left_out"] == ["audit_log", "order_items", "orders", "products"]
+    assert rc2 == 0 and "-- schema: 1 of 5 tables given to the model (customers); left out: audit_log, " \
+        "order_items, orders, products" in text
