@@ -114,20 +114,21 @@ def _parse_one(sql: str, dialect: str, schema: Schema) -> tuple[exp.Expression |
 
 
 def match_names(tree: exp.Expression, schema: Schema) -> None:
-    """Spell tables and columns as the database does, quoting names that are not all lower case."""
+    """Spell tables and columns as the database does, quoting names that are not all lower case. A column
+    is looked up in the tables its query reads (through aliases), as SQLite resolves it."""
+    scope = table_scope(tree)
+    for col in list(tree.find_all(exp.Column)):
+        if not col.name or not isinstance(col.this, exp.Identifier):
+            continue
+        ref = column_of(col, scope, schema)
+        table = schema.table(ref[0]) if ref else None
+        found = table.column(ref[1]) if table and ref else None
+        if found is not None:
+            col.set("this", exp.to_identifier(found.name, quoted=found.name != found.name.lower()))
     for t in tree.find_all(exp.Table):
         table = schema.table(t.name) if t.name else None
         if table is not None and not t.args.get("db"):
             t.set("this", exp.to_identifier(table.name, quoted=table.name != table.name.lower()))
-    spellings: dict[str, set[str]] = {}
-    for table in schema.tables:
-        for c in table.columns:
-            spellings.setdefault(c.name.lower(), set()).add(c.name)
-    for col in tree.find_all(exp.Column):
-        names = spellings.get(col.name.lower()) if col.name else None
-        if names and len(names) == 1 and isinstance(col.this, exp.Identifier):
-            real = next(iter(names))
-            col.set("this", exp.to_identifier(real, quoted=real != real.lower()))
 
 
 def translate(sql: str, schema: Schema, *, source: str = "sqlite", target: str = "sqlite") -> Translation:
