@@ -150,7 +150,8 @@ class Config:
     db_schema: str = _f("", "PostgreSQL schema whose tables are read; default: the connection's own (public).",
                         group="db")
     db_dialect: str = _f("sqlite", "SQL dialect the model writes (sql-create-context is SQLite-like); its SQL is "
-                         "transpiled to the database's dialect with sqlglot.", group="db")
+                         "transpiled to the database's dialect with sqlglot.",
+                         choices=["sqlite", "postgres", "mysql", "duckdb", "bigquery", "snowflake", "tsql"], group="db")
     db_timeout: float = _f(10.0, "Seconds one query may run on the database (PostgreSQL statement_timeout, "
                            "SQLite's progress handler) before it is stopped.", minimum=0.01, group="db")
     db_row_cap: int = _f(1000, "Rows `sqltune ask` fetches at most; more are cut and the output says so.",

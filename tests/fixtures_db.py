@@ -11,8 +11,11 @@ creates it). Without the binaries the tests skip, naming the package; CI install
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import hashlib
+import io
+import logging
 import os
 import shutil
 import socket
@@ -48,6 +51,22 @@ SHOP_ROWS = {
     "order_items": [(1, 1, 2), (1, 3, 1), (2, 2, 1), (3, 1, 4), (4, 3, 2), (5, 2, 1)],
     "audit_log": [(1, "created")],
 }
+
+
+def cli(*args: str) -> tuple[int, str, str]:
+    """`sqltune ARGS` in this process (no interpreter start per call): exit code, stdout, stderr with the logs."""
+    from sqltune.cli import main
+
+    root = logging.getLogger("sqltune")
+    saved = root.handlers[:]
+    root.handlers.clear()  # logs.setup binds a fresh handler to the stderr captured here
+    out, err = io.StringIO(), io.StringIO()
+    try:
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            rc = main(list(args))
+    finally:
+        root.handlers[:] = saved
+    return rc, out.getvalue(), err.getvalue()
 
 
 def seed_sqlite(path: Path, ddl: list[str] = SHOP_DDL, rows: dict[str, list[tuple]] = SHOP_ROWS) -> Path:

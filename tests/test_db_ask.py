@@ -9,10 +9,7 @@ whole path with the tiny model.
 
 from __future__ import annotations
 
-import contextlib
-import io
 import json
-import logging
 from pathlib import Path
 
 import pytest
@@ -20,10 +17,9 @@ import pytest
 pytest.importorskip("sqlalchemy", reason="the db extra is not installed: pip install 'sqltune[db]'")
 import yaml
 from conftest import ASSETS, run_sqltune
-from fixtures_db import READER, READER_PASS, SUPERPASS, WRITER, WRITER_PASS, pg_server_fixture, seed_sqlite  # noqa: F401
+from fixtures_db import READER, READER_PASS, SUPERPASS, WRITER, WRITER_PASS, cli, pg_server_fixture, seed_sqlite  # noqa: F401
 
 from sqltune import config
-from sqltune.cli import main
 from sqltune.db import ask as asking
 from sqltune.db import connect, dialect, introspect
 from sqltune.db.execute import open_runner
@@ -44,22 +40,9 @@ def shop_sqlite(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(params=["postgresql", "sqlite"])
-def shop(request, shop_pg, shop_sqlite) -> str:
-    return shop_pg if request.param == "postgresql" else str(shop_sqlite)
-
-
-def cli(*args: str) -> tuple[int, str, str]:
-    """`sqltune ARGS` in this process (no interpreter start per call): exit code, stdout, stderr with the logs."""
-    root = logging.getLogger("sqltune")
-    saved = root.handlers[:]
-    root.handlers.clear()  # logs.setup binds a fresh handler to the stderr captured here
-    out, err = io.StringIO(), io.StringIO()
-    try:
-        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-            rc = main(list(args))
-    finally:
-        root.handlers[:] = saved
-    return rc, out.getvalue(), err.getvalue()
+def shop(request) -> str:
+    """Each database in turn; the SQLite case runs where no PostgreSQL binaries are installed."""
+    return request.getfixturevalue("shop_pg") if request.param == "postgresql" else str(request.getfixturevalue("shop_sqlite"))
 
 
 def _ask_json(database: str, *args: str) -> tuple[int, dict]:

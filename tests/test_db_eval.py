@@ -19,8 +19,7 @@ from pathlib import Path
 import pytest
 
 pytest.importorskip("sqlalchemy", reason="the db extra is not installed: pip install 'sqltune[db]'")
-from fixtures_db import READER, READER_PASS, build_from_examples, build_postgres_db, pg_server_fixture  # noqa: F401
-from test_db_ask import cli
+from fixtures_db import READER, READER_PASS, build_from_examples, build_postgres_db, cli, pg_server_fixture  # noqa: F401
 
 SEED = 7
 

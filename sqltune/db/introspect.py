@@ -97,7 +97,6 @@ def model_type(sa_type: Any) -> str:
 def introspect(db: Any) -> DbSchema:
     """Tables and views of the database (its PostgreSQL schema), with primary and foreign keys."""
     import sqlalchemy as sa
-
     from sqlalchemy.engine.reflection import ObjectKind
 
     schema = db.schema or None
