@@ -156,6 +156,8 @@ class Config:
                            "SQLite's progress handler) before it is stopped.", minimum=0.01, group="db")
     db_row_cap: int = _f(1000, "Rows `sqltune ask` fetches at most; more are cut and the output says so.",
                          minimum=1, group="db")
+    db_keys: bool = _f(True, "Write primary and foreign keys into the CREATE TABLE context (sql-create-context "
+                       "has none; --no-db-keys gives such a model the bare columns it was trained on).", group="db")
     db_context_chars: int = _f(6000, "Longest schema context (CREATE TABLE text) given to the model; a larger "
                                "database gets the tables the question names, and their foreign-key neighbours.",
                                minimum=200, group="db")

@@ -275,3 +275,9 @@ def test_ask_through_a_running_server_sends_the_database_s_schema(shop_sqlite) -
     assert out["schema"]["left_out"] == ["audit_log", "order_items", "orders", "products"]
     assert rc2 == 0 and "-- schema: 1 of 5 tables given to the model (customers); left out: audit_log, " \
         "order_items, orders, products" in text
+
+
+def test_no_db_keys_gives_the_bare_columns(shop_sqlite) -> None:
+    rc, out, _ = cli("ask", "--database", str(shop_sqlite), "--schema-only", "--no-db-keys")
+    assert rc == 0 and "CREATE TABLE orders (id INTEGER, customer_id INTEGER, status VARCHAR, shipped_month INTEGER);" in out
+    assert "KEY" not in out

@@ -132,7 +132,7 @@ def ask(cfg: config.Config, question: str, *, sources: dict[str, str] | None = N
     db = db or connect(cfg.database, schema=cfg.db_schema)
     try:
         warnings = [w for w in [warn_if_writable(db)] if w]
-        schema = introspect.introspect(db)
+        schema = introspect.introspect(db, keys=cfg.db_keys)
         t1 = time.perf_counter()
         logs.event(log, "schema read", database=db.display, tables=len(schema.tables),
                    columns=sum(len(t.columns) for t in schema.tables), seconds=round(t1 - t0, 3))

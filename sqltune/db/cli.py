@@ -68,12 +68,12 @@ def _schema_only(cfg: config.Config) -> int:
 
     db = connect.connect(cfg.database, schema=cfg.db_schema)
     try:
-        schema = introspect.introspect(db)
+        schema = introspect.introspect(db, keys=cfg.db_keys)
         desc = db.describe()
         print(f"-- {desc['engine']} {desc['database']} ({desc.get('server_version', '')}): "
               f"{len(schema.tables)} tables and views")
         for table in schema.tables:
-            print(table.ddl() + ";")
+            print(table.ddl(cfg.db_keys) + ";")
     finally:
         db.close()
     return 0

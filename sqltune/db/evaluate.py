@@ -38,7 +38,7 @@ class DatabaseEval:
         self.cfg = cfg
         self.db = connect(cfg.database, schema=cfg.db_schema)
         self.warning = warn_if_writable(db=self.db)
-        self.db_schema = introspect.introspect(self.db)
+        self.db_schema = introspect.introspect(self.db, keys=cfg.db_keys)
         self.schema = self.db_schema.to_schema()
         self._contexts: dict[str, introspect.Selection] = {}
         logs.event(log, "evaluating on a real database", **self.describe())

@@ -50,8 +50,10 @@ class DbTable:
     foreign_keys: tuple[ForeignKey, ...] = ()
     view: bool = False
 
-    def ddl(self) -> str:
+    def ddl(self, keys: bool = True) -> str:
         parts = [f"{quote(c.name)} {c.type}" for c in self.columns]
+        if not keys:
+            return f"CREATE TABLE {quote(self.name)} ({', '.join(parts)})"
         if self.primary_key:
             parts.append(f"PRIMARY KEY ({', '.join(map(quote, self.primary_key))})")
         parts += [f"FOREIGN KEY ({', '.join(map(quote, fk.columns))}) REFERENCES {quote(fk.table)} "
@@ -63,13 +65,14 @@ class DbTable:
 class DbSchema:
     tables: tuple[DbTable, ...]
     name: str = ""  # the PostgreSQL schema, "" for SQLite
+    keys: bool = True  # primary and foreign keys in the context
 
     def table(self, name: str) -> DbTable | None:
         return next((t for t in self.tables if t.name.lower() == name.lower()), None)
 
     def context(self, names: Sequence[str] | None = None) -> str:
         wanted = None if names is None else {n.lower() for n in names}
-        return "; ".join(t.ddl() for t in self.tables if wanted is None or t.name.lower() in wanted)
+        return "; ".join(t.ddl(self.keys) for t in self.tables if wanted is None or t.name.lower() in wanted)
 
     def to_schema(self) -> Schema:
         """The tables as sqltune.sql's Schema (what the SQL checker and parser read)."""
@@ -94,8 +97,9 @@ def model_type(sa_type: Any) -> str:
     return "VARCHAR"
 
 
-def introspect(db: Any) -> DbSchema:
-    """Tables and views of the database (its PostgreSQL schema), with primary and foreign keys."""
+def introspect(db: Any, *, keys: bool = True) -> DbSchema:
+    """Tables and views of the database (its PostgreSQL schema), with primary and foreign keys (written
+    into the context when `keys`; always used to pick foreign-key neighbours)."""
     import sqlalchemy as sa
     from sqlalchemy.engine.reflection import ObjectKind
 
@@ -128,7 +132,7 @@ def introspect(db: Any) -> DbSchema:
     if not tables:
         where = f"schema {db.schema} of {db.display}" if db.schema else db.display
         raise SqltuneError(f"{where} has no tables or views", "point --database (and --db-schema) at your data")
-    return DbSchema(tuple(tables), db.schema)
+    return DbSchema(tuple(tables), db.schema, keys)
 
 
 def _stems(text: str) -> set[str]:
@@ -194,7 +198,7 @@ def select_tables(schema: DbSchema, question: str, fits: Callable[[str], bool]) 
             add(t.name)
     if not chosen:
         raise SqltuneError(f"not even one table of {len(schema.tables)} fits the model's context "
-                           f"(the smallest: {min(len(t.ddl()) for t in schema.tables)} characters)",
+                           f"(the smallest: {min(len(t.ddl(schema.keys)) for t in schema.tables)} characters)",
                            "raise --db-context-chars, or use a model with a longer context")
     order = {t.name: i for i, t in enumerate(schema.tables)}
     chosen.sort(key=order.__getitem__)

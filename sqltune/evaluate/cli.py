@@ -51,7 +51,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         "eval_batch_size": "Prompts generated together with --model.",
         "database": "Score on this real database (postgresql:// URL or SQLite file), read-only, instead of "
                     "synthesised ones; contexts come from its schema.",
-        "db_schema": "", "db_dialect": "", "db_timeout": "", "db_context_chars": ""},
+        "db_schema": "", "db_dialect": "", "db_timeout": "", "db_context_chars": "", "db_keys": ""},
         aliases={"column_map": ["--columns"], "eval_batch_size": ["--batch-size"]})
     p.set_defaults(func=run)
     actions = p.add_subparsers(dest="eval_action", metavar="merge")
