@@ -10,6 +10,7 @@ whole path with the tiny model.
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 import pytest
@@ -281,3 +282,12 @@ def test_no_db_keys_gives_the_bare_columns(shop_sqlite) -> None:
     rc, out, _ = cli("ask", "--database", str(shop_sqlite), "--schema-only", "--no-db-keys")
     assert rc == 0 and "CREATE TABLE orders (id INTEGER, customer_id INTEGER, status VARCHAR, shipped_month INTEGER);" in out
     assert "KEY" not in out
+
+
+def test_a_missing_driver_is_one_line_naming_the_install(shop_pg, monkeypatch) -> None:
+    url = shop_pg.replace("postgresql://", "postgresql+psycopg2://")
+    rc, _, err = cli("ask", "--database", url, "--sql", "SELECT 1")
+    assert rc == 2 and "no driver for postgresql+psycopg2" in err and READER_PASS not in err
+    monkeypatch.setitem(sys.modules, "psycopg", None)  # as if psycopg were not installed
+    rc, _, err = cli("ask", "--database", shop_pg, "--sql", "SELECT 1")
+    assert rc == 2 and "psycopg driver, which is not installed" in err and "pip install 'sqltune[db]'" in err
