@@ -18,6 +18,7 @@ COMMAND_MODULES = (
     "sqltune.data.cli",
     "sqltune.artifacts.cli",
     "sqltune.evaluate.cli",
+    "sqltune.db.cli",
     "sqltune.serve.cli",
     "sqltune.deploy.cli",
 )

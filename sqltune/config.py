@@ -15,6 +15,7 @@ import dataclasses
 import difflib
 import math
 import os
+import re
 import typing
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -142,6 +143,24 @@ class Config:
     eval_shard: str = _f("", "Score only shard i of n (`--shard 2/8`); default from CLOUD_RUN_TASK_INDEX "
                          "and CLOUD_RUN_TASK_COUNT when set. `sqltune eval merge` joins the shards.",
                          aliases=["--shard"], group="eval")
+    # --- real databases (`sqltune ask`, `sqltune eval --database`) ----------------------------------
+    database: str = _f("", "A real database to answer on: postgresql://user@host/db (password from the URL or "
+                       "PGPASSWORD, never logged) or a SQLite file. Queries run read-only, one SELECT at a time.",
+                       group="db")
+    db_schema: str = _f("", "PostgreSQL schema whose tables are read; default: the connection's own (public).",
+                        group="db")
+    db_dialect: str = _f("sqlite", "SQL dialect the model writes (sql-create-context is SQLite-like); its SQL is "
+                         "transpiled to the database's dialect with sqlglot.",
+                         choices=["sqlite", "postgres", "mysql", "duckdb", "bigquery", "snowflake", "tsql"], group="db")
+    db_timeout: float = _f(10.0, "Seconds one query may run on the database (PostgreSQL statement_timeout, "
+                           "SQLite's progress handler) before it is stopped.", minimum=0.01, group="db")
+    db_row_cap: int = _f(1000, "Rows `sqltune ask` fetches at most; more are cut and the output says so.",
+                         minimum=1, group="db")
+    db_keys: bool = _f(True, "Write primary and foreign keys into the CREATE TABLE context (sql-create-context "
+                       "has none; --no-db-keys gives such a model the bare columns it was trained on).", group="db")
+    db_context_chars: int = _f(6000, "Longest schema context (CREATE TABLE text) given to the model; a larger "
+                               "database gets the tables the question names, and their foreign-key neighbours.",
+                               minimum=200, group="db")
     # --- serving -----------------------------------------------------------------------------
     api_key: str = _f("", "Bearer key required on every route but /health, /ready and the playground page /.",
                       group="serve")
@@ -253,7 +272,13 @@ class Config:
         if redact:
             for name in SECRET_FIELDS:
                 data[name] = "***" if data.get(name) else ""
+            data["database"] = redact_url(data["database"])
         return data
+
+
+def redact_url(url: str) -> str:
+    """A database URL without its password (postgresql://ann:***@host/db), for logs, reports and config show."""
+    return re.sub(r"(://[^/:@]*:)[^/]*@", r"\1***@", url)
 
 
 FIELDS: dict[str, dataclasses.Field[Any]] = {f.name: f for f in dataclasses.fields(Config)}

@@ -4,6 +4,7 @@
     sqltune eval --endpoint http://127.0.0.1:8000 --dataset ./my_eval.jsonl
     sqltune eval --predictions preds.jsonl --dataset ./my_eval.jsonl
     sqltune eval --compare reports/a reports/b
+    sqltune eval --model ./models/sql --dataset my_questions.jsonl --database postgresql://reader@host/shop
     CLOUD_RUN_TASK_INDEX=0 CLOUD_RUN_TASK_COUNT=8 sqltune eval --model gs://b/models/sql --report-dir gs://b/reports/r1
     sqltune eval merge gs://b/reports/r1
 
@@ -47,7 +48,10 @@ def register(sub: argparse._SubParsersAction) -> None:
         "dataset_split": "", "column_map": "",
         "eval_fraction": "Held-out share for --split eval; default: the model's own.",
         "seed": "Seed for --limit sampling and the databases.",
-        "eval_batch_size": "Prompts generated together with --model."},
+        "eval_batch_size": "Prompts generated together with --model.",
+        "database": "Score on this real database (postgresql:// URL or SQLite file), read-only, instead of "
+                    "synthesised ones; contexts come from its schema.",
+        "db_schema": "", "db_dialect": "", "db_timeout": "", "db_context_chars": "", "db_keys": ""},
         aliases={"column_map": ["--columns"], "eval_batch_size": ["--batch-size"]})
     p.set_defaults(func=run)
     actions = p.add_subparsers(dest="eval_action", metavar="merge")
@@ -191,7 +195,13 @@ def run(args: argparse.Namespace) -> int:
         from sqltune.evaluate import sources as src
 
         rows = src.read_predictions(cfg.eval_predictions)
-    if mode == "predictions" and "dataset" not in sources:
+    real_db = None
+    if cfg.database:  # a real database answers instead of synthesised ones (sqltune.db.evaluate)
+        from sqltune.db.evaluate import DatabaseEval
+
+        real_db = DatabaseEval(cfg)
+        rows = real_db.with_contexts(rows) if rows is not None else None
+    if mode == "predictions" and "dataset" not in sources and real_db is None:
         from sqltune.data import loading
         from sqltune.evaluate import sources as src
 
@@ -203,7 +213,10 @@ def run(args: argparse.Namespace) -> int:
         if "eval_max_new_tokens" not in sources and meta.get("max_new_tokens"):
             # the longest answer the model was trained on, unless --eval-max-new-tokens says otherwise
             cfg = dataclasses.replace(cfg, eval_max_new_tokens=int(meta["max_new_tokens"]))
-        examples, dataset = load_examples(cfg, sources, meta)
+        if real_db is not None:
+            examples, dataset = real_db.examples(cfg, sources, mode, rows)
+        else:
+            examples, dataset = load_examples(cfg, sources, meta)
     indices = [i for i in range(len(examples)) if i % shard_count == shard_index]
     mine = [examples[i] for i in indices]
     logs.event(log, "eval started", mode=mode, examples=len(examples), shard=f"{shard_index}/{shard_count}",
@@ -215,7 +228,7 @@ def run(args: argparse.Namespace) -> int:
     settings = Settings(databases=cfg.eval_databases, seed=cfg.seed, time_budget_s=cfg.eval_query_timeout,
                         row_cap=cfg.eval_row_cap)
     items = [Item(i, ex.question, ex.context, ex.answer, p.sql) for i, ex, p in zip(indices, mine, preds, strict=True)]
-    records = score(items, settings, cfg.eval_workers)
+    records = real_db.score(items) if real_db is not None else score(items, settings, cfg.eval_workers)
     for record, p in zip(records, preds, strict=True):
         record["raw_output"], record["generation_error"] = p.raw, p.error
     t2 = time.perf_counter()
@@ -229,6 +242,9 @@ def run(args: argparse.Namespace) -> int:
         "timing": {"generate_s": round(t1 - t0, 2), "score_s": round(t2 - t1, 2),
                    "scored_per_s": round(len(items) / max(t2 - t1, 1e-9), 1)},
     }
+    if real_db is not None:
+        report["database"] = real_db.describe()
+        real_db.close()
     out = cfg.eval_output or f"reports/{_slug(source.get('name', 'eval'))}"
     if shard_count > 1:
         out = storage.join(out, f"shard-{shard_index:05d}-of-{shard_count:05d}")

@@ -63,6 +63,14 @@ def pct(block: dict[str, Any]) -> str:
     return f"{100 * block['value']:.1f}% ({block['count']}/{block['total']})"
 
 
+def _where(report: dict[str, Any]) -> str:
+    """What the queries ran on: the real database (engine, server, URL without password), or synthesised ones."""
+    db = report.get("database")
+    if db:
+        return f"on the real {db.get('engine', '?')} database {db.get('database', '?')}, {db.get('server_version', '')}"
+    return f"{report['settings']['databases']} databases per example"
+
+
 def markdown(report: dict[str, Any]) -> str:
     """The summary printed at the end of `sqltune eval` and saved as summary.md."""
     res = report["results"]
@@ -70,7 +78,7 @@ def markdown(report: dict[str, Any]) -> str:
     lines = [f"# sqltune eval: {src.get('name', '?')}", "",
              f"{res['scored']} examples scored of {res['examples']} "
              f"(dataset {report.get('dataset', {}).get('source', '?')}, split {report.get('dataset', {}).get('split', '?')}; "
-             f"{report['settings']['databases']} databases per example).", "",
+             f"{_where(report)}).", "",
              "| metric | value |", "|---|---|"]
     lines += [f"| {LABELS[m]} | {pct(res['metrics'][m])} |" for m in METRICS]
     gc = res["gold_check"]

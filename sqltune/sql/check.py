@@ -35,11 +35,9 @@ def check_sql(sql: str, schema: Schema) -> SqlCheck:
     if not parsed.ok or parsed.expression is None:
         return SqlCheck(False, error=f"does not parse: {parsed.error}")
     tree = parsed.expression
-    if not isinstance(tree, (exp.Select, exp.SetOperation, exp.Subquery)):
-        return SqlCheck(False, error=f"not a read-only query: {tree.key.upper()} statement")
-    writes = next(tree.find_all(*_WRITES), None)
-    if writes is not None:
-        return SqlCheck(False, error=f"not a read-only query: it contains {writes.key.upper()}")
+    problem = read_only_problem(tree)
+    if problem:
+        return SqlCheck(False, error=problem)
     tables, columns, unknown = _names(tree, schema)
     problems = [f"unknown {kind} `{name}`" for kind, name in unknown]
     denied = sorted(denied_functions(tree))
@@ -47,6 +45,17 @@ def check_sql(sql: str, schema: Schema) -> SqlCheck:
     if not unknown and not any(schema.table(t) for t in tables):
         problems.append("reads no table of the schema")
     return SqlCheck(not problems, tables, columns, "; ".join(dict.fromkeys(problems)) or None)
+
+
+def read_only_problem(tree: exp.Expression) -> str:
+    """Why a parsed statement is not one read-only query ("" when it is): the one rule that
+    `check_sql` and sqltune.db apply before anything runs."""
+    if not isinstance(tree, (exp.Select, exp.SetOperation, exp.Subquery)):
+        return f"not a read-only query: {tree.key.upper()} statement"
+    writes = next(tree.find_all(*_WRITES), None)
+    if writes is not None:
+        return f"not a read-only query: it contains {writes.key.upper()}"
+    return ""
 
 
 def denied_functions(tree: exp.Expression) -> set[str]:

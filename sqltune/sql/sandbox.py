@@ -16,7 +16,8 @@ of a `%.*c` precision even past the length limit (1e9 took 8.5 s), so they run t
 that refuses widths and precisions adding up to more than the length limit; LIKE and GLOB cost
 pattern x text, so patterns stop at 1000 characters; replace() and instr() cost at most ~0.1 s
 at the length limit, which the watchdog's interrupt between rows keeps from adding up.
-Every outcome is an ExecResult with explicit fields; nothing is signalled by None.
+Every outcome is an ExecResult with explicit fields; nothing is signalled by None. `database=` reads a
+real SQLite file instead (opened read-only, behind the same walls); sqltune.db uses it.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ import threading
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 # Error kinds an ExecResult can carry; "" means the query ran.
@@ -90,7 +92,7 @@ class Sandbox:
 
     def __init__(self, ddl: Sequence[str], rows: Mapping[str, Sequence[Sequence[Any]]] | None = None, *,
                  time_budget_s: float = 1.0, instruction_budget: int = 10_000_000, row_cap: int = 1000,
-                 check_every: int = 2000) -> None:
+                 check_every: int = 2000, database: str | None = None) -> None:
         self.time_budget_s = time_budget_s
         self.instruction_budget = instruction_budget
         self.row_cap = row_cap
@@ -99,8 +101,12 @@ class Sandbox:
         self._deadline = 0.0
         self._tripped = ""
         self._too_big = ""
-        # isolation_level=None: no implicit BEGIN, which the authorizer would refuse
-        self.conn = sqlite3.connect(":memory:", isolation_level=None, check_same_thread=False)
+        # isolation_level=None: no implicit BEGIN, which the authorizer would refuse. A real database file
+        # (sqltune.db) is opened mode=ro, so SQLite itself refuses writes below the authorizer, and never created.
+        if database is not None and ddl:
+            raise ValueError("a database file is read as it is: pass no ddl")
+        target = f"{Path(database).resolve().as_uri()}?mode=ro" if database is not None else ":memory:"
+        self.conn = sqlite3.connect(target, uri=database is not None, isolation_level=None, check_same_thread=False)
         # the built-in printf, called by the bounded wrapper once it has checked the widths; it sees
         # only the wrapper's own statement and bound values, never the untrusted SQL
         self._builtins = sqlite3.connect(":memory:", check_same_thread=False)
