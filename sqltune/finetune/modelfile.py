@@ -31,11 +31,18 @@ def _pieces(template: PromptTemplate) -> Iterator[tuple[str, str | None]]:
     except ValueError as e:
         raise ArtifactError(f"prompt template {template.prompt!r} is not a valid format string: {e}",
                             "re-export the model with `sqltune finetune`") from None
+    text = ""  # the parser splits literal text at every escaped brace; join it back
     for literal, name, spec, conversion in parsed:
-        if name is not None and (name not in FIELD_ROLES or spec or conversion):
+        text += literal
+        if name is None:
+            continue
+        if name not in FIELD_ROLES or spec or conversion:
             raise ArtifactError(f"prompt template has a field {{{name}}} that GGUF export cannot map",
                                 f"the template may only use {', '.join('{' + f + '}' for f in FIELD_ROLES)}")
-        yield literal, name
+        yield text, name
+        text = ""
+    if text:
+        yield text, None
 
 
 def _jinja_string(text: str) -> str:
