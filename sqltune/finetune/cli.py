@@ -22,7 +22,7 @@ from sqltune.finetune.job import finetune
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("finetune", help="Fine-tune a base model on text-to-SQL data and publish the merged model.",
                        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    config.add_arguments(p, groups=["finetune", "buckets"])
+    config.add_arguments(p, groups=["finetune", "buckets", "tracking"])
     p.set_defaults(func=run)
 
 
