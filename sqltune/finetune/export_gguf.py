@@ -294,6 +294,30 @@ def export_gguf(model_dir: Path, out: Path, quant: str = "q8_0", *, modelfile_pa
     return result
 
 
+def read_back(path: Path, template: prompts.PromptTemplate) -> Any:
+    """A GGUF as transformers reads it (`gguf_file=`, dequantized to fp32), ready for sqltune.generation:
+    the independent reader the round-trip checks compare against the source model."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from sqltune import generation
+
+    path = Path(path)
+    kwargs: dict[str, Any] = {"gguf_file": path.name, "dtype": torch.float32}
+    try:
+        from transformers import GgufConfig
+
+        kwargs["quantization_config"] = GgufConfig(dequantize=True)  # dense fp32, as sqltune.finetune.gguf
+    except ImportError:
+        pass
+    model = AutoModelForCausalLM.from_pretrained(str(path.parent), **kwargs).eval()
+    tokenizer = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+    tokenizer.padding_side = "left"
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return generation.Loaded(model, tokenizer, template, path)
+
+
 def _ollama_name(name: str) -> str:
     """Ollama model names are lower-case letters, digits, `-`, `_` and `.`."""
     cleaned = "".join(c if c.isalnum() or c in "-_." else "-" for c in name.lower()).strip("-.")
