@@ -5,8 +5,9 @@
     ollama create smollm2-sql -f Modelfile && ollama run smollm2-sql
     llama-server -m smollm2-sql.Q8_0.gguf     # its chat endpoint builds the trained prompt (system = schema)
 
---quant: f16 (same greedy output as the source), q8_0 (half the size, near-lossless; the default),
-q4_k_m (a quarter of f16; tensors whose rows a 256-block does not divide fall back to q5_0 / q8_0).
+--quant: f16 (the source's greedy output but for fp16-rounding ties), q8_0 (half the size, close; the
+default), q4_k_m (about a third of f16, lossy on small models; tensors whose rows a 256-value block does
+not divide fall back to q5_0 / q8_0). `python benchmarks/gguf_round_trip.py --model DIR` measures them.
 """
 
 from __future__ import annotations
