@@ -63,7 +63,10 @@ def main() -> int:
         with torch.inference_mode():
             return loaded.model(input_ids=ids).logits[0].float()
 
-    results = {"model": str(args.model), "prompts": len(texts), "max_new_tokens": args.max_new_tokens, "quants": {}}
+    # the model by what it is, not where it lies (results keep no machine's paths)
+    trained = {"base_model": source.meta.get("base_model"), "method": source.meta.get("method"),
+               "steps": (source.meta.get("metrics") or {}).get("steps"), "prompt_style": source.template.name}
+    results = {"model": trained, "prompts": len(texts), "max_new_tokens": args.max_new_tokens, "quants": {}}
     with tempfile.TemporaryDirectory() as tmp:
         for quant in args.quants:
             t0 = time.perf_counter()
@@ -98,7 +101,7 @@ def main() -> int:
             }
             print(json.dumps({quant: results["quants"][quant]}))
     RESULTS.mkdir(parents=True, exist_ok=True)
-    out = RESULTS / f"gguf_round_trip_{Path(args.model).name}.json"
+    out = RESULTS / f"gguf_round_trip_{trained['base_model']}.json"
     out.write_text(json.dumps(results, indent=2))
     print(f"saved {out.relative_to(ROOT)}")
     return 0

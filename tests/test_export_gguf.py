@@ -103,7 +103,7 @@ def test_tiny_model_round_trips_through_gguf(tiny_model_dir: Path, tmp_path: Pat
 def test_smollm2_round_trips_through_gguf(smollm2_artifact: Path, tmp_path: Path, shared_data: Path) -> None:
     rows = [json.loads(line) for line in shared_data.open().readlines()[:5]]
     pairs = list(PARITY_QUESTIONS) + [(r["question"], r["context"]) for r in rows]
-    results = _round_trip(smollm2_artifact, tmp_path, ("f16", "q8_0"), pairs, 32)
+    results = _round_trip(smollm2_artifact, tmp_path, ("f16", "q8_0"), pairs, 24)
     # f16: the same greedy text, except where the source itself was at a tie (SmolLM2's weights came from a
     # Q4_1 file and a LoRA merge, so fp16 rounds them: measured 22 of 23 equal, the other parted at a 0.0006 gap)
     f16 = results["f16"]
