@@ -109,9 +109,9 @@ class Config:
     model_cache: str = _f("", "Local cache for models fetched from buckets and for bucket runs' staging; "
                           "default: $SQLTUNE_CACHE or ~/.cache/sqltune.", env=["SQLTUNE_CACHE"], group="buckets")
     # --- experiment tracking ----------------------------------------------------------------------
-    report_to: str = _f("tensorboard", "Where training figures (the JSON log lines' step, loss, lr, grad norm, "
-                        "tokens/s) and eval reports also go: none, tensorboard (written beside the checkpoints), "
-                        "mlflow or wandb.", choices=["none", "tensorboard", "mlflow", "wandb"], group="tracking")
+    report_to: str = _f("tensorboard", "Where training figures (the JSON log lines' loss, lr, grad norm, "
+                        "tokens/s, ETA, at their step) and eval reports also go: none, tensorboard (written beside "
+                        "the checkpoints), mlflow or wandb.", choices=["none", "tensorboard", "mlflow", "wandb"], group="tracking")
     run_id: str = _f("", "The run to log into: TensorBoard's log folder (default <output>/checkpoints/tensorboard), "
                      "or an MLflow / W&B run id (default: a new run; a resumed job continues its own). `sqltune eval` "
                      "logs its report only when this is given.", group="tracking")
