@@ -75,6 +75,7 @@ def test_mlflow_run_gets_the_json_figures_keeps_its_id_on_resume_and_takes_the_e
               "--tracking-experiment", "sqltune-test")
     first = run_sqltune("finetune", *common, "--max-steps", "2")
     run_id = json.loads((out / "sqltune.json").read_text())["tracking"]["run_id"]
+    assert f"tracking: mlflow run {run_id}" in first.stdout  # the id `sqltune eval --run-id` takes
     second = run_sqltune("finetune", *common, "--max-steps", "4")  # resumes from checkpoint-2
     meta = json.loads((out / "sqltune.json").read_text())
     assert meta["tracking"]["run_id"] == run_id and meta["tracking"]["report_to"] == "mlflow"
