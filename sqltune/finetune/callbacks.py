@@ -20,9 +20,10 @@ log = logs.get("train")
 class JsonLogs(TrainerCallback):
     """One JSON line per logging step: step, loss, lr, grad norm, tokens/s, ETA."""
 
-    def __init__(self) -> None:
+    def __init__(self, tracker: Any = None) -> None:
         self._t0 = time.time()
         self._last: tuple[float, int] | None = None
+        self.tracker = tracker  # sqltune.tracking: the same fields go to TensorBoard / MLflow / W&B
 
     def on_train_begin(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
         self._t0 = time.time()
@@ -45,6 +46,9 @@ class JsonLogs(TrainerCallback):
             fields["eta_s"] = round((now - self._t0) / done * (state.max_steps - state.global_step), 1)
         self._last = (now, seen)
         logs.event(log, "train step", **fields)
+        if self.tracker is not None:
+            figures = {k: v for k, v in fields.items() if k not in ("step", "max_steps")}  # step is the x axis
+            self.tracker.log_metrics(figures, state.global_step, prefix="train/")
 
 
 def _round(value: Any) -> Any:

@@ -22,7 +22,7 @@ from sqltune.finetune.job import finetune
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("finetune", help="Fine-tune a base model on text-to-SQL data and publish the merged model.",
                        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    config.add_arguments(p, groups=["finetune", "buckets"])
+    config.add_arguments(p, groups=["finetune", "buckets", "tracking"])
     p.set_defaults(func=run)
 
 
@@ -46,6 +46,9 @@ def summary(meta: dict[str, Any], output: str) -> str:
     lines = [f"model: {output}  ({meta['method']}, {meta['dtype']}, base {meta['base_model']})",
              f"steps: {m['steps']}  train loss: {m['train_loss']:.3f}" +
              (f"  eval loss: {m['eval_loss']:.3f}" if "eval_loss" in m else "")]
+    run = meta.get("tracking") or {}
+    if run.get("run_id"):  # what `sqltune eval --run-id` takes to log its report into the same run
+        lines.append(f"tracking: {run['report_to']} run {run['run_id']}")
     held = m.get("heldout")
     if held:
         for s in held["samples"]:

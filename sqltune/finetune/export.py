@@ -120,7 +120,8 @@ def check_finite(model: Any, metrics: dict[str, Any]) -> None:
 
 def export(trainer: Any, cfg: Config, *, method: str, precision: Any, base_name: str, run_dir: Path,
            template: PromptTemplate, data_report: dict[str, Any], metrics: dict[str, Any],
-           eval_examples: list[Any], base: dict[str, Any] | None = None, max_new_tokens: int = 128) -> Path:
+           eval_examples: list[Any], base: dict[str, Any] | None = None, max_new_tokens: int = 128,
+           tracking: dict[str, Any] | None = None) -> Path:
     from transformers import AutoModelForCausalLM
 
     t0 = time.time()
@@ -161,6 +162,7 @@ def export(trainer: Any, cfg: Config, *, method: str, precision: Any, base_name:
         "data": data_report,
         "metrics": metrics,
         "loss_history": [{"step": h["step"], "loss": h["loss"]} for h in history],
+        "tracking": tracking or {"report_to": "none"},  # the run `sqltune eval --run-id` can log into
         "versions": _versions(),
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }

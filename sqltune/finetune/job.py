@@ -178,8 +178,11 @@ def finetune(cfg: Config, sources: dict[str, str] | None = None) -> Path:
 
     stop = StopControl(cfg.max_train_minutes)
     budget = attempts.from_config(cfg)
+    from sqltune import tracking
+
+    tracker = tracking.for_finetune(cfg, ckpt_root, resuming=resume_from is not None)
     trainer = sft.build_trainer(cfg, method, precision, model, tokenizer, train_ds, eval_ds, run_dir,
-                             callbacks=[JsonLogs(), CheckpointManifest(), stop, budget,
+                             callbacks=[JsonLogs(tracker), CheckpointManifest(), stop, budget,
                                         attempts.EpochSeededOrder()])
     remote_cb = checkpoints.callback(cfg.output_dir, ckpt_root, cfg.save_total_limit)
     if remote_cb is not None and logs.is_rank0():
@@ -204,7 +207,10 @@ def finetune(cfg: Config, sources: dict[str, str] | None = None) -> Path:
     final = export.export(trainer, cfg, method=method, precision=precision, base_name=base_name, run_dir=run_dir,
                           template=template, data_report=splits.report.to_dict(), metrics=metrics, base=base_info,
                           max_new_tokens=max(sum(m) for m in train_ds["completion_mask"]),
-                          eval_examples=splits.eval)
+                          eval_examples=splits.eval, tracking=tracking.describe(tracker))
+    if tracker is not None:
+        tracker.log_metrics({**metrics, **(metrics.get("heldout") or {})}, trainer.state.global_step, prefix="final/")
+        tracker.close()
     where = registry.publish(final, cfg.output_dir)
     logs.event(log, "finetune finished", output=where, wall_s=round(time.time() - started, 1),
                **{k: v for k, v in metrics.items() if isinstance(v, (int, float))})
