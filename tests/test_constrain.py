@@ -99,6 +99,7 @@ def _untrained(tmp_path: Path, texts: list[str]) -> Path:
     model.save_pretrained(out)
     tok.save_pretrained(out)
     (out / manifests.SQLTUNE_META).write_text(json.dumps({prompts.TEMPLATE_KEY: prompts.DEFAULT_TEMPLATE.to_dict()}))
+    manifests.write_manifest(out)  # last, as the exporter does: a finished model folder
     return out
 
 
