@@ -88,6 +88,19 @@ def build(mode: str, question: str, context: str) -> Constraint:
     return Constraint(mode, schema_grammar(schema, question if mode == "schema+values" else None))
 
 
+def xgrammar() -> Any:
+    """The xgrammar module, or a clear error naming the install command."""
+    try:
+        import xgrammar as xgr
+    except ImportError:
+        from sqltune.errors import ConfigError
+
+        raise ConfigError("--constrain needs xgrammar, which is not installed in this Python environment",
+                          "pip install 'xgrammar>=0.2.8,<0.3' (a core dependency of sqltune), or use --constrain off"
+                          ) from None
+    return xgr
+
+
 def grammar_key(grammar: str) -> str:
     return hashlib.sha256(grammar.encode()).hexdigest()
 
@@ -99,8 +112,7 @@ class GrammarError(Exception):
 def check_grammar(grammar: str) -> None:
     """Parse a grammar without compiling it against a vocabulary (what the vLLM engine checks before it
     hands the text to vLLM, which compiles it itself)."""
-    import xgrammar as xgr
-
+    xgr = xgrammar()
     try:
         xgr.Grammar.from_ebnf(grammar)
     except Exception as e:  # xgrammar raises RuntimeError / ValueError with the parser's message
@@ -111,7 +123,7 @@ class Compiler:
     """xgrammar's compiler for one tokenizer and vocabulary, with compiled grammars kept by hash."""
 
     def __init__(self, tokenizer: Any, vocab_size: int, stop_ids: Sequence[int], cache_size: int = CACHE_SIZE) -> None:
-        import xgrammar as xgr
+        xgr = xgrammar()
 
         self.vocab_size = int(vocab_size)
         self.stop_ids = sorted({int(i) for i in stop_ids})

@@ -222,3 +222,21 @@ def test_v1_sql_constrains_in_the_vllm_engine(untrained: tuple[Path, list[dict]]
                                                              "max_tokens": 48, "constrain": "off"}, timeout=120).json()
             free_valid += body["valid"]
         assert ended >= 4 and free_valid <= 1
+
+
+def test_eval_compares_constrained_with_free_decoding(untrained: tuple[Path, list[dict]], shared_data: Path,
+                                                       tmp_path: Path) -> None:
+    """`sqltune eval --constrain schema --compare-unconstrained` writes both reports and prints them
+    side by side; under the grammar the untrained model's SQL is valid far more often."""
+    from tests.conftest import run_sqltune
+
+    folder, _ = untrained
+    done = run_sqltune("eval", "--model", str(folder), "--dataset", str(shared_data), "--limit", "12",
+                       "--eval-max-new-tokens", "160", "--constrain", "schema", "--compare-unconstrained",
+                       "--report-dir", str(tmp_path / "r"), "--eval-workers", "1")
+    off = json.loads((tmp_path / "r" / "off" / "report.json").read_text())
+    schema = json.loads((tmp_path / "r" / "schema" / "report.json").read_text())
+    assert off["settings"]["constrain"] == "off" and schema["settings"]["constrain"] == "schema"
+    valid = [r["results"]["metrics"]["valid"]["value"] for r in (off, schema)]
+    assert valid[1] >= 0.75 > valid[0], valid
+    assert "| off | schema |" in done.stdout
