@@ -135,7 +135,8 @@ def predict(cfg: config.Config, mode: str, examples: Sequence[Any], all_examples
             preds, info = src.from_endpoint(cfg.eval_endpoint, pairs, concurrency=cfg.eval_concurrency,
                                             retries=cfg.eval_retries, timeout=cfg.eval_request_timeout,
                                             max_new_tokens=cfg.eval_max_new_tokens, progress=bar.update,
-                                            constrain=cfg.constrain)
+                                            constrain="" if cfg.constrain == "off" and not cfg.eval_compare_unconstrained
+                                            else cfg.constrain)
         else:
             preds, info = src.from_model(cfg.model_name, pairs, batch_size=cfg.eval_batch_size,
                                          max_new_tokens=cfg.eval_max_new_tokens, progress=bar.update,

@@ -78,7 +78,7 @@ class Endpoint:
     """A server under evaluation; `route` is "sql" or "completions" once detected."""
 
     def __init__(self, url: str, *, concurrency: int, retries: int, timeout: float, max_new_tokens: int,
-                 constrain: str = "off") -> None:
+                 constrain: str = "") -> None:
         import httpx
 
         self.url = url.rstrip("/")
@@ -91,8 +91,9 @@ class Endpoint:
         self.route = ""
         self.model_id = ""
         self.constrain = constrain
-        # only sent when asked for, so servers that know no `constrain` field see the requests they always did
-        self.extra: dict[str, Any] = {"constrain": constrain} if constrain != "off" else {}
+        # only sent when asked for ("" = not at all; "off" is sent to override a server's --constrain),
+        # so servers that know no `constrain` field see the requests they always did
+        self.extra: dict[str, Any] = {"constrain": constrain} if constrain else {}
 
     def _request(self, method: str, path: str, body: dict[str, Any] | None = None) -> Any:
         import httpx
@@ -176,7 +177,7 @@ class Endpoint:
 
     def info(self) -> dict[str, Any]:
         return {"kind": "endpoint", "url": self.url, "route": self.route, "model": self.model_id,
-                "constrain": self.constrain,
+                "constrain": self.constrain or "server default",
                 "name": self.model_id or self.url.split("://")[-1], "fingerprint": f"{self.url}#{self.model_id}"}
 
     def close(self) -> None:
@@ -184,7 +185,7 @@ class Endpoint:
 
 
 def from_endpoint(url: str, pairs: Sequence[tuple[str, str]], *, concurrency: int, retries: int, timeout: float,
-                  max_new_tokens: int, progress: Progress, constrain: str = "off"
+                  max_new_tokens: int, progress: Progress, constrain: str = ""
                   ) -> tuple[list[Prediction], dict[str, Any]]:
     try:
         import httpx  # noqa: F401

@@ -53,14 +53,12 @@ def kw(*words: str) -> str:
 
 def name_forms(name: str) -> list[str]:
     """Every way the grammar lets a query write `name`: bare (when it is a plain word) and quoted
-    with "", `` or [], each in the declared, lower and upper case."""
-    forms: list[str] = []
-    for case in dict.fromkeys((name, name.lower(), name.upper())):
-        if _BARE.match(case):
-            forms.append(lit(case))
-        forms += [lit('"' + case.replace('"', '""') + '"'), lit("`" + case.replace("`", "``") + "`")]
-        if "]" not in case:
-            forms.append(lit("[" + case + "]"))
+    with "", `` or [], each letter in either case (SQLite compares names case-insensitively)."""
+    forms = [_any_case(name)] if _BARE.match(name) else []
+    forms += [f"\"\\\"\" {_any_case(name.replace(chr(34), chr(34) * 2))} \"\\\"\"",
+              f"\"`\" {_any_case(name.replace('`', '``'))} \"`\""]
+    if "]" not in name:
+        forms.append(f"\"[\" {_any_case(name)} \"]\"")
     return forms
 
 
@@ -106,7 +104,7 @@ def _literals(r: _Rules, question: str | None) -> None:
     r.add("int", "[0-9]{1,6}")
     if question is None:
         r.add("string", "\"\\\"\" [^\"\\n]{0,64} \"\\\"\" | \"'\" [^'\\n]{0,64} \"'\"")
-        r.add("number", "[0-9]{1,10} (\".\" [0-9]{1,10})?")
+        r.add("number", "[0-9]{1,10} (\".\" [0-9]{1,16})?")
         return
     words = [w for w in question.split() if w.strip(_EDGE)]
     r.add("string", f"\"\\\"\" {_spans(r, words, 'd', chr(34))} \"\\\"\" | \"'\" {_spans(r, words, 's', chr(39))} \"'\"")
@@ -123,7 +121,11 @@ def _spans(r: _Rules, words: list[str], tag: str, quote: str) -> str:
     starts = []
     for i, w in enumerate(words):
         forms = []
-        forms = [v for v in (w, w.strip(_EDGE), w.rstrip(_EDGE), w.lstrip(_EDGE), w.strip(_EDGE_MORE)) if v]
+        bare = w.rstrip("?!.,;:")
+        if bare.lower().endswith(("'s", "’s")):
+            bare = bare[:-2]
+        forms = [v for v in (w, bare, bare.strip("\"'"), w.strip(_EDGE), w.rstrip(_EDGE), w.lstrip(_EDGE),
+                             w.strip(_EDGE_MORE)) if v]
         forms = [f.replace(quote, quote * 2) for f in dict.fromkeys(forms)]
         word = r.add(f"w{tag}{i}", alt(_any_case(f) for f in forms))
         rest = f" (\" \" sp{tag}{i + 1})?" if i + 1 < len(words) else ""
@@ -168,7 +170,7 @@ def _level(r: _Rules, d: int, deeper: bool) -> None:
                       f"(ws {kw('HAVING')} ws cond{n})?)?")
     r.add(f"items{n}", f"item{n} (ows \",\" ows item{n}){{0,5}}")
     # a result column's own name needs AS, so a bare word after an expression is never taken for one
-    r.add(f"item{n}", f"\"*\" | qualifier \".*\" | expr{n} (ws {kw('AS')} ws label)?")
+    r.add(f"item{n}", f"\"*\" | qualifier \".*\" | expr{n} (ws {kw('AS')} ws label | ows \"[\" label \"]\")?")
     sub = f" | \"(\" ows query{nxt} ows \")\" (ws ({kw('AS')} ws)? alias)?" if deeper else ""
     r.add(f"tref{n}", f"table (ws ({kw('AS')} ws)? alias)?{sub}")
     join = alt([kw("JOIN"), kw("INNER", "JOIN"), kw("LEFT", "JOIN"), kw("LEFT", "OUTER", "JOIN"),
