@@ -32,7 +32,12 @@ MODES = ("off", "schema", "schema+values")
 
 def rel(path: Path | str) -> str:
     p = Path(path).resolve()
-    return str(p.relative_to(ROOT)) if p.is_relative_to(ROOT) else str(p)
+    if p.is_relative_to(ROOT):
+        return str(p.relative_to(ROOT))
+    if p.is_relative_to(ROOT.parent / "shared"):
+        return "../" + str(p.relative_to(ROOT.parent))
+    # a model of another checkout of the repository: the same path inside it (models/<name>)
+    return str(Path(*p.parts[p.parts.index("models"):])) if "models" in p.parts else p.name
 
 
 def grammar_acceptance() -> dict:
@@ -85,12 +90,13 @@ def train_tiny(out: Path) -> Path:
     return out
 
 
-def eval_rows(limit: int, seed: int) -> list:
+def eval_rows(source: str, fraction: float, limit: int, seed: int) -> list:
+    """A seeded sample of the held-out split (question hash, as in training) of a dataset."""
     from sqltune.data import loading
 
-    report = loading.DataReport(source=str(DATA))
-    examples = loading.clean(loading.read_rows(str(DATA), "train", seed), loading.parse_columns(""), report)
-    held = [ex for ex in examples if loading.is_eval(ex.question, 0.05)]
+    report = loading.DataReport(source=source)
+    examples = loading.clean(loading.read_rows(source, "train", seed), loading.parse_columns(""), report)
+    held = [ex for ex in examples if loading.is_eval(ex.question, fraction)]
     return [held[i] for i in sorted(random.Random(seed).sample(range(len(held)), min(limit, len(held))))]
 
 
@@ -188,8 +194,19 @@ def main(argv: list[str] | None = None) -> int:
         results["grammar_acceptance"] = grammar_acceptance()
     else:
         models = args.model or [str(train_tiny(ROOT / "models" / "bench-tiny-sql"))]
-        rows = eval_rows(args.limit, args.seed)
-        results["models"] = [run_model(m, rows, args.batch_size, args.max_new_tokens) for m in models]
+        rows = eval_rows(str(DATA), 0.05, args.limit, args.seed)
+        results["models"] = []
+        for m in models:
+            one = run_model(m, rows, args.batch_size, args.max_new_tokens)
+            one["rows_from"] = f"{rel(DATA)} eval split"
+            results["models"].append(one)
+            # a model trained on other data (the tiny demo model: synthetic) also on its own held-out split
+            trained = json.loads((Path(m) / "sqltune.json").read_text()).get("config", {})
+            if trained.get("dataset", "").startswith("synthetic:"):
+                own = eval_rows(trained["dataset"], trained.get("eval_fraction", 0.05), args.limit, args.seed)
+                extra = run_model(m, own, args.batch_size, args.max_new_tokens)
+                extra["rows_from"] = f"{trained['dataset']} eval split (the model's own training data)"
+                results["models"].append(extra)
     out = Path(args.out)
     if out.exists():
         try:

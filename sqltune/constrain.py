@@ -38,6 +38,7 @@ CACHE_SIZE = 256  # compiled grammars kept per model; a 50k-vocabulary grammar t
 # soon as the grammar allows it, so a query still being written when max_tokens nears gets closed
 # rather than cut (an untrained model otherwise fills every list the grammar allows).
 WIND_DOWN = 64
+_CLOSERS = re.compile(r"[)\"'`\]]")
 _OPEN_CHARS = re.compile(r"[(,+\-*/|%&<>=]")
 _OPEN_WORDS = ("select", "where", "and", "or", "not", "join", "on", "group", "order", "having", "union", "intersect",
                "except", "like", "in", "between", "limit", "offset", "distinct", "count", "sum", "avg", "min", "max",
@@ -137,23 +138,27 @@ class Compiler:
         self.compiled = 0
         self.hits = 0
         self.compile_seconds = 0.0
-        self._openers: Any = None
+        self._masks: Any = None
         self._tokenizer = tokenizer
 
     @property
-    def openers(self) -> Any:
-        """Bool tensor over the vocabulary: tokens whose text opens more structure (a bracket, a list
-        separator, an operator, a clause keyword), avoided while a row winds down."""
-        if self._openers is None:
+    def masks(self) -> tuple[Any, Any, Any, Any]:
+        """Bool tensors over the vocabulary for winding down: tokens that open more structure (a bracket,
+        a separator, an operator, a clause keyword), tokens that close something (a bracket or quote),
+        tokens that start with whitespace (they end a word), and tokens with digits."""
+        if self._masks is None:
             import torch
 
-            flags = torch.zeros(self.vocab_size, dtype=torch.bool)
-            texts = self._tokenizer.convert_ids_to_tokens(list(range(min(self.vocab_size, len(self._tokenizer)))))
-            for i, text in enumerate(texts):
+            n = min(self.vocab_size, len(self._tokenizer))
+            opens, closes, spaced, digits = (torch.zeros(self.vocab_size, dtype=torch.bool) for _ in range(4))
+            for i, text in enumerate(self._tokenizer.convert_ids_to_tokens(list(range(n)))):
                 piece = self._tokenizer.convert_tokens_to_string([text]) if text else ""
-                flags[i] = _opens(piece)
-            self._openers = flags
-        return self._openers
+                opens[i] = _opens(piece)
+                closes[i] = bool(_CLOSERS.search(piece))
+                spaced[i] = piece[:1].isspace()
+                digits[i] = any(ch.isdigit() for ch in piece)
+            self._masks = (opens, closes, spaced, digits)
+        return self._masks
 
     def compile(self, grammar: str) -> Any:
         """The CompiledGrammar of an EBNF text (from the cache when it was compiled before)."""
@@ -218,9 +223,15 @@ def mask_logits(logits: Any, matchers: Sequence[Any], compiler: Compiler,
             row.fill_(float("-inf"))
             row[stops[0]] = keep if torch.isfinite(keep) else 0.0
             continue
-        closing = row.masked_fill(compiler.openers.to(row.device), float("-inf"))
-        if bool(torch.isfinite(closing).any()):  # else only an opening token can go on: keep the grammar's mask
-            row.copy_(closing)
+        opens, closes, spaced, digits = (m.to(row.device) for m in compiler.masks)
+        # the first non-empty of: closing tokens that open nothing; tokens that end the word being written
+        # (a label, a number) and open nothing; tokens that open nothing and are not more digits; the
+        # grammar's own choice (only an opening token can go on)
+        for banned in (opens | ~closes, opens | ~spaced, opens | digits):
+            narrowed = row.masked_fill(banned, float("-inf"))
+            if bool(torch.isfinite(narrowed).any()):
+                row.copy_(narrowed)
+                break
     return logits
 
 

