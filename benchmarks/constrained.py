@@ -172,7 +172,19 @@ def run_model(model: str, rows: list, batch: int, max_new_tokens: int) -> dict:
                             ms_per_step=round(seconds * 1000 / max(steps, 1), 2),
                             cpu_ms_per_step=round(cpu_seconds * 1000 / max(steps, 1), 2), tokens=tokens, steps=steps,
                             seconds=round(seconds, 1), fallbacks=sum(1 for c in cons if c.reason))
-        print(model, mode, result[mode], flush=True)
+        result[mode]["_ex"] = [bool(r["ex"]) for r in records]
+        result[mode]["_pred"] = preds
+        print(model, mode, {k: v for k, v in result[mode].items() if not k.startswith("_")}, flush=True)
+    # the rows where a constraint changed EX, both ways, for reading
+    for mode in MODES[1:]:
+        flips = [{"question": ex.question, "gold": ex.answer, "off": result["off"]["_pred"][i],
+                  mode: result[mode]["_pred"][i], "ex_off": a, "ex_constrained": b}
+                 for i, (ex, a, b) in enumerate(zip(rows, result["off"]["_ex"], result[mode]["_ex"], strict=True))
+                 if a != b]
+        result[mode]["ex_flips"] = {"gained": sum(f["ex_constrained"] for f in flips),
+                                    "lost": sum(f["ex_off"] for f in flips), "examples": flips[:12]}
+    for mode in MODES:
+        result[mode] = {k: v for k, v in result[mode].items() if not k.startswith("_")}
     # per decoding step of a batch: free and constrained rows then do the same work but for the mask
     off, off_cpu = result["off"]["ms_per_step"], result["off"]["cpu_ms_per_step"]
     for mode in MODES[1:]:
