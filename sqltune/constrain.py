@@ -212,7 +212,10 @@ def mask_logits(logits: Any, matchers: Sequence[Any], compiler: Compiler,
         matchers[i].fill_next_token_bitmask(bitmask, i)
     if logits.dtype not in (torch.float32, torch.float16, torch.bfloat16):
         logits = logits.float()
-    xgr.apply_token_bitmask_inplace(logits, bitmask.to(logits.device), vocab_size=vocab_size, indices=rows)
+    # on CPU xgrammar's "auto" backend measured 4x slower than its C++ "cpu" kernel (36 vs 9 ms for 16 x 49k)
+    backend = "cpu" if logits.device.type == "cpu" else "auto"
+    xgr.apply_token_bitmask_inplace(logits, bitmask.to(logits.device), vocab_size=vocab_size, indices=rows,
+                                    backend=backend)
     for i in rows:
         if remaining is None or remaining[i] > WIND_DOWN:
             continue

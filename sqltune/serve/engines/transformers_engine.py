@@ -216,7 +216,7 @@ class TransformersEngine(EngineBase):
         if any(r.matcher is not None for r in rows):
             from sqltune.constrain import mask_logits
 
-            logits = mask_logits(logits.clone(), [r.matcher for r in rows], self.loaded.compiler,
+            logits = mask_logits(logits.contiguous(), [r.matcher for r in rows], self.loaded.compiler,
                                  [r.params.max_tokens - len(r.text.ids) for r in rows])  # type: ignore[union-attr]
         greedy = logits.argmax(dim=-1)
         if all(r.params.temperature <= 0 for r in rows):
