@@ -34,10 +34,11 @@ from sqltune.sql.schema import parse_schema
 
 log = logs.get("constrain")
 CACHE_SIZE = 256  # compiled grammars kept per model; a 50k-vocabulary grammar takes about 1-3 MB
-# In a row's last WIND_DOWN tokens, tokens that open more structure are masked too and EOS is taken as
-# soon as the grammar allows it, so a query still being written when max_tokens nears gets closed
-# rather than cut (an untrained model otherwise fills every list the grammar allows).
-WIND_DOWN = 64
+# In a row's last quarter of max_tokens, tokens that open more structure are masked too and EOS is
+# taken as soon as the grammar allows it, so a query still being written when max_tokens nears gets
+# closed rather than cut (an untrained model otherwise fills every list the grammar allows). A quarter,
+# not a fixed count: with 64 of 96 tokens, real answers of 30-40 tokens had their strings closed early.
+WIND_DOWN_SHARE = 0.25
 _CLOSERS = re.compile(r"[)\"'`\]]")
 _OPEN_CHARS = re.compile(r"[(,+\-*/|%&<>=]")
 _OPEN_WORDS = ("select", "where", "and", "or", "not", "join", "on", "group", "order", "having", "union", "intersect",
@@ -198,8 +199,8 @@ class Compiler:
 def mask_logits(logits: Any, matchers: Sequence[Any], compiler: Compiler,
                 remaining: Sequence[int] | None = None) -> Any:
     """Set to -inf, in place, every logit a row's grammar does not allow next; rows whose matcher is
-    None (unconstrained requests sharing the batch) or finished are left as they are. A row with
-    `remaining[i]` <= WIND_DOWN tokens left winds down (see WIND_DOWN)."""
+    None (unconstrained requests sharing the batch) or finished are left as they are. A row whose
+    `remaining[i]` (tokens left before its wind-down point, wind_down_after) is <= 0 winds down."""
     import torch
     import xgrammar as xgr
 
@@ -217,7 +218,7 @@ def mask_logits(logits: Any, matchers: Sequence[Any], compiler: Compiler,
     xgr.apply_token_bitmask_inplace(logits, bitmask.to(logits.device), vocab_size=vocab_size, indices=rows,
                                     backend=backend)
     for i in rows:
-        if remaining is None or remaining[i] > WIND_DOWN:
+        if remaining is None or remaining[i] > 0:
             continue
         row = logits[i, :vocab_size]
         stops = [s for s in compiler.stop_ids if s < vocab_size and torch.isfinite(row[s])]
@@ -236,6 +237,11 @@ def mask_logits(logits: Any, matchers: Sequence[Any], compiler: Compiler,
                 row.copy_(narrowed)
                 break
     return logits
+
+
+def wind_down_after(limit: int) -> int:
+    """Tokens left when a row with max_tokens `limit` starts winding down."""
+    return max(4, int(limit * WIND_DOWN_SHARE))
 
 
 def logits_processor(matchers: Sequence[Any], compiler: Compiler, limits: Sequence[int], prompt_width: int) -> Any:
@@ -257,7 +263,8 @@ def logits_processor(matchers: Sequence[Any], compiler: Compiler, limits: Sequen
                     if m is not None and not m.is_terminated() and not m.accept_token(int(last[i])):
                         self.matchers[i] = None  # cannot happen under the mask; never fail the batch for it
             self.started = True
-            return mask_logits(scores, self.matchers, compiler, [limit - generated for limit in limits])
+            left = [limit - generated - wind_down_after(limit) for limit in limits]
+            return mask_logits(scores, self.matchers, compiler, left)
 
     return GrammarLogits()
 

@@ -214,10 +214,11 @@ class TransformersEngine(EngineBase):
             logits[torch.tensor(early, device=logits.device)[:, None], torch.tensor(sorted(self._eos),
                    device=logits.device)[None, :]] = float("-inf")
         if any(r.matcher is not None for r in rows):
-            from sqltune.constrain import mask_logits
+            from sqltune.constrain import mask_logits, wind_down_after
 
-            logits = mask_logits(logits.contiguous(), [r.matcher for r in rows], self.loaded.compiler,
-                                 [r.params.max_tokens - len(r.text.ids) for r in rows])  # type: ignore[union-attr]
+            left = [r.params.max_tokens - len(r.text.ids) - wind_down_after(r.params.max_tokens)  # type: ignore[union-attr]
+                    for r in rows]
+            logits = mask_logits(logits.contiguous(), [r.matcher for r in rows], self.loaded.compiler, left)
         greedy = logits.argmax(dim=-1)
         if all(r.params.temperature <= 0 for r in rows):
             return greedy
