@@ -150,6 +150,9 @@ class Config:
                            minimum=0, group="eval")
     eval_request_timeout: float = _f(120.0, "Seconds one request to --endpoint may take.", minimum=0.1,
                                      group="eval")
+    eval_compare_unconstrained: bool = _f(False, "With --constrain: also generate unconstrained on the same rows, "
+                                          "report both and print them side by side.",
+                                          aliases=["--compare-unconstrained"], group="eval")
     eval_shard: str = _f("", "Score only shard i of n (`--shard 2/8`); default from CLOUD_RUN_TASK_INDEX "
                          "and CLOUD_RUN_TASK_COUNT when set. `sqltune eval merge` joins the shards.",
                          aliases=["--shard"], group="eval")
@@ -172,6 +175,11 @@ class Config:
                                "database gets the tables the question names, and their foreign-key neighbours.",
                                minimum=200, group="db")
     # --- serving -----------------------------------------------------------------------------
+    constrain: str = _f("off", "Schema-constrained decoding (a grammar built from each request's CREATE TABLE "
+                        "context, compiled by xgrammar): schema = only the context's tables and columns; "
+                        "schema+values = also string and number literals copied from the question; off = free. "
+                        "In serve, the default of /v1/sql (requests may set `constrain`).",
+                        choices=["off", "schema", "schema+values"], group="serve")
     api_key: str = _f("", "Bearer key required on every route but /health, /ready and the playground page /.",
                       group="serve")
     serve_engine: str = _f("auto", "Generation engine; auto = vllm when CUDA and vllm are installed, else "

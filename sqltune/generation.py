@@ -51,6 +51,7 @@ class Completion:
     prompt_tokens: int
     completion_tokens: int
     finish_reason: str  # "stop" (EOS or a stop string) | "length"
+    constrained: bool = False  # decoded under a grammar (sqltune.constrain)
 
 
 @dataclass
@@ -60,6 +61,19 @@ class Loaded:
     template: prompts.PromptTemplate
     path: Path
     meta: dict[str, Any] = field(default_factory=dict)
+    _compiler: Any = field(default=None, repr=False)
+
+    @property
+    def compiler(self) -> Any:
+        """The grammar compiler for this model's tokenizer and vocabulary (built on first use)."""
+        if self._compiler is None:
+            from sqltune import constrain
+
+            eos = self.model.generation_config.eos_token_id
+            eos = eos if isinstance(eos, list) else [eos if eos is not None else self.tokenizer.eos_token_id]
+            self._compiler = constrain.Compiler(self.tokenizer, self.model.get_output_embeddings().weight.shape[0],
+                                                [e for e in eos if e is not None])
+        return self._compiler
 
     @property
     def device(self) -> Any:
@@ -103,8 +117,9 @@ def encode_batch(tokenizer: Any, prompts_: Sequence[str]) -> Any:
 
 def generate(loaded: Loaded, prompts_: Sequence[str], max_new_tokens: int | Sequence[int] = 128,
              temperature: float = 0.0, top_p: float = 1.0, stop: Sequence[str] | None = None,
-             seed: int | None = None) -> list[Completion]:
-    """Generate one completion per prompt in a single padded batch. Greedy when temperature is 0."""
+             seed: int | None = None, grammars: Sequence[str] | None = None) -> list[Completion]:
+    """Generate one completion per prompt in a single padded batch. Greedy when temperature is 0.
+    `grammars` (one EBNF text per prompt, "" for none) constrains each row to its grammar."""
     import torch
 
     if not prompts_:
@@ -120,6 +135,12 @@ def generate(loaded: Loaded, prompts_: Sequence[str], max_new_tokens: int | Sequ
         kwargs.update(do_sample=True, temperature=temperature, top_p=top_p)
     else:
         kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
+    matchers = [loaded.compiler.matcher(g) if g else None for g in grammars] if grammars and any(grammars) else []
+    if matchers:
+        from sqltune import constrain
+
+        kwargs["logits_processor"] = [constrain.logits_processor(matchers, loaded.compiler, limits,
+                                                                  batch["input_ids"].shape[1])]
     with torch.inference_mode():
         out = loaded.model.generate(**batch, **kwargs)
     new = out[:, batch["input_ids"].shape[1]:]
@@ -137,7 +158,8 @@ def generate(loaded: Loaded, prompts_: Sequence[str], max_new_tokens: int | Sequ
         if stopped:
             ids = tok(text, add_special_tokens=False)["input_ids"]
         reason = "stop" if finished or stopped else "length"
-        results.append(Completion(text, int(mask.sum()), len(ids) + (1 if finished and not stopped else 0), reason))
+        results.append(Completion(text, int(mask.sum()), len(ids) + (1 if finished and not stopped else 0), reason,
+                                  bool(matchers and matchers[len(results)] is not None)))
     return results
 
 

@@ -51,7 +51,9 @@ def register(sub: argparse._SubParsersAction) -> None:
         "eval_batch_size": "Prompts generated together with --model.",
         "database": "Score on this real database (postgresql:// URL or SQLite file), read-only, instead of "
                     "synthesised ones; contexts come from its schema.",
-        "db_schema": "", "db_dialect": "", "db_timeout": "", "db_context_chars": "", "db_keys": ""},
+        "db_schema": "", "db_dialect": "", "db_timeout": "", "db_context_chars": "", "db_keys": "",
+        "constrain": "Decode under the grammar of each example's schema (schema) and question (schema+values); "
+                     "with --endpoint, asked of the server per request."},
         aliases={"column_map": ["--columns"], "eval_batch_size": ["--batch-size"]})
     p.set_defaults(func=run)
     actions = p.add_subparsers(dest="eval_action", metavar="merge")
@@ -136,10 +138,13 @@ def predict(cfg: config.Config, mode: str, examples: Sequence[Any], all_examples
         elif mode == "endpoint":
             preds, info = src.from_endpoint(cfg.eval_endpoint, pairs, concurrency=cfg.eval_concurrency,
                                             retries=cfg.eval_retries, timeout=cfg.eval_request_timeout,
-                                            max_new_tokens=cfg.eval_max_new_tokens, progress=bar.update)
+                                            max_new_tokens=cfg.eval_max_new_tokens, progress=bar.update,
+                                            constrain="" if cfg.constrain == "off" and not cfg.eval_compare_unconstrained
+                                            else cfg.constrain)
         else:
             preds, info = src.from_model(cfg.model_name, pairs, batch_size=cfg.eval_batch_size,
-                                         max_new_tokens=cfg.eval_max_new_tokens, progress=bar.update)
+                                         max_new_tokens=cfg.eval_max_new_tokens, progress=bar.update,
+                                         constrain=cfg.constrain)
     return preds, info
 
 
@@ -183,7 +188,6 @@ def run(args: argparse.Namespace) -> int:
     if args.compare:
         return run_compare(args.compare)
     from sqltune.evaluate import report as rep
-    from sqltune.evaluate.score import Item, Settings
 
     cfg, sources = config.from_namespace(args)
     logs.setup(cfg.log_level)
@@ -222,6 +226,44 @@ def run(args: argparse.Namespace) -> int:
     mine = [examples[i] for i in indices]
     logs.event(log, "eval started", mode=mode, examples=len(examples), shard=f"{shard_index}/{shard_count}",
                scoring=len(mine), dataset=dataset["source"])
+    out = cfg.eval_output or ""
+    if cfg.eval_compare_unconstrained:
+        if cfg.constrain == "off" or mode not in ("model", "endpoint"):
+            raise ConfigError("--compare-unconstrained compares a --constrain run with a free one",
+                              "add --constrain schema (or schema+values) and --model or --endpoint")
+        runs = [dataclasses.replace(cfg, constrain="off"), cfg]
+    else:
+        runs = [cfg]
+    done = []
+    try:
+        for run_cfg in runs:
+            sub = run_cfg.constrain if len(runs) > 1 else ""
+            done.append(_evaluate(run_cfg, mode, mine, rows, indices, dataset, (shard_index, shard_count), out, sub,
+                                  real_db))
+    finally:
+        if real_db is not None:
+            real_db.close()
+    report = done[-1][0]
+    if cfg.run_id:  # the report joins the training run (TensorBoard folder, MLflow / W&B run)
+        from sqltune import tracking
+
+        tracking.log_eval(cfg, sources, report, meta)
+    if len(done) > 1:
+        print(rep.compare([r for r, _ in done], [p for _, p in done], names=[c.constrain for c in runs]))
+    if mode == "gold" and report["results"]["metrics"]["ex"]["value"] < 1.0:
+        print("self-check FAILED: gold vs gold is below 100% EX; see predictions.jsonl for the examples")
+        return 1
+    return 0
+
+
+def _evaluate(cfg: config.Config, mode: str, mine: Sequence[Any], rows: list[dict[str, Any]] | None,
+              indices: Sequence[int], dataset: dict[str, Any], shard: tuple[int, int], out: str,
+              sub: str, real_db: Any = None) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """Generate, score and write one report (`sub`: its folder under the report dir when a run makes two)."""
+    from sqltune.evaluate import report as rep
+    from sqltune.evaluate.score import Item, Settings
+
+    shard_index, shard_count = shard
     t0 = time.perf_counter()
     preds, source = predict(cfg, mode, mine, rows)
     t1 = time.perf_counter()
@@ -232,12 +274,15 @@ def run(args: argparse.Namespace) -> int:
     records = real_db.score(items) if real_db is not None else score(items, settings, cfg.eval_workers)
     for record, p in zip(records, preds, strict=True):
         record["raw_output"], record["generation_error"] = p.raw, p.error
+        if cfg.constrain != "off":
+            record["constrained"], record["constraint_reason"] = p.constrained, p.reason
     t2 = time.perf_counter()
     report = {
         "version": rep.REPORT_VERSION, "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "sqltune_version": __version__, "source": source, "dataset": dataset,
         "shard": {"index": shard_index, "count": shard_count},
-        "settings": {**vars(settings), "greedy": True, "max_new_tokens": cfg.eval_max_new_tokens},
+        "settings": {**vars(settings), "greedy": True, "max_new_tokens": cfg.eval_max_new_tokens,
+                     "constrain": cfg.constrain},
         "config": cfg.to_dict(), "results": rep.aggregate(records),
         "generation_errors": sum(1 for p in preds if p.error),
         "timing": {"generate_s": round(t1 - t0, 2), "score_s": round(t2 - t1, 2),
@@ -245,23 +290,17 @@ def run(args: argparse.Namespace) -> int:
     }
     if real_db is not None:
         report["database"] = real_db.describe()
-        real_db.close()
-    out = cfg.eval_output or f"reports/{_slug(source.get('name', 'eval'))}"
+    out = out or f"reports/{_slug(source.get('name', 'eval'))}"
+    if sub:
+        out = storage.join(out, _slug(sub))
     if shard_count > 1:
         out = storage.join(out, f"shard-{shard_index:05d}-of-{shard_count:05d}")
     write_report(out, report, records, chart=shard_count == 1)
     print(rep.markdown(report))
     print(f"\nreport: {storage.join(out, REPORT)}")
-    if cfg.run_id:  # the report joins the training run (TensorBoard folder, MLflow / W&B run)
-        from sqltune import tracking
-
-        tracking.log_eval(cfg, sources, report, meta)
     logs.event(log, "eval finished", ex=report["results"]["metrics"]["ex"]["value"], out=out,
                seconds=round(t2 - t0, 1))
-    if mode == "gold" and report["results"]["metrics"]["ex"]["value"] < 1.0:
-        print("self-check FAILED: gold vs gold is below 100% EX; see predictions.jsonl for the examples")
-        return 1
-    return 0
+    return report, records
 
 
 def _slug(name: str) -> str:

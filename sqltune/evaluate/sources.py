@@ -40,35 +40,45 @@ class Prediction:
     sql: str
     raw: str = ""
     error: str = ""  # a generation failure (the request kept failing); the SQL is then empty
+    constrained: bool = False  # decoded under the schema's grammar (--constrain)
+    reason: str = ""  # why not, when --constrain asked for it
 
 
 def from_model(model: str, pairs: Sequence[tuple[str, str]], *, batch_size: int, max_new_tokens: int,
-               progress: Progress) -> tuple[list[Prediction], dict[str, Any]]:
+               progress: Progress, constrain: str = "off") -> tuple[list[Prediction], dict[str, Any]]:
     """Greedy SQL from a local (or bucket) model with the template stored in its artifact."""
+    from sqltune import constrain as cons
     from sqltune import generation
     from sqltune.artifacts import manifests
 
     loaded = generation.load(model)
     texts = [loaded.template.build_prompt(q, c) for q, c in pairs]
+    constraints = [cons.build(constrain, q, c) for q, c in pairs]
     order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
     out: list[Prediction | None] = [None] * len(texts)
     for start in range(0, len(order), batch_size):
         idx = order[start:start + batch_size]
-        for i, c in zip(idx, generation.generate(loaded, [texts[i] for i in idx], max_new_tokens), strict=True):
-            out[i] = Prediction(prompts.extract_sql(c.text, loaded.tokenizer.eos_token, loaded.template), c.text)
+        grammars = [constraints[i].grammar for i in idx]
+        done = generation.generate(loaded, [texts[i] for i in idx], max_new_tokens, grammars=grammars)
+        for i, c in zip(idx, done, strict=True):
+            out[i] = Prediction(prompts.extract_sql(c.text, loaded.tokenizer.eos_token, loaded.template), c.text,
+                                constrained=c.constrained, reason=constraints[i].reason)
         progress(len(idx))
     manifest = manifests.read_manifest(loaded.path)
     meta = loaded.meta or {}
     info = {"kind": "model", "model": model, "path": str(loaded.path), "fingerprint": manifest.get("digest", ""),
             "name": meta.get("config", {}).get("new_model") or Path(str(model).rstrip("/")).name,
-            "prompt_template": loaded.template.to_dict(), "device": str(loaded.device)}
+            "prompt_template": loaded.template.to_dict(), "device": str(loaded.device), "constrain": constrain}
+    if constrain != "off":
+        info["grammars"] = loaded.compiler.stats()
     return [p for p in out if p is not None], info
 
 
 class Endpoint:
     """A server under evaluation; `route` is "sql" or "completions" once detected."""
 
-    def __init__(self, url: str, *, concurrency: int, retries: int, timeout: float, max_new_tokens: int) -> None:
+    def __init__(self, url: str, *, concurrency: int, retries: int, timeout: float, max_new_tokens: int,
+                 constrain: str = "") -> None:
         import httpx
 
         self.url = url.rstrip("/")
@@ -80,6 +90,10 @@ class Endpoint:
                                    limits=httpx.Limits(max_connections=concurrency))
         self.route = ""
         self.model_id = ""
+        self.constrain = constrain
+        # only sent when asked for ("" = not at all; "off" is sent to override a server's --constrain),
+        # so servers that know no `constrain` field see the requests they always did
+        self.extra: dict[str, Any] = {"constrain": constrain} if constrain else {}
 
     def _request(self, method: str, path: str, body: dict[str, Any] | None = None) -> Any:
         import httpx
@@ -129,17 +143,21 @@ class Endpoint:
         try:
             if self.route == "sql":
                 body = self._request("POST", "/v1/sql", {"question": question, "context": context,
-                                                         "max_tokens": self.max_new_tokens}).json()
-                return Prediction(body.get("sql", ""), body.get("sql", ""))
+                                                         "max_tokens": self.max_new_tokens, **self.extra}).json()
+                return Prediction(body.get("sql", ""), body.get("sql", ""), constrained=bool(body.get("constrained")),
+                                  reason=body.get("reason") or "")
             prompt = self.template.build_prompt(question, context)
             resp = self._request("POST", "/v1/completions", {
                 "model": self.model_id, "prompt": prompt, "max_tokens": self.max_new_tokens, "temperature": 0.0,
-                "stop": list(self.template.stops)})
+                "stop": list(self.template.stops),
+                **({**self.extra, "context": context, "question": question} if self.extra else {})})
             if resp.status_code >= 400:
                 raise EndpointError(f"{self.url} has neither /v1/sql nor /v1/completions ({resp.status_code})",
                                     "point --endpoint at a sqltune or OpenAI-compatible server")
-            text = resp.json()["choices"][0]["text"]
-            return Prediction(prompts.extract_sql(text, template=self.template), text)
+            answer = resp.json()
+            text = answer["choices"][0]["text"]
+            return Prediction(prompts.extract_sql(text, template=self.template), text,
+                              constrained=bool(answer.get("constrained")), reason=answer.get("reason") or "")
         except RetriesExhausted as e:  # one failing example is recorded, not fatal to the run
             return Prediction("", "", e.message)
 
@@ -159,6 +177,7 @@ class Endpoint:
 
     def info(self) -> dict[str, Any]:
         return {"kind": "endpoint", "url": self.url, "route": self.route, "model": self.model_id,
+                "constrain": self.constrain or "server default",
                 "name": self.model_id or self.url.split("://")[-1], "fingerprint": f"{self.url}#{self.model_id}"}
 
     def close(self) -> None:
@@ -166,12 +185,14 @@ class Endpoint:
 
 
 def from_endpoint(url: str, pairs: Sequence[tuple[str, str]], *, concurrency: int, retries: int, timeout: float,
-                  max_new_tokens: int, progress: Progress) -> tuple[list[Prediction], dict[str, Any]]:
+                  max_new_tokens: int, progress: Progress, constrain: str = ""
+                  ) -> tuple[list[Prediction], dict[str, Any]]:
     try:
         import httpx  # noqa: F401
     except ImportError:
         raise ConfigError("--endpoint needs httpx, which is not installed", "pip install 'sqltune[serve]'") from None
-    endpoint = Endpoint(url, concurrency=concurrency, retries=retries, timeout=timeout, max_new_tokens=max_new_tokens)
+    endpoint = Endpoint(url, concurrency=concurrency, retries=retries, timeout=timeout, max_new_tokens=max_new_tokens,
+                        constrain=constrain)
     try:
         return endpoint.run(pairs, progress), endpoint.info()
     finally:

@@ -15,6 +15,7 @@ from typing import Any
 from fastapi import APIRouter, Depends, Request
 from starlette.responses import StreamingResponse
 
+from sqltune.serve.constrained import constrain_for, response_fields
 from sqltune.serve.deps import ClosingStream, cancel_on_disconnect, check_model, open_stream, require_ready
 from sqltune.serve.engines.base import Completion, Delta
 from sqltune.serve.protocol import (
@@ -47,7 +48,11 @@ async def completions(body: CompletionRequest, request: Request, service: Servic
     prompts = body.prompts()
     if not prompts:
         raise ApiError(400, "prompt is an empty list", param="prompt")
-    jobs = service.fan_out([service.job(p, body) for p in prompts], body.n)
+    if body.constrain and body.constrain != "off" and not (body.context or "").strip():
+        raise ApiError(400, "constrain needs `context`: the CREATE TABLE statements the SQL is about",
+                       param="context")
+    constraint = await constrain_for(service, body.constrain or "off", body.question or "", body.context or "")
+    jobs = service.fan_out([service.job(p, body, grammar=constraint.grammar) for p in prompts], body.n)
     echo = [prompts[i // body.n] if body.echo else "" for i in range(len(jobs))]
     rid, created, model = new_id("cmpl"), int(time.time()), service.engine.model_id
     if body.stream:
@@ -61,7 +66,7 @@ async def completions(body: CompletionRequest, request: Request, service: Servic
     choices = [{"index": i, "text": echo[i] + c.text, "logprobs": None, "finish_reason": c.finish_reason}
                for i, c in enumerate(results)]
     return {"id": rid, "object": "text_completion", "created": created, "model": model, "choices": choices,
-            "usage": _usage(results, body.n).model_dump()}
+            "usage": _usage(results, body.n).model_dump(), **response_fields(constraint)}
 
 
 @router.post("/v1/chat/completions")
@@ -70,7 +75,10 @@ async def chat(body: ChatCompletionRequest, request: Request, service: Service =
     if body.logprobs:
         raise ApiError(400, "logprobs is not supported by this server", code="unsupported", param="logprobs")
     prompt = chat_prompt(service, body)
-    jobs = service.fan_out([service.job(prompt, body, param="messages")], body.n)
+    question, context = chat_parts(body)
+    constraint = await constrain_for(service, body.constrain or "off", body.question or question,
+                                     body.context or context)
+    jobs = service.fan_out([service.job(prompt, body, param="messages", grammar=constraint.grammar)], body.n)
     rid, created, model = new_id("chatcmpl"), int(time.time()), service.engine.model_id
     if body.stream:
         def chunk(i: int, delta: Delta) -> dict[str, Any]:
@@ -87,15 +95,20 @@ async def chat(body: ChatCompletionRequest, request: Request, service: Service =
     choices = [{"index": i, "message": {"role": "assistant", "content": c.text}, "logprobs": None,
                 "finish_reason": c.finish_reason} for i, c in enumerate(results)]
     return {"id": rid, "object": "chat.completion", "created": created, "model": model, "choices": choices,
-            "usage": _usage(results, body.n).model_dump()}
+            "usage": _usage(results, body.n).model_dump(), **response_fields(constraint)}
 
 
-def chat_prompt(service: Service, body: ChatCompletionRequest) -> str:
+def chat_parts(body: ChatCompletionRequest) -> tuple[str, str]:
+    """(question, context): the last user message and the system messages."""
     users = [m for m in body.messages if m.role == "user"]
     if not users or not users[-1].text().strip():
         raise ApiError(400, "messages need a user message with the question", param="messages")
-    context = "\n".join(m.text() for m in body.messages if m.role in ("system", "developer"))
-    return service.engine.template.build_prompt(users[-1].text(), context)
+    return users[-1].text(), "\n".join(m.text() for m in body.messages if m.role in ("system", "developer"))
+
+
+def chat_prompt(service: Service, body: ChatCompletionRequest) -> str:
+    question, context = chat_parts(body)
+    return service.engine.template.build_prompt(question, context)
 
 
 def _usage(results: list[Completion], n: int) -> Usage:

@@ -95,7 +95,17 @@ class StreamOptions(_Request):
     include_usage: bool = False
 
 
-class CompletionRequest(Sampling):
+class Constrained(_Request):
+    """sqltune's extension of the OpenAI routes (`extra_body` in the openai client): decode under the
+    grammar of `context` (CREATE TABLE statements; chat requests default to their system messages),
+    literals from `question` with schema+values (chat: the last user message)."""
+
+    constrain: ConstrainMode | None = None
+    context: str | None = None
+    question: str | None = None
+
+
+class CompletionRequest(Sampling, Constrained):
     model: str | None = None
     prompt: str | list[str]
     stream: bool = False
@@ -122,7 +132,7 @@ class ChatMessage(_Request):
         return self.content or ""
 
 
-class ChatCompletionRequest(Sampling):
+class ChatCompletionRequest(Sampling, Constrained):
     model: str | None = None
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: Int | None = Field(None, ge=1)
@@ -144,12 +154,16 @@ class GenerateRequest(Sampling):
     stream: bool = False
 
 
+ConstrainMode = Literal["off", "schema", "schema+values"]
+
+
 class SqlRequest(_Request):
     model: str | None = None
     question: str = Field(min_length=1)
     context: str | None = None
     schema_: list[str] | None = Field(None, alias="schema")
     max_tokens: Int | None = Field(None, ge=1)
+    constrain: ConstrainMode | None = None  # None = the server's --constrain
 
     @model_validator(mode="after")
     def _has_schema(self) -> SqlRequest:
@@ -171,6 +185,9 @@ class SqlResponse(BaseModel):
     model: str
     finish_reason: str
     usage: Usage
+    constrain: str = "off"  # the mode asked for
+    constrained: bool = False  # whether decoding followed the schema's grammar
+    reason: str | None = None  # why not, when a mode was asked for but the grammar could not be used
 
 
 class PredictRequest(_Request):

@@ -16,8 +16,10 @@ from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse, Response
 from pydantic import ValidationError
 
+from sqltune.constrain import Constraint
 from sqltune.errors import DataError
 from sqltune.prompts import extract_sql
+from sqltune.serve.constrained import constrain_for
 from sqltune.serve.deps import ClosingStream, cancel_on_disconnect, check_model, open_stream, require_ready
 from sqltune.serve.engines.base import Completion
 from sqltune.serve.protocol import GenerateRequest, PredictRequest, Sampling, SqlRequest, SqlResponse, Usage
@@ -95,12 +97,12 @@ async def sql(body: SqlRequest, request: Request, service: Service = Depends(req
 
 
 async def answer_sql(service: Service, body: SqlRequest) -> SqlResponse:
-    job, schema = await prepare_sql(service, body)
+    job, schema, constraint = await prepare_sql(service, body)
     (result,) = await service.complete([job])
-    return await finish_sql(service, result, schema)
+    return await finish_sql(service, result, schema, constraint)
 
 
-async def prepare_sql(service: Service, body: SqlRequest, where: str = "") -> tuple[Job, Schema]:
+async def prepare_sql(service: Service, body: SqlRequest, where: str = "") -> tuple[Job, Schema, Constraint]:
     """The schema read (400 when it is not one) and the generation job for a /v1/sql request."""
     ddl = body.ddl()
     try:
@@ -112,16 +114,20 @@ async def prepare_sql(service: Service, body: SqlRequest, where: str = "") -> tu
                        param=where + param) from None
     prompt = service.engine.template.build_prompt(body.question, ddl)
     sampling = Sampling(max_tokens=body.max_tokens, stop=list(service.engine.template.stops))
-    return service.job(prompt, sampling, param=where + "question"), schema
+    constraint = await constrain_for(service, body.constrain or service.cfg.constrain, body.question, ddl)
+    return service.job(prompt, sampling, param=where + "question", grammar=constraint.grammar), schema, constraint
 
 
-async def finish_sql(service: Service, result: Completion, schema: Schema) -> SqlResponse:
+async def finish_sql(service: Service, result: Completion, schema: Schema,
+                     constraint: Constraint | None = None) -> SqlResponse:
     text = extract_sql(result.text, service.engine.eos_token, service.engine.template)
     check = await asyncio.to_thread(check_sql, text, schema)
     usage = Usage()
     usage.add(result.prompt_tokens, result.completion_tokens)
+    constraint = constraint or Constraint("off")
     return SqlResponse(sql=text, valid=check.valid, tables=check.tables, columns=check.columns, error=check.error,
-                       model=service.engine.model_id, finish_reason=result.finish_reason, usage=usage)
+                       model=service.engine.model_id, finish_reason=result.finish_reason, usage=usage,
+                       constrain=constraint.mode, constrained=constraint.constrained, reason=constraint.reason or None)
 
 
 @router.post("/predict")
@@ -141,14 +147,17 @@ async def _predict(service: Service, body: PredictRequest) -> dict[str, Any]:
                        code="too_many_sequences", param="instances")
     jobs: list[Job] = []
     schemas: list[Schema | None] = []
+    constraints: list[Constraint | None] = []
     for i, instance in enumerate(body.instances):
         fields = {"prompt": instance} if isinstance(instance, str) else instance
         merged = {**body.parameters, **fields}
         try:
             if "question" in merged:
-                job, schema = await prepare_sql(service, SqlRequest.model_validate(merged), f"instances[{i}].")
+                job, schema, constraint = await prepare_sql(service, SqlRequest.model_validate(merged),
+                                                            f"instances[{i}].")
                 jobs.append(job)
                 schemas.append(schema)
+                constraints.append(constraint)
                 continue
             if "prompt" not in merged:
                 raise ApiError(400, f"instances[{i}] needs `prompt` or `question`", param=f"instances[{i}]")
@@ -159,12 +168,13 @@ async def _predict(service: Service, body: PredictRequest) -> dict[str, Any]:
             raise ApiError(400, f"instances[{i}]{where}: {err['msg']}", param=f"instances[{i}]") from None
         jobs.append(service.job(req.prompt, req, param=f"instances[{i}].prompt"))
         schemas.append(None)
+        constraints.append(None)
     results = await service.complete(jobs)
     predictions: list[Any] = []
-    for result, schema in zip(results, schemas, strict=True):
+    for result, schema, constraint in zip(results, schemas, constraints, strict=True):
         if schema is None:
             predictions.append(result.text)
         else:
-            answer = await finish_sql(service, result, schema)
+            answer = await finish_sql(service, result, schema, constraint)
             predictions.append(answer.model_dump(exclude={"usage", "model"}))
     return {"predictions": predictions}

@@ -78,7 +78,7 @@ class Service:
     # --- limits ---------------------------------------------------------------------------------
 
     def job(self, prompt: str, sampling: Sampling, *, default_max_tokens: int | None = None,
-            param: str = "prompt") -> Job:
+            param: str = "prompt", grammar: str = "") -> Job:
         """Tokenize a prompt and bound its max_tokens, or raise a 400 that names the limit."""
         ids = self.engine.encode(prompt)
         limit = self.engine.max_model_len
@@ -102,7 +102,8 @@ class Service:
             raise ApiError(400, f"min_tokens {sampling.min_tokens} is above max_tokens {max_tokens}",
                            code="invalid_value", param="min_tokens")
         params = SamplingParams(max_tokens=max_tokens, temperature=sampling.temperature, top_p=sampling.top_p,
-                                stop=sampling.stops(), seed=sampling.seed, min_tokens=sampling.min_tokens)
+                                stop=sampling.stops(), seed=sampling.seed, min_tokens=sampling.min_tokens,
+                                grammar=grammar)
         return Job(ids, params)
 
     @staticmethod

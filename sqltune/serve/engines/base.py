@@ -27,6 +27,7 @@ class SamplingParams:
     stop: tuple[str, ...] = ()
     seed: int | None = None
     min_tokens: int = 0  # no EOS and no stop string before this many tokens (vLLM's min_tokens)
+    grammar: str = ""  # xgrammar EBNF the completion must follow (sqltune.constrain); "" = free
 
 
 @dataclass(frozen=True)
@@ -72,6 +73,10 @@ class Engine(Protocol):
 
     def encode(self, prompt: str) -> list[int]:
         """Token ids of a prompt exactly as they will be fed to the model."""
+
+    def prepare_grammar(self, grammar: str) -> None:
+        """Compile (or check) a grammar before a request uses it, off the event loop; raises
+        sqltune.constrain.GrammarError when it cannot be used, so the caller can fall back."""
 
     def stream(self, prompt_ids: Sequence[int], params: SamplingParams, deltas: bool = True) -> AsyncIterator[Delta]:
         """Deltas as tokens come; with deltas=False only the final one, carrying the whole text

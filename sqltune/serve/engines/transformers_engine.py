@@ -43,6 +43,7 @@ class _Request:
     generator: Any = None
     held: list[str] = field(default_factory=list)
     failed: str = ""  # why this row cannot go on; the batch drops it at the next step
+    matcher: Any = None  # the row's grammar state (sqltune.constrain) when it decodes constrained
 
     def send(self, delta: Delta) -> None:
         if not self.deltas and not delta.finish_reason:  # non-streaming: one message at the end
@@ -100,6 +101,9 @@ class TransformersEngine(EngineBase):
             self._pending.put(None)
             await asyncio.to_thread(self._thread.join, 10)
             self._thread = None
+
+    def prepare_grammar(self, grammar: str) -> None:
+        self.loaded.compiler.compile(grammar)  # cached by hash: the worker's compile is then a lookup
 
     def encode(self, prompt: str) -> list[int]:
         # as in training and sqltune.generation: the template carries the text, no special tokens added
@@ -177,6 +181,11 @@ class TransformersEngine(EngineBase):
                     r.generator.manual_seed(r.params.seed if r.params.seed is not None else time.time_ns() % 2**63)
                 except Exception as e:  # e.g. a seed torch cannot take: this row fails, not the batch
                     r.failed = f"{type(e).__name__}: {e}"
+            if r.params.grammar:
+                try:
+                    r.matcher = self.loaded.compiler.matcher(r.params.grammar)
+                except Exception as e:  # the route compiled it first, so this is rare: the row fails alone
+                    r.failed = f"grammar: {e}"
         cache = DynamicCache()
         # transformers renamed `past_key_values` to `cache`; older releases (vLLM's pin) know only the first
         kv = {self._cache_kwarg: cache, "use_cache": True, "logits_to_keep": 1}
@@ -204,6 +213,12 @@ class TransformersEngine(EngineBase):
             logits = logits.clone()
             logits[torch.tensor(early, device=logits.device)[:, None], torch.tensor(sorted(self._eos),
                    device=logits.device)[None, :]] = float("-inf")
+        if any(r.matcher is not None for r in rows):
+            from sqltune.constrain import mask_logits, wind_down_after
+
+            left = [r.params.max_tokens - len(r.text.ids) - wind_down_after(r.params.max_tokens)  # type: ignore[union-attr]
+                    for r in rows]
+            logits = mask_logits(logits.contiguous(), [r.matcher for r in rows], self.loaded.compiler, left)
         greedy = logits.argmax(dim=-1)
         if all(r.params.temperature <= 0 for r in rows):
             return greedy
@@ -241,6 +256,8 @@ class TransformersEngine(EngineBase):
             log.warning("request failed in the batch; the other rows go on", extra={"fields": {"error": r.failed}})
             r.send(Delta(r.text.flush(), n_prompt, len(r.text.ids), "error", r.failed))
             return False
+        if r.matcher is not None and not r.matcher.is_terminated() and not r.matcher.accept_token(token):
+            r.matcher = None  # the mask allowed it, so this cannot happen; decode on rather than fail the row
         if token in self._eos:
             r.send(Delta(r.text.flush(), n_prompt, len(r.text.ids) + 1, "stop"))
             return False

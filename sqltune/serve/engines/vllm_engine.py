@@ -100,6 +100,13 @@ class VllmEngine(EngineBase):
             self.llm.shutdown()
             self.llm = None
 
+    def prepare_grammar(self, grammar: str) -> None:
+        # vLLM compiles the grammar itself (xgrammar, its default structured-outputs backend, cached by
+        # text); checking that it parses here turns a refusal into a fallback, not a failed request
+        from sqltune.constrain import check_grammar
+
+        check_grammar(grammar)
+
     def encode(self, prompt: str) -> list[int]:
         return encode_prompt(self.tokenizer, prompt)  # the ids the model was trained on
 
@@ -108,9 +115,14 @@ class VllmEngine(EngineBase):
         from vllm import SamplingParams as VllmParams
         from vllm.sampling_params import RequestOutputKind
 
+        extra: dict[str, Any] = {}
+        if params.grammar:
+            from vllm.sampling_params import StructuredOutputsParams
+
+            extra["structured_outputs"] = StructuredOutputsParams(grammar=params.grammar)
         sampling = VllmParams(max_tokens=params.max_tokens, temperature=params.temperature, top_p=params.top_p,
                               stop=list(params.stop) or None, seed=params.seed,
-                              min_tokens=params.min_tokens,
+                              min_tokens=params.min_tokens, **extra,
                               output_kind=RequestOutputKind.DELTA if deltas else RequestOutputKind.FINAL_ONLY)
         request_id = uuid.uuid4().hex
         generated, finished = 0, False

@@ -1,0 +1,52 @@
+"""Constrained decoding at the edge of the server: which grammar a request decodes under, and why
+none when a mode was asked for but cannot apply.
+
+    POST /v1/sql {"question": ..., "context": ..., "constrain": "schema"}      # or the server's --constrain
+    client.completions.create(..., extra_body={"constrain": "schema", "context": "CREATE TABLE ..."})
+
+Building the grammar reads the schema and the engine compiles it (tens of milliseconds on a cold
+cache), so both run on a worker thread, never on the event loop. Whatever goes wrong here (no schema,
+a grammar the engine refuses, an engine without constrained decoding) falls back to free decoding
+with `constrained: false` and the reason; it never fails the request.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+from sqltune import constrain, logs
+from sqltune.constrain import Constraint
+
+log = logs.get("serve.constrain")
+
+
+def _build(engine: Any, mode: str, question: str, context: str) -> Constraint:
+    constraint = constrain.build(mode, question, context)
+    if not constraint.constrained:
+        return constraint
+    prepare = getattr(engine, "prepare_grammar", None)
+    if prepare is None:
+        return constraint.without(f"the {engine.name} engine has no constrained decoding; decoded unconstrained")
+    try:
+        prepare(constraint.grammar)
+    except constrain.GrammarError as e:
+        return constraint.without(f"{e}; decoded unconstrained")
+    return constraint
+
+
+async def constrain_for(service: Any, mode: str, question: str, context: str) -> Constraint:
+    """The constraint of one request (mode "off" costs nothing)."""
+    if mode == "off":
+        return Constraint("off")
+    constraint = await asyncio.to_thread(_build, service.engine, mode, question, context)
+    if constraint.reason:
+        logs.event(log, "constrained decoding fell back", mode=mode, reason=constraint.reason, level=30)
+    return constraint
+
+
+def response_fields(constraint: Constraint) -> dict[str, Any]:
+    """What an OpenAI-shaped response adds when the request asked for a constraint."""
+    if constraint.mode == "off":
+        return {}
+    return {"constrain": constraint.mode, "constrained": constraint.constrained, "reason": constraint.reason or None}
