@@ -164,6 +164,17 @@ def is_eval(question: str, fraction: float) -> bool:
     return int.from_bytes(digest[:8], "big") / 2**64 < fraction
 
 
+def select(examples: list[Example], split: str, fraction: float, limit: int, seed: int) -> list[Example]:
+    """The examples of one split (all, eval or train, by question hash as in training), then a seeded
+    sample of `limit` of them (-1 = all), in their original order."""
+    if split != "all":
+        examples = [ex for ex in examples if is_eval(ex.question, fraction) == (split == "eval")]
+    if 0 <= limit < len(examples):
+        keep = sorted(random.Random(seed).sample(range(len(examples)), limit))
+        examples = [examples[i] for i in keep]
+    return examples
+
+
 def clean(rows: Iterable[Any], mapping: dict[str, str], report: DataReport) -> list[Example]:
     seen: set[Example] = set()
     kept: list[Example] = []

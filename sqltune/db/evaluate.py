@@ -14,7 +14,6 @@ multisets, order only under the gold's ORDER BY). Records have the same fields, 
 
 from __future__ import annotations
 
-import random
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -83,11 +82,7 @@ class DatabaseEval:
                 continue
             seen.add((q.strip(), a.strip()))
             examples.append(loading.Example(q.strip(), self.selection(q.strip()).context, a.strip()))
-        if cfg.eval_split != "all":
-            examples = [ex for ex in examples if loading.is_eval(ex.question, cfg.eval_fraction) == (cfg.eval_split == "eval")]
-        if 0 <= cfg.eval_limit < len(examples):
-            keep = sorted(random.Random(cfg.seed).sample(range(len(examples)), cfg.eval_limit))
-            examples = [examples[i] for i in keep]
+        examples = loading.select(examples, cfg.eval_split, cfg.eval_fraction, cfg.eval_limit, cfg.seed)
         if not examples:
             raise DataError(f"no questions with gold SQL in {source} (skipped: {dict(report.skipped) or 'none'})",
                             "give each line `question` and `answer` (or map them with --column-map)")

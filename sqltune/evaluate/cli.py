@@ -19,7 +19,6 @@ import argparse
 import dataclasses
 import json
 import os
-import random
 import re
 import time
 from collections.abc import Mapping, Sequence
@@ -100,11 +99,7 @@ def load_examples(cfg: config.Config, sources: Mapping[str, str], meta: Mapping[
     report = loading.DataReport(source=source)
     rows = loading.read_rows(source, cfg.dataset_split, cfg.seed)
     examples = loading.clean(rows, loading.parse_columns(cfg.column_map), report)
-    if cfg.eval_split != "all":
-        examples = [ex for ex in examples if loading.is_eval(ex.question, fraction) == (cfg.eval_split == "eval")]
-    if 0 <= cfg.eval_limit < len(examples):
-        keep = sorted(random.Random(cfg.seed).sample(range(len(examples)), cfg.eval_limit))
-        examples = [examples[i] for i in keep]
+    examples = loading.select(examples, cfg.eval_split, fraction, cfg.eval_limit, cfg.seed)
     if not examples:
         raise DataError(f"no examples in split `{cfg.eval_split}` of {source}",
                         "use --split all, or a larger dataset / --eval-fraction")
