@@ -19,7 +19,7 @@ COMMAND_MODULES = (
     "sqltune.data.cli",
     "sqltune.artifacts.cli",
     "sqltune.evaluate.cli",
-    "sqltune.db.cli",
+    "sqltune.ask.cli",
     "sqltune.serve.cli",
     "sqltune.deploy.cli",
 )

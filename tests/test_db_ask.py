@@ -21,7 +21,7 @@ from conftest import ASSETS, run_sqltune
 from fixtures_db import READER, READER_PASS, SUPERPASS, WRITER, WRITER_PASS, cli, pg_server_fixture, seed_sqlite  # noqa: F401
 
 from sqltune import config
-from sqltune.db import ask as asking
+from sqltune.ask import answer as asking
 from sqltune.db import connect, dialect, introspect
 from sqltune.db.execute import open_runner
 from sqltune.errors import SqltuneError

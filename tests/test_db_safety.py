@@ -21,7 +21,7 @@ pytest.importorskip("sqlalchemy", reason="the db extra is not installed: pip ins
 from fixtures_db import file_checksum, pg_server_fixture, seed_sqlite  # noqa: F401
 
 from sqltune import config
-from sqltune.db import ask as asking
+from sqltune.ask import answer as asking
 from sqltune.db import connect
 from sqltune.db.execute import open_runner
 

@@ -1,1 +1,2 @@
-"""Real databases: `sqltune ask` and `sqltune eval --database` on PostgreSQL and SQLite files, read-only."""
+"""Real databases, read-only: connect to PostgreSQL or a SQLite file, introspect the schema into a CREATE TABLE
+context, transpile and gate one SELECT, run it bounded. Used by `sqltune ask` and `sqltune eval --database`."""

@@ -196,8 +196,8 @@ def run(args: argparse.Namespace) -> int:
 
         rows = src.read_predictions(cfg.eval_predictions)
     real_db = None
-    if cfg.database:  # a real database answers instead of synthesised ones (sqltune.db.evaluate)
-        from sqltune.db.evaluate import DatabaseEval
+    if cfg.database:  # a real database answers instead of synthesised ones (sqltune.evaluate.database)
+        from sqltune.evaluate.database import DatabaseEval
 
         real_db = DatabaseEval(cfg)
         rows = real_db.with_contexts(rows) if rows is not None else None

@@ -38,7 +38,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from sqltune.db import ask as asking
+    from sqltune.ask import answer as asking
 
     cfg, sources = config.from_namespace(args)
     logs.setup(cfg.log_level)
