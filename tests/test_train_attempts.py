@@ -57,13 +57,15 @@ def _run(args: list[str], env: dict[str, str]) -> subprocess.CompletedProcess[st
 
 
 @pytest.fixture(scope="module")
-def straight(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, float]:
-    """The uninterrupted run, and the setup time it logged (to size the attempts' budget on this machine)."""
+def straight(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, float, float]:
+    """The uninterrupted run, and the setup and training times it logged (to size the attempts' budget on
+    this machine: an idle one trains the 120 steps in a few seconds, a loaded one in tens)."""
     out = tmp_path_factory.mktemp("straight") / "model"
     proc = _run([*ARGS, "--output", str(out)], {})
     assert proc.returncode == 0, proc.stderr[-3000:]
     [start] = _events(proc.stderr, "attempt 1 starting")
-    return out, float(start["setup_s"])
+    [finished] = _events(proc.stderr, "finetune finished")
+    return out, float(start["setup_s"]), float(finished["train_runtime_s"])
 
 
 def attempt_loop(args: list[str], budget: int, env_for: object) -> tuple[list[subprocess.CompletedProcess[str]], float]:
@@ -82,6 +84,11 @@ def attempt_loop(args: list[str], budget: int, env_for: object) -> tuple[list[su
 def _budget(setup_s: float, training_s: float = 8) -> int:
     # this machine's setup, then some seconds for steps, checkpoints and the reserve
     return math.ceil(setup_s * 1.25 + training_s)
+
+
+def _cutting_budget(setup_s: float, train_s: float) -> int:
+    """A budget whose training share is under half the straight run's training: two attempts at least."""
+    return _budget(setup_s, training_s=min(8.0, max(2.0, 0.45 * train_s)))
 
 
 def _check_attempts(runs: list[subprocess.CompletedProcess[str]], budget: int) -> list[dict]:
@@ -108,8 +115,8 @@ def _check_attempts(runs: list[subprocess.CompletedProcess[str]], budget: int) -
 
 @pytest.mark.slow
 def test_attempts_resume_until_done_with_the_weights_of_one_run(straight, tmp_path: Path) -> None:
-    reference, setup_s = straight
-    budget = _budget(setup_s)
+    reference, setup_s, train_s = straight
+    budget = _cutting_budget(setup_s, train_s)
     out = tmp_path / "attempts"
     runs, wall = attempt_loop([*ARGS, "--output", str(out)], budget, lambda attempt: {})
     _check_attempts(runs, budget)
@@ -128,8 +135,8 @@ def test_attempts_resume_from_the_bucket_on_empty_disks(straight, s3_bucket, tmp
     from sqltune.artifacts import registry
     from sqltune.artifacts.cli import list_versions
 
-    reference, setup_s = straight
-    budget = _budget(setup_s) + 5  # restoring from the bucket adds to each attempt's setup
+    reference, setup_s, train_s = straight
+    budget = _cutting_budget(setup_s, train_s) + 2  # restoring from the bucket adds to each attempt's setup
     output = f"{s3_bucket.url}/models/sql"
     runs, _ = attempt_loop([*ARGS, "--output", output], budget,
                            lambda attempt: {**s3_bucket.env, "SQLTUNE_CACHE": str(tmp_path / f"machine-{attempt}")})
@@ -147,7 +154,7 @@ def test_attempts_resume_from_the_bucket_on_empty_disks(straight, s3_bucket, tmp
 def test_a_plan_that_cannot_fit_is_said_early(straight, tmp_path: Path) -> None:
     """No retries and a budget far below the run: the first attempt's projection says so, with the fix,
     long before its time is up; it still saves its progress and exits 75."""
-    _, setup_s = straight
+    _, setup_s, _ = straight
     budget = _budget(setup_s, training_s=3)
     proc = _run([*ARGS, "--max-steps", "2000", "--output", str(tmp_path / "m")],
                 {"SQLTUNE_ATTEMPT_TIMEOUT": str(budget), "SQLTUNE_JOB_MAX_RETRIES": "0"})

@@ -265,7 +265,9 @@ def train(trainer: Any, resume_from: Path | None, budget: AttemptBudget) -> floa
     state_file = resume_from / "trainer_state.json" if resume_from is not None else None
     if state_file is not None and state_file.is_file():
         saved = json.loads(state_file.read_text())
-        if saved.get("max_steps", 0) > 0 and saved.get("global_step", 0) >= saved["max_steps"]:
+        # the end planned now: a rerun with a larger --max-steps goes on training from that checkpoint
+        planned = trainer.args.max_steps if trainer.args.max_steps > 0 else saved.get("max_steps", 0)
+        if planned > 0 and saved.get("max_steps") == planned and saved.get("global_step", 0) >= planned:
             from transformers import TrainerState
 
             trainer._load_from_checkpoint(str(resume_from))

@@ -65,7 +65,7 @@ async def playground() -> HTMLResponse:
 async def sql_stream(body: SqlRequest, request: Request, service: Service = Depends(require_ready)) -> Any:
     """/v1/sql with its tokens streamed as they come (server-sent events), then the checked answer."""
     check_model(request, body.model)
-    job, schema = await prepare_sql(service, body)
+    job, schema, constraint = await prepare_sql(service, body)
     deltas, close = await open_stream(service, [job])
 
     async def events() -> AsyncIterator[str]:
@@ -85,7 +85,7 @@ async def sql_stream(body: SqlRequest, request: Request, service: Service = Depe
             else:
                 return
             await close()  # the slot is free before the check runs
-            answer = await finish_sql(service, final, schema)
+            answer = await finish_sql(service, final, schema, constraint)
             yield _event({**answer.model_dump(), "done": True})
             yield "data: [DONE]\n\n"
         except ApiError as e:
