@@ -16,7 +16,6 @@ import argparse
 import json
 import random
 import shutil
-import sqlite3
 import sys
 import tempfile
 import time
@@ -40,14 +39,7 @@ def run(n: int, seed: int) -> dict:
     try:
         built = fixtures_db.build_from_examples(DATA, n, seed, scan=20 * n)
         lite = tmp / "questions.sqlite"
-        conn = sqlite3.connect(lite)
-        for statement in built.ddl:
-            conn.execute(statement)
-        for table, rows in built.rows.items():
-            if rows:
-                conn.executemany(f'INSERT INTO "{table}" VALUES ({",".join("?" * len(rows[0]))})', rows)
-        conn.commit()
-        conn.close()
+        fixtures_db.seed_sqlite(lite, built.ddl, built.rows)
         fixtures_db.build_postgres_db(server, "questions", built)
         rng = random.Random(seed)
         lines = []

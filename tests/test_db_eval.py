@@ -13,13 +13,12 @@ from __future__ import annotations
 
 import json
 import re
-import sqlite3
 from pathlib import Path
 
 import pytest
 
 pytest.importorskip("sqlalchemy", reason="the db extra is not installed: pip install 'sqltune[db]'")
-from fixtures_db import READER, READER_PASS, build_from_examples, build_postgres_db, cli, pg_server_fixture  # noqa: F401
+from fixtures_db import READER, READER_PASS, build_from_examples, build_postgres_db, cli, pg_server_fixture, seed_sqlite  # noqa: F401
 
 SEED = 7
 
@@ -43,14 +42,7 @@ def agreement(shared_data, pg_server, tmp_path_factory) -> dict[str, dict[str, d
     built = build_from_examples(shared_data, 90, SEED)
     assert len(built.lines) >= 60
     lite = tmp / "questions.sqlite"
-    conn = sqlite3.connect(lite)
-    for statement in built.ddl:
-        conn.execute(statement)
-    for table, rows in built.rows.items():
-        if rows:
-            conn.executemany(f'INSERT INTO "{table}" VALUES ({",".join("?" * len(rows[0]))})', rows)
-    conn.commit()
-    conn.close()
+    seed_sqlite(lite, built.ddl, built.rows)
     build_postgres_db(pg_server, "questions", built)
     preds = tmp / "preds.jsonl"
     preds.write_text("".join(json.dumps({**line, "predicted": _mutate(i, line["gold"])}) + "\n"
@@ -104,7 +96,6 @@ def test_eval_report_names_the_database(agreement) -> None:
 
 
 def test_eval_with_the_tiny_model_on_a_database(tiny_model_dir, tmp_path) -> None:
-    from fixtures_db import seed_sqlite
 
     db = seed_sqlite(tmp_path / "shop.sqlite")
     questions = tmp_path / "q.jsonl"
