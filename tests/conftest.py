@@ -34,6 +34,21 @@ def sqltune_cmd(*args: str) -> list[str]:
     return [sys.executable, "-m", "sqltune", *args]
 
 
+def log_events(stderr: str, message: str | None = None, *, prefix: bool = True) -> list[dict]:
+    """The JSON log lines of a run's stderr whose message starts with (or, prefix=False, is) `message`."""
+    out = []
+    for line in stderr.splitlines():
+        if line.startswith("{"):
+            try:
+                entry = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            text = entry.get("message", "")
+            if message is None or (text.startswith(message) if prefix else text == message):
+                out.append(entry)
+    return out
+
+
 def run_sqltune(*args: str, env: dict[str, str] | None = None, timeout: float = 600,
                 check: bool = True) -> subprocess.CompletedProcess[str]:
     proc = subprocess.run(sqltune_cmd(*args), capture_output=True, text=True, timeout=timeout,

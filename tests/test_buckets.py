@@ -16,6 +16,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
+from conftest import log_events
 
 from sqltune.artifacts import checkpoints, manifests, registry, storage
 from sqltune.errors import ArtifactError
@@ -296,19 +297,6 @@ def test_models_list_shows_versions_latest_and_incomplete(s3_bucket, tmp_path: P
     assert cli.main(["models", "fetch", url]) == 0
 
 
-def _events(stderr: str, message: str) -> list[dict]:
-    out = []
-    for line in stderr.splitlines():
-        if line.startswith("{"):
-            try:
-                entry = json.loads(line)
-            except json.JSONDecodeError:
-                continue
-            if entry.get("message") == message:
-                out.append(entry)
-    return out
-
-
 @pytest.mark.slow
 def test_finetune_killed_resumes_from_the_bucket_on_a_fresh_machine(s3_bucket, tmp_path: Path) -> None:
     """Train into s3:// with local dir A, SIGKILL after a checkpoint reached the bucket, restart with an
@@ -337,9 +325,9 @@ def test_finetune_killed_resumes_from_the_bucket_on_a_fresh_machine(s3_bucket, t
              "CLOUD_RUN_TASK_ATTEMPT": "1"}
     second = subprocess.run(args, cwd=ROOT, env=env_b, capture_output=True, text=True, timeout=600)
     assert second.returncode == 0, second.stderr[-4000:]
-    resumed = _events(second.stderr, "resuming")
+    resumed = log_events(second.stderr, "resuming", prefix=False)
     assert resumed and resumed[0]["checkpoint"].endswith(f"checkpoint-{k}"), second.stderr[-3000:]
-    steps = [e["step"] for e in _events(second.stderr, "train step")]
+    steps = [e["step"] for e in log_events(second.stderr, "train step", prefix=False)]
     assert steps and min(steps) > k and max(steps) == 20, steps
     got = registry.fetch(output)
     assert manifests.read_meta(got.path)["metrics"]["steps"] == 20

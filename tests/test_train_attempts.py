@@ -7,7 +7,6 @@ uninterrupted run and publishes once; the same into a real S3 server with an emp
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import subprocess
@@ -17,6 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import ROOT, sqltune_cmd
+from conftest import log_events as _events
 
 from sqltune.errors import AttemptEnded
 from sqltune.finetune.budget import must_stop, project, reserve_s
@@ -30,19 +30,6 @@ RETRIES = 9  # Cloud Run's most: a loaded machine may need more attempts than an
 ARGS = ["--model", "tiny", "--tiny-layers", "2", "--dataset", "synthetic:400", "--train-batch-size", "8",
         "--max-seq-length", "256", "--eval-generate-limit", "0", "--logging-steps", "1", "--learning-rate", "0.003",
         "--max-steps", "120", "--save-steps", "1000", "--save-total-limit", "3", "--lr-scheduler-type", "linear"]
-
-
-def _events(stderr: str, message: str | None = None) -> list[dict]:
-    out = []
-    for line in stderr.splitlines():
-        if line.startswith("{"):
-            try:
-                entry = json.loads(line)
-            except json.JSONDecodeError:
-                continue
-            if message is None or entry.get("message", "").startswith(message):
-                out.append(entry)
-    return out
 
 
 def _weights(path: Path) -> dict[str, torch.Tensor]:
