@@ -28,7 +28,7 @@ RESULTS = ROOT / "benchmarks" / "results"
 
 
 def prompt_set(n: int) -> list[tuple[str, str]]:
-    from sqltune.finetune.export import PARITY_QUESTIONS
+    from sqltune.export.merge import PARITY_QUESTIONS
 
     if SHARED.is_file():
         rows = [json.loads(line) for line in SHARED.open().readlines()[:n]]
@@ -50,7 +50,7 @@ def main() -> int:
     import torch
 
     from sqltune import generation, prompts
-    from sqltune.finetune.export_gguf import export_gguf, read_back
+    from sqltune.export.gguf import export_gguf, read_back
 
     torch.set_num_threads(2)
     source = generation.load(args.model, dtype="fp32")

@@ -30,7 +30,7 @@ def main() -> None:
     args = parser.parse_args()
     from transformers import AutoTokenizer
 
-    from sqltune.finetune import gguf
+    from sqltune.models import gguf
     from sqltune.prompts import DEFAULT_TEMPLATE, encode_completion, encode_prompt
 
     path = gguf.locate_gguf(args.model)

@@ -154,7 +154,7 @@ def main(argv: list[str] | None = None) -> int:
     only = set(args.only or ["zero-shot", "reference", "sqltune"])
     from sqltune import config
     from sqltune.evaluate.cli import load_examples
-    from sqltune.finetune import base_models
+    from sqltune.models import base_models
     from sqltune.prompts import DEFAULT_TEMPLATE as T
     from sqltune.prompts import extract_sql
 

@@ -2,7 +2,7 @@
 
     nice -n 10 python benchmarks/recipe_quality.py --steps 300 --eval-limit 200
 
-Same base (sqltune.finetune.base_models.build_tiny with the same texts and seed, so the same tokenizer and
+Same base (sqltune.models.base_models.build_tiny with the same texts and seed, so the same tokenizer and
 initial weights), same rows, same optimiser settings and number of steps; only the recipe differs:
 
   tutorial  loss on the whole text, no EOS after the answer, and at inference the prompt stops
@@ -49,7 +49,7 @@ def train_tutorial(args: argparse.Namespace, out: Path) -> float:
     from trl import SFTConfig, SFTTrainer
 
     from sqltune.data import loading
-    from sqltune.finetune import base_models
+    from sqltune.models import base_models
     from sqltune.prompts import DEFAULT_TEMPLATE as T
 
     torch.set_num_threads(args.threads)

@@ -52,9 +52,9 @@ def one(variant: str, model: str, steps: int, batch: int, workdir: Path) -> dict
 
     from sqltune.config import Config
     from sqltune.data import loading
-    from sqltune.finetune import base_models
     from sqltune.finetune.trainer import build_pairs, build_trainer, limit_loss_tiles, to_dataset
     from sqltune.generation import choose_precision
+    from sqltune.models import base_models
     from sqltune.prompts import DEFAULT_TEMPLATE
 
     rss = PeakRss()

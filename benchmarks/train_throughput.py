@@ -44,8 +44,8 @@ def run_recipe(recipe: str, n: int, workdir: Path) -> dict:
 
     from sqltune import generation
     from sqltune.config import Config
-    from sqltune.finetune import base_models
     from sqltune.finetune.trainer import build_trainer, to_dataset
+    from sqltune.models import base_models
     from sqltune.prompts import DEFAULT_TEMPLATE as T
 
     torch.set_num_threads(int(os.environ.get("BENCH_THREADS", "2")))

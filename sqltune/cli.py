@@ -15,7 +15,7 @@ from sqltune.errors import SqltuneError
 # command modules, one `cli.py` per stage, in the order `sqltune --help` lists them
 COMMAND_MODULES = (
     "sqltune.finetune.cli",
-    "sqltune.finetune.export_cli",
+    "sqltune.export.cli",
     "sqltune.data.cli",
     "sqltune.artifacts.cli",
     "sqltune.evaluate.cli",

@@ -87,7 +87,7 @@ def model_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def embedded(model_cache: Path):
     """The converted folder of an embedded model (skipped when its package is not installed)."""
     from sqltune.errors import ModelError
-    from sqltune.finetune import gguf
+    from sqltune.models import gguf
 
     def convert(name: str) -> Path:
         try:

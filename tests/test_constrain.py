@@ -92,7 +92,7 @@ def test_the_grammar_accepts_the_gold_queries_sqlite_accepts(shared_data: Path) 
 def _untrained(tmp_path: Path, texts: list[str]) -> Path:
     """A 2-layer Llama with random weights and a tokenizer trained on `texts`, saved as a model folder."""
     from sqltune.artifacts import manifests
-    from sqltune.finetune.base_models import build_tiny
+    from sqltune.models.base_models import build_tiny
 
     model, tok = build_tiny(texts, layers=2, vocab_size=600, seed=3)
     out = tmp_path / "untrained"

@@ -19,9 +19,9 @@ from tests.conftest import run_sqltune
 gguf = pytest.importorskip("gguf", reason="GGUF export writes through the `gguf` package")
 
 from sqltune import generation, prompts  # noqa: E402
-from sqltune.finetune import modelfile  # noqa: E402
-from sqltune.finetune.export import PARITY_QUESTIONS  # noqa: E402
-from sqltune.finetune.export_gguf import read_back  # noqa: E402
+from sqltune.export import modelfile  # noqa: E402
+from sqltune.export.gguf import read_back  # noqa: E402
+from sqltune.export.merge import PARITY_QUESTIONS  # noqa: E402
 
 
 def _prompt_set(n_synthetic: int) -> list[tuple[str, str]]:
@@ -141,7 +141,7 @@ def test_bad_input_fails_with_the_fix(tmp_path: Path, tiny_model_dir: Path) -> N
     GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=64)).save_pretrained(other)
     (other / "sqltune.json").write_text((tiny_model_dir / "sqltune.json").read_text())
     from sqltune.errors import ModelError
-    from sqltune.finetune.export_gguf import export_gguf
+    from sqltune.export.gguf import export_gguf
 
     with pytest.raises(ModelError, match="architecture `gpt2` is not exported.*") as err:
         export_gguf(other, tmp_path / "o.gguf", "f16")
@@ -151,7 +151,7 @@ def test_bad_input_fails_with_the_fix(tmp_path: Path, tiny_model_dir: Path) -> N
 def test_k_quants_unpack_with_ggufs_own_dequantizers() -> None:
     import numpy as np
 
-    from sqltune.finetune import kquants
+    from sqltune.export import kquants
 
     rng = np.random.default_rng(0)
     weights = rng.standard_normal((8, 512)).astype(np.float32) * 0.05 + 0.01

@@ -21,7 +21,7 @@ import pytest
 pytest.importorskip("gguf", reason="transformers reads GGUF files through the `gguf` package")
 
 from sqltune.errors import ModelError  # noqa: E402
-from sqltune.finetune import gguf  # noqa: E402
+from sqltune.models import gguf  # noqa: E402
 
 
 def _installed(model: str) -> bool:
@@ -100,7 +100,7 @@ def test_cache_hit_converts_nothing(smol: tuple[Path, dict], smol_cache: Path) -
 
 @needs_smollm2
 def test_cache_hit_does_not_import_torch(smol: tuple[Path, dict], smol_cache: Path) -> None:
-    code = ("import sys; from pathlib import Path; from sqltune.finetune import gguf; "
+    code = ("import sys; from pathlib import Path; from sqltune.models import gguf; "
             f"f, i = gguf.resolve('smollm2-135m', Path({str(smol_cache)!r})); "
             "assert not i['converted']; print('torch' in sys.modules)")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60,

@@ -29,9 +29,9 @@ def _tokenizer(name: str, embedded, tiny_model_dir: Path):
 @pytest.mark.parametrize("name", ["tiny", "smollm2-135m", "gemma3-270m"])
 def test_the_prompt_ids_trained_on_are_the_ids_every_inference_path_feeds(name, embedded, tiny_model_dir):
     from sqltune import generation
+    from sqltune.engines.transformers_engine import TransformersEngine
+    from sqltune.engines.vllm_engine import VllmEngine
     from sqltune.finetune.trainer import to_dataset
-    from sqltune.serve.engines.transformers_engine import TransformersEngine
-    from sqltune.serve.engines.vllm_engine import VllmEngine
 
     tok = _tokenizer(name, embedded, tiny_model_dir)
     prompt = DEFAULT_TEMPLATE.build_prompt(QUESTION, CONTEXT)
@@ -84,7 +84,7 @@ def test_the_chat_style_prompt_is_the_tokenizers_own_chat_template(embedded):
 @pytest.mark.slow
 def test_lora_on_smollm2_merges_with_parity_and_records_its_base(smollm2_artifact):
     from sqltune.artifacts import manifests
-    from sqltune.finetune.gguf import EMBEDDED
+    from sqltune.models.gguf import EMBEDDED
 
     manifests.verify(smollm2_artifact)
     meta = manifests.read_meta(smollm2_artifact)

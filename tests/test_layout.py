@@ -102,8 +102,21 @@ def test_modules_stay_readable_in_size() -> None:
 
 def test_git_tracks_every_file_under_the_package() -> None:
     """A broad .gitignore entry (`deploy/`) once hid new files under sqltune/deploy/ from commits."""
-    probes = [f"sqltune/{d}/new_module.py" for d in ("deploy", "serve", "artifacts", "data", "evaluate", "finetune")]
+    probes = [f"sqltune/{d}/new_module.py" for d in ("deploy", "serve", "artifacts", "data", "evaluate", "finetune", "models",
+                                                             "export", "engines")]
     done = subprocess.run(["git", "check-ignore", "--no-index", *probes], capture_output=True, text=True, cwd=ROOT)
     if done.returncode == 128:  # not a git checkout (an sdist): nothing to check
         return
     assert done.stdout.strip() == "", f"ignored by .gitignore: {done.stdout}"
+
+
+def test_engines_sit_below_every_stage_that_generates() -> None:
+    """One generation loop per backend: `sqltune.engines` is driven by serve, evaluate, ask and the job, and
+    never reaches back up into any of them (nor into the export or model-source stages)."""
+    modules = _modules()
+    graph = {m: _imports(m, p, set(modules)) for m, p in modules.items()}
+    above = ("sqltune.serve", "sqltune.evaluate", "sqltune.ask", "sqltune.finetune", "sqltune.export")
+    upward = {m: sorted(d for d in deps if d.startswith(above))
+              for m, deps in graph.items() if m.startswith("sqltune.engines")}
+    assert {m: d for m, d in upward.items() if d} == {}
+    assert any(d.startswith("sqltune.engines") for d in graph["sqltune.serve.app"])

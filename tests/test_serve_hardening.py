@@ -91,8 +91,8 @@ def test_a_failing_row_ends_alone_and_the_batch_decodes_on(tiny_model_dir):
     error; the rows batched with it finish with the text they get alone."""
     from sqltune import config
     from sqltune.artifacts import manifests
-    from sqltune.serve.engines.base import SamplingParams, complete
-    from sqltune.serve.engines.transformers_engine import TransformersEngine
+    from sqltune.engines.base import SamplingParams, complete
+    from sqltune.engines.transformers_engine import TransformersEngine
 
     cfg, _ = config.resolve(None, {}, {"max_batch_size": 8, "batch_wait_ms": 200})
     template = load_template(tiny_model_dir)
@@ -203,8 +203,8 @@ def test_an_unhandled_error_is_a_json_500_and_the_connection_stays_usable(tiny_m
 
     from sqltune import config
     from sqltune.artifacts import manifests
+    from sqltune.engines.transformers_engine import TransformersEngine
     from sqltune.serve.app import create_app
-    from sqltune.serve.engines.transformers_engine import TransformersEngine
     from sqltune.serve.process import free_port
 
     cfg, _ = config.resolve(None, {}, {})

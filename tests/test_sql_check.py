@@ -10,7 +10,7 @@ import sqlite3
 
 import pytest
 
-from sqltune.serve.engines.text import TextStream
+from sqltune.engines.text import TextStream
 from sqltune.sql.check import check_sql
 from sqltune.sql.schema import parse_schema
 

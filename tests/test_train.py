@@ -14,8 +14,8 @@ from conftest import HF_TOKEN_SENTINEL, ROOT, run_sqltune, sqltune_cmd
 from sqltune import generation
 from sqltune.artifacts import manifests
 from sqltune.config import Config
-from sqltune.finetune import base_models
 from sqltune.finetune.trainer import build_trainer, to_dataset
+from sqltune.models import base_models
 
 QUICK = ["--model", "tiny", "--tiny-layers", "2", "--dataset", "synthetic:400", "--train-batch-size", "8",
          "--max-seq-length", "256", "--eval-generate-limit", "0", "--logging-steps", "1", "--learning-rate", "0.003"]
@@ -146,7 +146,7 @@ def test_lora_merge_matches_base_plus_adapter(tmp_path: Path) -> None:
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from sqltune.finetune.export import parity_prompts
+    from sqltune.export.merge import parity_prompts
     from sqltune.prompts import DEFAULT_TEMPLATE, encode_prompt
 
     out = tmp_path / "lora"
@@ -167,7 +167,7 @@ def test_lora_merge_matches_base_plus_adapter(tmp_path: Path) -> None:
 
 def test_parity_check_refuses_a_mismatch() -> None:
     from sqltune.errors import ModelError
-    from sqltune.finetune.export import check_parity
+    from sqltune.export.merge import check_parity
 
     ref = [torch.randn(1, 4, 10)]
     assert check_parity(ref, [ref[0] + 1e-7], 1e-4) < 1e-4
@@ -250,7 +250,7 @@ def test_the_artifact_carries_its_longest_answer_as_max_new_tokens(tiny_model_di
 
 def test_a_model_with_non_finite_loss_or_weights_is_never_published() -> None:
     from sqltune.errors import ModelError
-    from sqltune.finetune.export import check_finite
+    from sqltune.export.merge import check_finite
 
     net = torch.nn.Linear(2, 2)
     check_finite(net, {"train_loss": 0.5})

@@ -75,9 +75,11 @@ def finetune(cfg: Config, sources: dict[str, str] | None = None) -> Path:
 
     from sqltune import generation, prompts
     from sqltune.data import loading
-    from sqltune.finetune import attempts, base_models, export
+    from sqltune.export import merge
+    from sqltune.finetune import attempts
     from sqltune.finetune import trainer as sft
     from sqltune.finetune.callbacks import CheckpointManifest, JsonLogs, StopControl
+    from sqltune.models import base_models
 
     started = time.time()
     transformers.set_seed(cfg.seed)
@@ -204,10 +206,10 @@ def finetune(cfg: Config, sources: dict[str, str] | None = None) -> Path:
         metrics.update({k: v for k, v in trainer.evaluate().items() if k == "eval_loss"})
     if not logs.is_rank0():
         return run_dir
-    final = export.export(trainer, cfg, method=method, precision=precision, base_name=base_name, run_dir=run_dir,
-                          template=template, data_report=splits.report.to_dict(), metrics=metrics, base=base_info,
-                          max_new_tokens=max(sum(m) for m in train_ds["completion_mask"]),
-                          eval_examples=splits.eval, tracking=tracking.describe(tracker))
+    final = merge.export(trainer, cfg, method=method, precision=precision, base_name=base_name, run_dir=run_dir,
+                         template=template, data_report=splits.report.to_dict(), metrics=metrics, base=base_info,
+                         max_new_tokens=max(sum(m) for m in train_ds["completion_mask"]),
+                         eval_examples=splits.eval, tracking=tracking.describe(tracker))
     if tracker is not None:
         tracker.log_metrics({**metrics, **(metrics.get("heldout") or {})}, trainer.state.global_step, prefix="final/")
         tracker.close()

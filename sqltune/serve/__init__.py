@@ -2,6 +2,6 @@
 
     sqltune serve --model ./models/sqltune-sql --port 8000
 
-`app.create_app(config, engine)` builds the FastAPI app; engines live in `engines/` behind one
-`typing.Protocol`; `protocol.py` holds the request and response models of every route.
+`app.create_app(config, engine)` builds the FastAPI app; engines live in `sqltune.engines` behind
+one `typing.Protocol`; `protocol.py` holds the request and response models of every route.
 """

@@ -32,7 +32,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from sqltune import __version__, logs
 from sqltune.config import Config
-from sqltune.serve.engines.base import Engine, SamplingParams, complete
+from sqltune.engines.base import Engine, SamplingParams, complete
 from sqltune.serve.metrics import Metrics
 from sqltune.serve.protocol import error_body
 from sqltune.serve.service import ApiError, Service

@@ -45,8 +45,8 @@ def run(args: argparse.Namespace) -> int:
     if "default_max_tokens" not in sources and meta.get("max_new_tokens"):
         # the longest answer the model was trained on, unless the operator set a default
         cfg = dataclasses.replace(cfg, default_max_tokens=min(int(meta["max_new_tokens"]), cfg.max_tokens_limit))
+    from sqltune.engines.factory import create_engine
     from sqltune.serve.app import create_app
-    from sqltune.serve.engines.factory import create_engine
 
     engine = create_engine(cfg, model_dir, template, meta)
     app = create_app(cfg, engine)

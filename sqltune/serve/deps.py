@@ -17,7 +17,7 @@ from starlette.responses import StreamingResponse
 from starlette.types import Receive, Scope, Send
 
 from sqltune import logs
-from sqltune.serve.engines.base import Delta
+from sqltune.engines.base import Delta
 from sqltune.serve.service import ApiError, Job, Service
 
 log = logs.get("serve")

@@ -15,9 +15,9 @@ from typing import Any
 from fastapi import APIRouter, Depends, Request
 from starlette.responses import StreamingResponse
 
+from sqltune.engines.base import Completion, Delta
 from sqltune.serve.constrained import constrain_for, response_fields
 from sqltune.serve.deps import ClosingStream, cancel_on_disconnect, check_model, open_stream, require_ready
-from sqltune.serve.engines.base import Completion, Delta
 from sqltune.serve.protocol import (
     ChatCompletionRequest,
     CompletionRequest,

@@ -27,8 +27,8 @@ from typing import Any
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import HTMLResponse
 
+from sqltune.engines.base import Completion
 from sqltune.serve.deps import ClosingStream, check_model, open_stream, require_ready
-from sqltune.serve.engines.base import Completion
 from sqltune.serve.protocol import SqlRequest, error_body
 from sqltune.serve.routes import finish_sql, prepare_sql
 from sqltune.serve.service import ApiError, Service

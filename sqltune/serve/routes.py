@@ -17,11 +17,11 @@ from fastapi.responses import JSONResponse, Response
 from pydantic import ValidationError
 
 from sqltune.constrain import Constraint
+from sqltune.engines.base import Completion
 from sqltune.errors import DataError
 from sqltune.prompts import extract_sql
 from sqltune.serve.constrained import constrain_for
 from sqltune.serve.deps import ClosingStream, cancel_on_disconnect, check_model, open_stream, require_ready
-from sqltune.serve.engines.base import Completion
 from sqltune.serve.protocol import GenerateRequest, PredictRequest, Sampling, SqlRequest, SqlResponse, Usage
 from sqltune.serve.service import ApiError, Job, Service
 from sqltune.sql.check import check_sql

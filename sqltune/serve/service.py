@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from sqltune.config import Config
-from sqltune.serve.engines.base import Completion, Delta, Engine, SamplingParams
+from sqltune.engines.base import Completion, Delta, Engine, SamplingParams
 from sqltune.serve.metrics import Metrics
 from sqltune.serve.protocol import Sampling
 

@@ -143,7 +143,7 @@ def resolve_source(name: str) -> tuple[str, dict[str, Any]]:
     A hub id or a local folder is used as it is; an embedded model (`smollm2-135m`, `gemma3-270m`) or a
     local `.gguf` file is converted once into the model cache and the converted folder is returned.
     """
-    from sqltune.finetune import gguf
+    from sqltune.models import gguf
 
     if not gguf.is_gguf_source(name):
         return name, {"source": name, "kind": "local" if is_local_model(name) else "hub"}

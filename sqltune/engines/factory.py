@@ -9,9 +9,9 @@ from __future__ import annotations
 from pathlib import Path
 
 from sqltune.config import Config
+from sqltune.engines.base import Engine
 from sqltune.errors import ConfigError
 from sqltune.prompts import PromptTemplate
-from sqltune.serve.engines.base import Engine
 
 
 def vllm_available() -> bool:
@@ -42,9 +42,9 @@ def create_engine(cfg: Config, model_dir: Path, template: PromptTemplate, meta: 
     """An engine for a resolved local model folder; weights load later, in `start()`."""
     kind = choose_engine(cfg.serve_engine)
     if kind == "vllm":
-        from sqltune.serve.engines.vllm_engine import VllmEngine
+        from sqltune.engines.vllm_engine import VllmEngine
 
         return VllmEngine(cfg, model_dir, template, meta)
-    from sqltune.serve.engines.transformers_engine import TransformersEngine
+    from sqltune.engines.transformers_engine import TransformersEngine
 
     return TransformersEngine(cfg, model_dir, template, meta)

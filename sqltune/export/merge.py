@@ -78,8 +78,8 @@ def _merge(trainer: Any, method: str, precision: Any, base_name: str, run_dir: P
     import torch
     from peft import PeftModel
 
-    from sqltune.finetune.base_models import load_base
     from sqltune.generation import Precision
+    from sqltune.models.base_models import load_base
 
     tokenizer = trainer.processing_class
     if method == "full":

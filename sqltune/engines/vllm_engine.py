@@ -22,9 +22,9 @@ from typing import Any
 
 from sqltune import logs
 from sqltune.config import Config
+from sqltune.engines.base import Delta, EngineBase, SamplingParams
 from sqltune.errors import ModelError
 from sqltune.prompts import PromptTemplate, encode_prompt
-from sqltune.serve.engines.base import Delta, EngineBase, SamplingParams
 
 log = logs.get("serve.engine")
 

@@ -4,7 +4,7 @@
 
 The weights go through the `gguf` package: its `TensorNameMap` names every tensor the way llama.cpp
 expects, its writer lays out the file and its quantizers make q8_0 (the k-quants of q4_k_m come from
-sqltune.finetune.kquants, checked against gguf's own dequantizers). The metadata carries what a
+sqltune.export.kquants, checked against gguf's own dequantizers). The metadata carries what a
 runner needs to use the model as trained: the byte-level BPE tokenizer (vocabulary, merges, special
 ids, whether BOS is added), EOS, a chat template that builds the trained prompt (modelfile.py) and
 the raw template under `sqltune.*` keys. transformers reads the file back (`gguf_file=`), which the
@@ -23,7 +23,7 @@ from typing import Any
 from sqltune import __version__, logs, prompts
 from sqltune.artifacts import manifests
 from sqltune.errors import ConfigError, ModelError
-from sqltune.finetune import modelfile
+from sqltune.export import modelfile
 
 log = logs.get("export.gguf")
 
@@ -92,7 +92,7 @@ def choose_type(gguf: Any, quant: str, tmap_type: Any, shape: tuple[int, ...], l
 def _quantize(gguf: Any, array: Any, qtype: Any) -> Any:
     Q = gguf.GGMLQuantizationType
     if qtype in (Q.Q4_K, Q.Q6_K):
-        from sqltune.finetune import kquants
+        from sqltune.export import kquants
 
         return kquants.quantize(array, qtype)
     return gguf.quants.quantize(array, qtype)
@@ -307,7 +307,7 @@ def read_back(path: Path, template: prompts.PromptTemplate) -> Any:
     try:
         from transformers import GgufConfig
 
-        kwargs["quantization_config"] = GgufConfig(dequantize=True)  # dense fp32, as sqltune.finetune.gguf
+        kwargs["quantization_config"] = GgufConfig(dequantize=True)  # dense fp32, as sqltune.models.gguf
     except ImportError:
         pass
     model = AutoModelForCausalLM.from_pretrained(str(path.parent), **kwargs).eval()

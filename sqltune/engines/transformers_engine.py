@@ -24,9 +24,9 @@ from typing import Any
 
 from sqltune import logs
 from sqltune.config import Config
+from sqltune.engines.base import Delta, EngineBase, SamplingParams
+from sqltune.engines.text import TextStream
 from sqltune.prompts import PromptTemplate, encode_prompt
-from sqltune.serve.engines.base import Delta, EngineBase, SamplingParams
-from sqltune.serve.engines.text import TextStream
 
 log = logs.get("serve.engine")
 

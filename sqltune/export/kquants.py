@@ -2,7 +2,7 @@
 not yet write. Each packs blocks of 256 values into the byte layout that gguf's own dequantizers
 (`gguf.quants.Q4_K` / `Q6_K`) unpack; tests/test_export_gguf.py checks every packing against them.
 
-    python -c "import numpy as np; from sqltune.finetune import kquants; print(kquants.error_report(np.random.randn(64, 512)))"
+    python -c "import numpy as np; from sqltune.export import kquants; print(kquants.error_report(np.random.randn(64, 512)))"
 
 Scales come from each sub-block's range (min/max), then are themselves quantized to 6 bits (Q4_K)
 or 8 bits (Q6_K) under one fp16 super-scale, and the values are rounded with the scales as stored,
