@@ -30,8 +30,9 @@ ENV_PREFIX = "SQLTUNE_"
 
 
 def _f(default: Any, help: str, *, choices: Sequence[str] | None = None, minimum: float | None = None,
-       aliases: Sequence[str] = (), env: Sequence[str] = (), group: str = "finetune") -> Any:
-    meta = {"help": help, "choices": tuple(choices) if choices else None, "minimum": minimum,
+       maximum: float | None = None, aliases: Sequence[str] = (), env: Sequence[str] = (),
+       group: str = "finetune") -> Any:
+    meta = {"help": help, "choices": tuple(choices) if choices else None, "minimum": minimum, "maximum": maximum,
             "aliases": tuple(aliases), "env": tuple(env), "group": group}
     if isinstance(default, list):
         return field(default_factory=lambda: list(default), metadata=meta)
@@ -180,6 +181,15 @@ class Config:
                         "schema+values = also string and number literals copied from the question; off = free. "
                         "In serve, the default of /v1/sql (requests may set `constrain`).",
                         choices=["off", "schema", "schema+values"], group="serve")
+    candidates: int = _f(1, "Answers generated per question (the greedy one plus candidates-1 samples); each runs "
+                         "read-only (on databases synthesised from the schema and the question, or on --database) "
+                         "and the answer whose result most of them share is returned; 1 = the greedy answer, "
+                         "unchecked. In serve, the default of /v1/sql and /predict (requests may set `candidates`).",
+                         minimum=1, maximum=16, group="serve")
+    candidate_temperature: float = _f(0.8, "Sampling temperature of the candidates after the first (--candidates).",
+                                      minimum=0.01, maximum=2.0, group="serve")
+    candidate_top_p: float = _f(0.95, "Nucleus (top-p) share the candidates after the first sample from.",
+                                minimum=0.01, maximum=1.0, group="serve")
     api_key: str = _f("", "Bearer key required on every route but /health, /ready and the playground page /.",
                       group="serve")
     serve_engine: str = _f("auto", "Generation engine; auto = vllm when CUDA and vllm are installed, else "
@@ -332,6 +342,9 @@ def _check(f: dataclasses.Field[Any], value: Any) -> None:
     if meta["minimum"] is not None and isinstance(value, (int, float)) and value < meta["minimum"]:
         raise ConfigError(f"{flag_name(f.name)}: {value!r} is below the minimum {meta['minimum']}",
                           f"set {flag_name(f.name)} to {meta['minimum']} or more")
+    if meta["maximum"] is not None and isinstance(value, (int, float)) and value > meta["maximum"]:
+        raise ConfigError(f"{flag_name(f.name)}: {value!r} is above the maximum {meta['maximum']}",
+                          f"set {flag_name(f.name)} to {meta['maximum']} or less")
 
 
 def parse_value(name: str, raw: Any, origin: str) -> Any:

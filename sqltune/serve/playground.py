@@ -9,7 +9,8 @@ and style (by hash) and requests to this server, so a page that tried to load a 
 in the browser test, not only on a machine without internet.
 
 /v1/sql/stream is /v1/sql as server-sent events: `{"text": ...}` per token as it comes, then the
-checked answer (the /v1/sql response body) with `"done": true`, then `[DONE]`. A bad schema or a
+checked answer (the /v1/sql response body) with `"done": true`, then `[DONE]`. With `candidates`, the
+greedy one streams while the samples generate beside it, and the answer is the one they voted for. A bad schema or a
 full queue is a plain 4xx before the stream starts; a failure after it is an `error` event.
 """
 
@@ -65,27 +66,30 @@ async def playground() -> HTMLResponse:
 async def sql_stream(body: SqlRequest, request: Request, service: Service = Depends(require_ready)) -> Any:
     """/v1/sql with its tokens streamed as they come (server-sent events), then the checked answer."""
     check_model(request, body.model)
-    job, schema, constraint = await prepare_sql(service, body)
-    deltas, close = await open_stream(service, [job])
+    jobs, schema, constraint = await prepare_sql(service, body)
+    deltas, close = await open_stream(service, jobs)
 
     async def events() -> AsyncIterator[str]:
-        parts: list[str] = []
+        # the first (greedy) candidate streams; the others generate beside it and join the vote at the end
+        parts: list[list[str]] = [[] for _ in jobs]
+        finals: list[Completion | None] = [None] * len(jobs)
         try:
-            async for _, delta in deltas:
-                if delta.finish_reason == "error":
+            async for i, delta in deltas:
+                if delta.finish_reason == "error" and len(jobs) == 1:
                     yield _event(error_body(f"generation failed: {delta.error}", "server_error", "engine_error"))
                     return
-                if delta.text:
-                    parts.append(delta.text)
+                parts[i].append(delta.text)
+                if delta.text and i == 0:
                     yield _event({"text": delta.text})
                 if delta.finish_reason:
-                    final = Completion("".join(parts), delta.prompt_tokens, delta.completion_tokens,
-                                       delta.finish_reason, "", parts)
-                    break
+                    finals[i] = Completion("".join(parts[i]), delta.prompt_tokens, delta.completion_tokens,
+                                           delta.finish_reason, delta.error, parts[i])
+                    if all(f is not None for f in finals):
+                        break
             else:
                 return
-            await close()  # the slot is free before the check runs
-            answer = await finish_sql(service, final, schema, constraint)
+            await close()  # the slots are free before the check runs
+            answer = await finish_sql(service, [f for f in finals if f is not None], schema, constraint, body.question)
             yield _event({**answer.model_dump(), "done": True})
             yield "data: [DONE]\n\n"
         except ApiError as e:

@@ -16,6 +16,8 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from sqltune.sql.vote import MAX_CANDIDATES
+
 MAX_N = 16
 MAX_STOP = 8
 MAX_STOP_CHARS = 256  # each stop string is matched against the text after every token
@@ -164,6 +166,8 @@ class SqlRequest(_Request):
     schema_: list[str] | None = Field(None, alias="schema")
     max_tokens: Int | None = Field(None, ge=1)
     constrain: ConstrainMode | None = None  # None = the server's --constrain
+    # answers generated and run on a database synthesised from the schema; None = the server's --candidates
+    candidates: Int | None = Field(None, ge=1, le=MAX_CANDIDATES)
 
     @model_validator(mode="after")
     def _has_schema(self) -> SqlRequest:
@@ -188,6 +192,9 @@ class SqlResponse(BaseModel):
     constrain: str = "off"  # the mode asked for
     constrained: bool = False  # whether decoding followed the schema's grammar
     reason: str | None = None  # why not, when a mode was asked for but the grammar could not be used
+    candidates: int = 1  # answers generated; above 1 each ran and the one most of them agree with is `sql`
+    candidates_ran: int | None = None  # of those, how many passed the check and ran (None: one answer, not run)
+    candidates_agreed: int | None = None  # how many returned the result of the chosen one (0: none ran)
 
 
 class PredictRequest(_Request):

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
 from fastapi import APIRouter, Depends, Request
@@ -26,8 +26,10 @@ from sqltune.serve.protocol import GenerateRequest, PredictRequest, Sampling, Sq
 from sqltune.serve.service import ApiError, Job, Service
 from sqltune.sql.check import check_sql
 from sqltune.sql.schema import Schema, parse_schema
+from sqltune.sql.vote import Candidate, choose, on_synthesised
 
 router = APIRouter()
+VOTE_QUERY_BUDGET_S = 0.25  # per candidate and database: the synthesised tables hold a few rows each
 
 # The model learned to end an answer with EOS; these catch one that runs on into a new example.
 
@@ -97,13 +99,14 @@ async def sql(body: SqlRequest, request: Request, service: Service = Depends(req
 
 
 async def answer_sql(service: Service, body: SqlRequest) -> SqlResponse:
-    job, schema, constraint = await prepare_sql(service, body)
-    (result,) = await service.complete([job])
-    return await finish_sql(service, result, schema, constraint)
+    jobs, schema, constraint = await prepare_sql(service, body)
+    results = await service.complete(jobs, fail_on_error=len(jobs) == 1)
+    return await finish_sql(service, results, schema, constraint, body.question)
 
 
-async def prepare_sql(service: Service, body: SqlRequest, where: str = "") -> tuple[Job, Schema, Constraint]:
-    """The schema read (400 when it is not one) and the generation job for a /v1/sql request."""
+async def prepare_sql(service: Service, body: SqlRequest, where: str = "") -> tuple[list[Job], Schema, Constraint]:
+    """The schema read (400 when it is not one) and the generation jobs for a /v1/sql request: one, or
+    the greedy one and its sampled candidates."""
     ddl = body.ddl()
     try:
         schema = await asyncio.to_thread(parse_schema, ddl)
@@ -115,19 +118,36 @@ async def prepare_sql(service: Service, body: SqlRequest, where: str = "") -> tu
     prompt = service.engine.template.build_prompt(body.question, ddl)
     sampling = Sampling(max_tokens=body.max_tokens, stop=list(service.engine.template.stops))
     constraint = await constrain_for(service, body.constrain or service.cfg.constrain, body.question, ddl)
-    return service.job(prompt, sampling, param=where + "question", grammar=constraint.grammar), schema, constraint
+    job = service.job(prompt, sampling, param=where + "question", grammar=constraint.grammar)
+    return service.candidate_jobs(job, body.candidates or service.cfg.candidates), schema, constraint
 
 
-async def finish_sql(service: Service, result: Completion, schema: Schema,
-                     constraint: Constraint | None = None) -> SqlResponse:
-    text = extract_sql(result.text, service.engine.eos_token, service.engine.template)
-    check = await asyncio.to_thread(check_sql, text, schema)
+async def finish_sql(service: Service, results: Sequence[Completion], schema: Schema,
+                     constraint: Constraint | None = None, question: str = "") -> SqlResponse:
+    """The checked answer; with several candidates, the one whose result most of them share when run on
+    databases synthesised from the schema and the question (sqltune.sql.vote)."""
+    texts = [extract_sql(r.text, service.engine.eos_token, service.engine.template) for r in results]
+    chosen, picked = 0, None
+    if len(results) > 1:
+        candidates = [Candidate(t, None, r.error if r.finish_reason == "error" else "")
+                      for t, r in zip(texts, results, strict=True)]
+        picked = await asyncio.to_thread(choose, candidates, schema,
+                                         on_synthesised(schema, question, time_budget_s=VOTE_QUERY_BUDGET_S))
+        chosen = picked.chosen
+    result = results[chosen]
+    if result.finish_reason == "error":
+        raise ApiError(500, f"generation failed: {result.error}", "server_error", "engine_error")
+    check = await asyncio.to_thread(check_sql, texts[chosen], schema)
     usage = Usage()
-    usage.add(result.prompt_tokens, result.completion_tokens)
+    for r in results:
+        usage.add(r.prompt_tokens, r.completion_tokens)
     constraint = constraint or Constraint("off")
-    return SqlResponse(sql=text, valid=check.valid, tables=check.tables, columns=check.columns, error=check.error,
-                       model=service.engine.model_id, finish_reason=result.finish_reason, usage=usage,
-                       constrain=constraint.mode, constrained=constraint.constrained, reason=constraint.reason or None)
+    return SqlResponse(sql=texts[chosen], valid=check.valid, tables=check.tables, columns=check.columns,
+                       error=check.error, model=service.engine.model_id, finish_reason=result.finish_reason,
+                       usage=usage, constrain=constraint.mode, constrained=constraint.constrained,
+                       reason=constraint.reason or None, candidates=len(results),
+                       candidates_ran=picked.ran if picked else None,
+                       candidates_agreed=picked.agreed if picked else None)
 
 
 @router.post("/predict")
@@ -146,18 +166,16 @@ async def _predict(service: Service, body: PredictRequest) -> dict[str, Any]:
                        "(max_batch_size + max_queue): split them over several requests",
                        code="too_many_sequences", param="instances")
     jobs: list[Job] = []
-    schemas: list[Schema | None] = []
-    constraints: list[Constraint | None] = []
+    spans: list[tuple[int, int, Schema | None, Constraint | None, str]] = []  # each instance's jobs, and what checks them
     for i, instance in enumerate(body.instances):
         fields = {"prompt": instance} if isinstance(instance, str) else instance
         merged = {**body.parameters, **fields}
         try:
             if "question" in merged:
-                job, schema, constraint = await prepare_sql(service, SqlRequest.model_validate(merged),
-                                                            f"instances[{i}].")
-                jobs.append(job)
-                schemas.append(schema)
-                constraints.append(constraint)
+                sql_body = SqlRequest.model_validate(merged)
+                mine, schema, constraint = await prepare_sql(service, sql_body, f"instances[{i}].")
+                spans.append((len(jobs), len(jobs) + len(mine), schema, constraint, sql_body.question))
+                jobs += mine
                 continue
             if "prompt" not in merged:
                 raise ApiError(400, f"instances[{i}] needs `prompt` or `question`", param=f"instances[{i}]")
@@ -166,15 +184,20 @@ async def _predict(service: Service, body: PredictRequest) -> dict[str, Any]:
             err = e.errors()[0]
             where = "".join(f".{p}" for p in err["loc"])
             raise ApiError(400, f"instances[{i}]{where}: {err['msg']}", param=f"instances[{i}]") from None
+        spans.append((len(jobs), len(jobs) + 1, None, None, ""))
         jobs.append(service.job(req.prompt, req, param=f"instances[{i}].prompt"))
-        schemas.append(None)
-        constraints.append(None)
-    results = await service.complete(jobs)
+    if len(jobs) > limit:
+        raise ApiError(400, f"{len(jobs)} sequences ({len(body.instances)} instances and their candidates); this "
+                       f"server takes at most {limit} at once (max_batch_size + max_queue): split them over several "
+                       "requests, or ask for fewer candidates", code="too_many_sequences", param="instances")
+    results = await service.complete(jobs, fail_on_error=False)
     predictions: list[Any] = []
-    for result, schema, constraint in zip(results, schemas, constraints, strict=True):
+    for start, end, schema, constraint, question in spans:
         if schema is None:
-            predictions.append(result.text)
+            if results[start].finish_reason == "error":
+                raise ApiError(500, f"generation failed: {results[start].error}", "server_error", "engine_error")
+            predictions.append(results[start].text)
         else:
-            answer = await finish_sql(service, result, schema, constraint)
+            answer = await finish_sql(service, results[start:end], schema, constraint, question)
             predictions.append(answer.model_dump(exclude={"usage", "model"}))
     return {"predictions": predictions}

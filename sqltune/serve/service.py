@@ -118,10 +118,19 @@ class Service:
                 out.append(Job(job.prompt_ids, dataclasses.replace(p, seed=seed)))
         return out
 
+    def candidate_jobs(self, job: Job, k: int) -> list[Job]:
+        """The job itself (greedy) and k-1 samples of the same prompt at --candidate-temperature and
+        --candidate-top-p, seeded 1..k-1 so the same request gets the same candidates; a grammar in the job
+        (--constrain) holds for every one of them."""
+        sampled = dataclasses.replace(job.params, temperature=self.cfg.candidate_temperature,
+                                      top_p=self.cfg.candidate_top_p)
+        return [job, *(Job(job.prompt_ids, dataclasses.replace(sampled, seed=j)) for j in range(1, k))]
+
     # --- generation -----------------------------------------------------------------------------
 
-    async def complete(self, jobs: Sequence[Job]) -> list[Completion]:
-        """All jobs to the end, within the request timeout (504 after it)."""
+    async def complete(self, jobs: Sequence[Job], *, fail_on_error: bool = True) -> list[Completion]:
+        """All jobs to the end, within the request timeout (504 after it); a job the engine failed is a
+        500 unless `fail_on_error` is off (candidates: one failed sample is one dropped candidate)."""
         parts: list[list[str]] = [[] for _ in jobs]
         finals: list[Delta | None] = [None] * len(jobs)
         async with self.stream(jobs, deltas=False) as deltas:
@@ -135,7 +144,7 @@ class Service:
             out.append(Completion("".join(p), d.prompt_tokens, d.completion_tokens, d.finish_reason or "abort",
                                   d.error, p))
         failed = [c.error for c in out if c.finish_reason == "error"]
-        if failed:
+        if failed and fail_on_error:
             raise ApiError(500, f"generation failed: {failed[0]}", "server_error", "engine_error")
         return out
 

@@ -9,7 +9,7 @@ the schema's tables and columns); those that fail, and those that fail to run, a
 grouped by their results (sqltune.sql.results: multisets of rows, columns in any order, in order only
 when both sort) and the answer is the most likely member of the largest group: ties between groups go
 to the group whose best member is most likely, then to the earliest (the greedy answer comes first).
-When nothing runs, the first candidate is returned as it is and `fallback` says so.
+When nothing runs, the first candidate that was generated is returned as it is and `fallback` says so.
 
 Without a real database, candidates run on small databases synthesised from the schema and the
 question's words and numbers (sqltune.sql.synth_db), one planned from each distinct candidate, so the
@@ -141,7 +141,8 @@ def choose(candidates: Sequence[Candidate], schema: Schema, execute: Execute) ->
     if not groups:
         errors = {r.error for r in done if r.failure == EXECUTION}
         shared = next(iter(errors)) if len(errors) == 1 and all(r.failure == EXECUTION for r in done) else ""
-        return Vote(candidates[0].sql, 0, len(candidates), 0, 0, True, done, shared)
+        first = next((r.index for r in done if r.failure != GENERATION), 0)  # greedy, unless it failed to generate
+        return Vote(candidates[first].sql, first, len(candidates), 0, 0, True, done, shared)
     best = max(range(len(groups)), key=lambda g: (len(groups[g]), *_likelihood(candidates, groups[g])))
     chosen = max(groups[best], key=lambda i: _rank(candidates, i))
     return Vote(candidates[chosen].sql, chosen, len(candidates), sum(len(g) for g in groups), len(groups[best]),
