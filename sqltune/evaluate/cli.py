@@ -52,7 +52,11 @@ def register(sub: argparse._SubParsersAction) -> None:
                     "synthesised ones; contexts come from its schema.",
         "db_schema": "", "db_dialect": "", "db_timeout": "", "db_context_chars": "", "db_keys": "",
         "constrain": "Decode under the grammar of each example's schema (schema) and question (schema+values); "
-                     "with --endpoint, asked of the server per request."},
+                     "with --endpoint, asked of the server per request.",
+        "candidates": "Answers per question, the greedy one and samples, voted on by running them (on databases "
+                      "synthesised from the schema and question, or --database); the report shows EX against the "
+                      "greedy answer's. --predictions: each line's `candidates`.",
+        "candidate_temperature": "", "candidate_top_p": ""},
         aliases={"column_map": ["--columns"], "eval_batch_size": ["--batch-size"]})
     p.set_defaults(func=run)
     actions = p.add_subparsers(dest="eval_action", metavar="merge")
@@ -141,6 +145,26 @@ def predict(cfg: config.Config, mode: str, examples: Sequence[Any], all_examples
                                          max_new_tokens=cfg.eval_max_new_tokens, progress=bar.update,
                                          constrain=cfg.constrain)
     return preds, info
+
+
+def _choose(cfg: config.Config, mode: str, examples: Sequence[Any], rows: list[dict[str, Any]] | None,
+            real_db: Any) -> list[Any] | None:
+    """--candidates K: each example's answer voted among its first K candidates (sqltune.evaluate.candidates)."""
+    if cfg.candidates <= 1:
+        return None
+    from sqltune.evaluate import candidates as cands
+
+    lists = cands.from_rows(rows or [], examples, cfg.eval_predictions) if mode == "predictions" else None
+    if lists is None:
+        raise ConfigError(f"--candidates {cfg.candidates}: {mode} gives one answer per question",
+                          "pass --predictions FILE whose lines carry `candidates` (the greedy answer first)")
+    pairs = [(ex.question, ex.context) for ex in examples]
+    started = time.perf_counter()
+    votes = cands.choose_all(pairs, [c[:cfg.candidates] for c in lists], seed=cfg.seed,
+                             time_budget_s=cfg.eval_query_timeout, row_cap=cfg.eval_row_cap, real_db=real_db)
+    logs.event(log, "candidates voted", k=cfg.candidates, changed=sum(1 for v in votes if v.chosen != 0),
+               fallback=sum(1 for v in votes if v.fallback), seconds=round(time.perf_counter() - started, 2))
+    return votes
 
 
 def _sha256(path: Path) -> str:
@@ -265,8 +289,17 @@ def _evaluate(cfg: config.Config, mode: str, mine: Sequence[Any], rows: list[dic
     logs.event(log, "predictions ready", count=len(preds), seconds=round(t1 - t0, 1))
     settings = Settings(databases=cfg.eval_databases, seed=cfg.seed, time_budget_s=cfg.eval_query_timeout,
                         row_cap=cfg.eval_row_cap)
-    items = [Item(i, ex.question, ex.context, ex.answer, p.sql) for i, ex, p in zip(indices, mine, preds, strict=True)]
+    votes = _choose(cfg, mode, mine, rows, real_db)
+    chosen = [v.sql for v in votes] if votes else [p.sql for p in preds]
+    items = [Item(i, ex.question, ex.context, ex.answer, sql) for i, ex, sql in zip(indices, mine, chosen, strict=True)]
     records = real_db.score(items) if real_db is not None else score(items, settings, cfg.eval_workers)
+    if votes:  # the greedy answer scored too where the vote changed it, so the report shows what choosing did
+        from sqltune.evaluate import candidates as cands
+
+        greedy = [Item(it.index, it.question, it.context, it.gold, v.runs[0].sql)
+                  for it, v in zip(items, votes, strict=True) if v.chosen != 0]
+        scored = real_db.score(greedy) if real_db is not None else score(greedy, settings, cfg.eval_workers)
+        cands.annotate(records, votes, {r["index"]: r for r in scored})
     for record, p in zip(records, preds, strict=True):
         record["raw_output"], record["generation_error"] = p.raw, p.error
         if cfg.constrain != "off":
@@ -276,8 +309,8 @@ def _evaluate(cfg: config.Config, mode: str, mine: Sequence[Any], rows: list[dic
         "version": rep.REPORT_VERSION, "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "sqltune_version": __version__, "source": source, "dataset": dataset,
         "shard": {"index": shard_index, "count": shard_count},
-        "settings": {**vars(settings), "greedy": True, "max_new_tokens": cfg.eval_max_new_tokens,
-                     "constrain": cfg.constrain},
+        "settings": {**vars(settings), "greedy": cfg.candidates == 1, "max_new_tokens": cfg.eval_max_new_tokens,
+                     "constrain": cfg.constrain, "candidates": cfg.candidates},
         "config": cfg.to_dict(), "results": rep.aggregate(records),
         "generation_errors": sum(1 for p in preds if p.error),
         "timing": {"generate_s": round(t1 - t0, 2), "score_s": round(t2 - t1, 2),

@@ -24,8 +24,8 @@ from sqltune.db.connect import connect, warn_if_writable
 from sqltune.db.execute import open_runner
 from sqltune.errors import ConfigError, DataError
 from sqltune.evaluate import metrics
-from sqltune.sql import check
-from sqltune.sql.sandbox import EMPTY, MULTIPLE, SYNTAX
+from sqltune.sql import check, vote
+from sqltune.sql.sandbox import EMPTY, MULTIPLE, SYNTAX, ExecResult
 
 log = logs.get("eval")
 
@@ -147,6 +147,16 @@ class DatabaseEval:
                                  ordered=ordered)
         return {**record, "valid": True, "executable": True, "ex": ex,
                 "error": "" if ex else "result differs from the gold result"}
+
+    def choose(self, pairs: Sequence[tuple[str, str]], candidates: Sequence[Sequence[vote.Candidate]]) -> list[vote.Vote]:
+        """--candidates: each question's candidates voted on by running them here, translated and gated as the
+        predictions are (sqltune.sql.vote); the gold query plays no part."""
+        with open_runner(self.db, timeout_s=self.cfg.db_timeout, row_cap=self.cfg.eval_row_cap) as runner:
+            def run(sql: str) -> ExecResult:
+                t = dialect.translate(sql, self.schema, source=self.cfg.db_dialect, target=self.db.dialect)
+                return runner.run(t.sql) if t.ok else ExecResult(ok=False, error_kind=t.error_kind, error=t.error)
+
+            return [vote.choose(c, self.schema, vote.on_runner(run)) for c in candidates]
 
     def close(self) -> None:
         self.db.close()

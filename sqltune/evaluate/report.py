@@ -14,6 +14,8 @@ from collections import Counter
 from collections.abc import Iterable, Sequence
 from typing import Any
 
+from sqltune.evaluate.candidates import summary as candidate_summary
+
 REPORT_VERSION = 1
 METRICS = ("ex", "em_raw", "em_norm", "valid", "executable", "schema_ok")
 LABELS = {"ex": "execution accuracy (EX)", "em_raw": "exact match, raw", "em_norm": "exact match, normalised",
@@ -47,6 +49,7 @@ def aggregate(records: Sequence[dict[str, Any]]) -> dict[str, Any]:
         "by_source": {k: {"n": len(v), **_metric_block(v, BREAKDOWN_METRICS)} for k, v in sorted(by_source.items())},
         "prediction_errors": dict(Counter(r["error_kind"] for r in scored if r["error_kind"]).most_common()),
         "timed_out": sum(1 for r in scored if r["timed_out"]),
+        "candidates": candidate_summary(records),
         "gold_check": {
             "gold_ran": rate(len(scored), len(records)),
             "dataset_errors": len(failed),
@@ -91,6 +94,12 @@ def markdown(report: dict[str, Any]) -> str:
             lines.append(f"| {name} | {row['n']} | {100 * row['ex']['value']:.1f}% | "
                          f"{100 * row['em_norm']['value']:.1f}% | {100 * row['executable']['value']:.1f}% |")
         lines.append("")
+    votes = res.get("candidates")
+    if votes:
+        lines += [f"Answers chosen among {votes['k']} candidates by execution: EX {pct(votes['ex'])} against "
+                  f"{pct(votes['ex_greedy'])} for the greedy answer; {votes['changed']} answers changed "
+                  f"({votes['gained']} gained, {votes['lost']} lost), {votes['fallback']} with no candidate that ran; "
+                  f"on average {votes['mean_ran']} ran and {votes['mean_agreed']} agreed.", ""]
     if res["prediction_errors"]:
         lines += ["Prediction errors: " + ", ".join(f"{k} {v}" for k, v in res["prediction_errors"].items()), ""]
     return "\n".join(lines)
