@@ -167,11 +167,14 @@ class TransformersEngine(EngineBase):
         device = self.loaded.device
         if self._on_batch:
             self._on_batch(len(batch))
+        # rows with the same prompt (a question's candidates, the n choices of one request) share one prefill:
+        # each distinct prompt runs once, and its cache rows are copied to the rows that asked it
+        distinct: dict[tuple[int, ...], int] = {}
+        owner = [distinct.setdefault(tuple(r.prompt_ids), len(distinct)) for r in batch]
         width = max(len(r.prompt_ids) for r in batch)
         pad = tok.pad_token_id if tok.pad_token_id is not None else 0
-        ids = torch.tensor([[pad] * (width - len(r.prompt_ids)) + r.prompt_ids for r in batch], device=device)
-        mask = torch.tensor([[0] * (width - len(r.prompt_ids)) + [1] * len(r.prompt_ids) for r in batch],
-                            device=device)
+        ids = torch.tensor([[pad] * (width - len(p)) + list(p) for p in distinct], device=device)
+        mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in distinct], device=device)
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
         for r in batch:
             r.text = TextStream(tok, r.params.stop, r.params.min_tokens)
@@ -191,6 +194,10 @@ class TransformersEngine(EngineBase):
         kv = {self._cache_kwarg: cache, "use_cache": True, "logits_to_keep": 1}
         rows = list(batch)
         logits = model(input_ids=ids, attention_mask=mask, position_ids=positions, **kv).logits[:, -1, :]
+        if len(distinct) < len(batch):
+            index = torch.tensor(owner, device=device)
+            cache.batch_select_indices(index)
+            logits, mask, positions = logits[index], mask[index], positions[index]
         while rows:
             tokens = self._sample(logits, rows)
             keep = [i for i, (r, t) in enumerate(zip(rows, tokens.tolist(), strict=True)) if self._advance(r, t)]
