@@ -53,15 +53,22 @@ def test_engine_greedy_is_plain_model_generate(tiny_model_dir: Path) -> None:
     different lengths, finished rows leaving the batch), it decodes what transformers' generate does."""
     import torch
 
+    from sqltune.evaluate import sources
     from sqltune.prompts import encode_prompt
 
+    preds, info = sources.from_model(str(tiny_model_dir), QUESTIONS, batch_size=4, max_new_tokens=MAX_NEW,
+                                     progress=lambda n: None, engine="transformers")
+    assert info["engine"] == "transformers" and info["batch_size"] == 4
     with batch.open_model(tiny_model_dir, engine="transformers", batch_size=4) as llm:
         prompts_ = [llm.template.build_prompt(q, c) for q, c in QUESTIONS]
         done = llm.generate_text(prompts_, SamplingParams(max_tokens=MAX_NEW))
         tok, model = llm.engine.loaded.tokenizer, llm.engine.loaded.model
+        [too_long] = llm.generate([batch.Request([1] * llm.max_model_len, SamplingParams(max_tokens=4))])
     expected = _plain_greedy(tiny_model_dir, prompts_)
-    assert [c.text for c in done] == [tok.decode(ids, skip_special_tokens=True) for ids in expected]
+    plain = [tok.decode(ids, skip_special_tokens=True) for ids in expected]
+    assert [p.raw for p in preds] == [c.text for c in done] == plain
     assert all(c.finish_reason in ("stop", "length") and not c.error for c in done)
+    assert too_long.finish_reason == "error" and "context" in too_long.error
     # the cumulative log-probability is the model's own, token by token, EOS included when it stopped there
     for prompt, ids, c in zip(prompts_, expected, done, strict=True):
         full = encode_prompt(tok, prompt)
@@ -115,3 +122,19 @@ def test_eval_logs_generation_progress_without_a_terminal() -> None:
     lines = [r.fields for r in records if r.getMessage() == "generating"]  # type: ignore[attr-defined]
     assert 2 <= len(lines) < 10 and lines[-1]["done"] == lines[-1]["total"] == 10 and lines[-1]["eta_s"] == 0
     assert all(0 < line["per_s"] < 100 for line in lines[1:]) and lines[1]["eta_s"] > 0
+
+
+def test_engine_flags_read_the_factory_s_choices() -> None:
+    """serve, eval and ask take --engine with the factory's names; anything else is refused at once (exit 2)."""
+    from conftest import run_sqltune
+
+    from sqltune.engines import factory
+    from sqltune.errors import ConfigError
+
+    for command in ("serve", "eval", "ask"):
+        shown = run_sqltune(command, "--help", timeout=60).stdout
+        assert "--engine" in shown and ", ".join(factory.ENGINES) in " ".join(shown.split()), command
+    bad = run_sqltune("eval", "--model", "m", "--engine", "tpu", timeout=60, check=False)
+    assert bad.returncode == 2 and "invalid choice: 'tpu'" in bad.stderr
+    with pytest.raises(ConfigError, match="not an engine"):
+        factory.choose_engine("tpu")  # a YAML or environment value, which argparse never sees

@@ -115,12 +115,21 @@ class OfflineEngine:
         order = sorted(range(len(requests)), key=lambda i: len(requests[i].prompt_ids))
         return self._run(self._gather(requests, order, progress))
 
+    def _too_long(self, request: Request) -> Completion | None:
+        n, limit = len(request.prompt_ids), self.max_model_len
+        if n < limit:
+            return None
+        return Completion("", n, 0, "error", f"the prompt is {n} tokens and the model's context is {limit}: "
+                          "shorten the schema context (or raise --max-model-len where the model allows it)",
+                          logprob=float("nan"))
+
     async def _gather(self, requests: Sequence[Request], order: list[int],
                       progress: Callable[[int], None] | None) -> list[Completion]:
         out: list[Completion | None] = [None] * len(requests)
 
         async def one(i: int) -> None:
-            out[i] = await complete(self.engine, requests[i].prompt_ids, requests[i].params)
+            out[i] = self._too_long(requests[i]) or await complete(self.engine, requests[i].prompt_ids,
+                                                                    requests[i].params)
             if progress is not None:
                 progress(1)
 
