@@ -102,7 +102,7 @@ def test_eval_logs_generation_progress_without_a_terminal() -> None:
     import logging
     import time
 
-    from sqltune.evaluate.cli import GenerateProgress
+    from sqltune.evaluate.sources import GenerateProgress
 
     records: list[logging.LogRecord] = []
     handler = logging.Handler()

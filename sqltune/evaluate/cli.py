@@ -120,45 +120,12 @@ def _progress_bar(total: int, desc: str) -> Any:
     return tqdm(total=total, desc=desc, unit="ex", disable=not logs.show_progress(), dynamic_ncols=True)
 
 
-class GenerateProgress:
-    """A progress bar on a terminal; elsewhere (a log pipeline, SQLTUNE_NO_PROGRESS=1) one JSON line
-    every `every_s` seconds and at the end, with done/total, rate and ETA."""
-
-    def __init__(self, total: int, every_s: float = 5.0) -> None:
-        self.total, self.every_s, self.done = total, every_s, 0
-        self.bar = _progress_bar(total, "generate") if logs.show_progress() else None
-        self.started = self.last = time.perf_counter()
-        self.first: tuple[float, int] | None = None
-
-    def update(self, n: int = 1) -> None:
-        self.done += n
-        if self.bar is not None:
-            self.bar.update(n)
-            return
-        now = time.perf_counter()
-        if self.first is None:  # the rate counts from the first answer, not from loading the model
-            self.first = (now, self.done)
-        if now - self.last >= self.every_s or self.done >= self.total:
-            self.last = now
-            rate = (self.done - self.first[1]) / max(now - self.first[0], 1e-9)
-            logs.event(log, "generating", done=self.done, total=self.total, per_s=round(rate, 2),
-                       eta_s=round((self.total - self.done) / rate, 1) if rate > 0 else None,
-                       seconds=round(now - self.started, 1))
-
-    def __enter__(self) -> GenerateProgress:
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        if self.bar is not None:
-            self.bar.close()
-
-
 def predict(cfg: config.Config, mode: str, examples: Sequence[Any], all_examples_rows: list[dict[str, Any]] | None
             ) -> tuple[list[Any], dict[str, Any]]:
     from sqltune.evaluate import sources as src
 
     pairs = [(ex.question, ex.context) for ex in examples]
-    with GenerateProgress(len(pairs)) as bar:
+    with src.GenerateProgress(len(pairs)) as bar:
         if mode == "gold":
             from sqltune.data import loading
 

@@ -45,6 +45,44 @@ class Prediction:
     reason: str = ""  # why not, when --constrain asked for it
 
 
+class GenerateProgress:
+    """A progress bar on a terminal; elsewhere (a log pipeline, SQLTUNE_NO_PROGRESS=1) one JSON line
+    every `every_s` seconds and at the end, with done/total, rate and ETA."""
+
+    def __init__(self, total: int, every_s: float = 5.0) -> None:
+        self.total, self.every_s, self.done = total, every_s, 0
+        if logs.show_progress():
+            from tqdm import tqdm
+
+            self.bar: Any = tqdm(total=total, desc="generate", unit="ex", dynamic_ncols=True)
+        else:
+            self.bar = None
+        self.started = self.last = time.perf_counter()
+        self.first: tuple[float, int] | None = None
+
+    def update(self, n: int = 1) -> None:
+        self.done += n
+        if self.bar is not None:
+            self.bar.update(n)
+            return
+        now = time.perf_counter()
+        if self.first is None:  # the rate counts from the first answer, not from loading the model
+            self.first = (now, self.done)
+        if now - self.last >= self.every_s or self.done >= self.total:
+            self.last = now
+            rate = (self.done - self.first[1]) / max(now - self.first[0], 1e-9)
+            logs.event(log, "generating", done=self.done, total=self.total, per_s=round(rate, 2),
+                       eta_s=round((self.total - self.done) / rate, 1) if rate > 0 else None,
+                       seconds=round(now - self.started, 1))
+
+    def __enter__(self) -> GenerateProgress:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
 def from_model(model: str, pairs: Sequence[tuple[str, str]], *, batch_size: int, max_new_tokens: int,
                progress: Progress, constrain: str = "off", cfg: Any = None, engine: str = ""
                ) -> tuple[list[Prediction], dict[str, Any]]:
