@@ -192,9 +192,9 @@ class Config:
                                 minimum=0.01, maximum=1.0, group="serve")
     api_key: str = _f("", "Bearer key required on every route but /health, /ready and the playground page /.",
                       group="serve")
+    # choices: sqltune.engines.factory.ENGINES (checked there; the flags read them from there)
     serve_engine: str = _f("auto", "Generation engine; auto = vllm when CUDA and vllm are installed, else "
-                           "transformers.", choices=["auto", "transformers", "vllm"], aliases=["--engine"],
-                           group="serve")
+                           "transformers.", aliases=["--engine"], group="serve")
     serve_host: str = _f("0.0.0.0", "Address to listen on (127.0.0.1 keeps the server local).",
                          aliases=["--host"], group="serve")
     serve_port: int = _f(8000, "Port to listen on (Cloud Run and Vertex AI set PORT / AIP_HTTP_PORT).",
