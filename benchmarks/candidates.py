@@ -82,20 +82,26 @@ def _rate(count: int, total: int) -> dict[str, Any]:
     return {"value": round(count / total, 4) if total else 0.0, "count": count, "total": total}
 
 
-def vote_k(rows: list[Any], texts: list[list[str]], errors: list[list[str]], k: int) -> dict[str, Any]:
+def vote_k(rows: list[Any], texts: list[list[str]], errors: list[list[str]], logprobs: list[list[float]],
+           k: int) -> dict[str, Any]:
     """EX of the answers voted among each question's first k candidates (k = 1: the greedy answer)."""
     from sqltune.evaluate import candidates as cands
     from sqltune.sql.vote import Candidate
 
     t0 = time.perf_counter()
     votes = cands.choose_all([(ex.question, ex.context) for ex in rows],
-                             [[Candidate(t, None, e) for t, e in zip(ts[:k], es[:k], strict=True)]
-                              for ts, es in zip(texts, errors, strict=True)], seed=42) if k > 1 else None
+                             [[Candidate(t, lp, e) for t, e, lp in zip(ts[:k], es[:k], lps[:k], strict=True)]
+                              for ts, es, lps in zip(texts, errors, logprobs, strict=True)], seed=42) if k > 1 else None
     vote_s = time.perf_counter() - t0
     records = score(rows, [v.sql for v in votes] if votes else [ts[0] for ts in texts])
     result: dict[str, Any] = {"k": k, "questions": len(rows), "ex": ex_block(records),
                               "vote_s_per_question": round(vote_s / len(rows), 4)}
     if votes:
+        # the same votes with ties going to the earliest candidate (no likelihoods): what the tie-break adds
+        flat = cands.choose_all([(ex.question, ex.context) for ex in rows],
+                                [[Candidate(t, None, e) for t, e in zip(ts[:k], es[:k], strict=True)]
+                                 for ts, es in zip(texts, errors, strict=True)], seed=42)
+        result["ex_ties_to_greedy"] = ex_block(score(rows, [v.sql for v in flat]))
         greedy = score(rows, [ts[0] for ts in texts])
         for r, g in zip(records, greedy, strict=True):
             r["ex_greedy"] = g["ex"]
@@ -114,7 +120,7 @@ def vote_k(rows: list[Any], texts: list[list[str]], errors: list[list[str]], k: 
 
 
 def candidates_for(engine: Any, cfg: Any, rows: list[Any], k: int, max_tokens: int, *, one_at_a_time: bool
-                   ) -> tuple[list[list[str]], list[list[str]], float, int]:
+                   ) -> tuple[list[list[str]], list[list[str]], list[list[float]], float, int]:
     """(SQL, generation errors) of every question's k candidates, seconds taken, completion tokens: all
     questions in flight at once (as `sqltune eval` sends them), or one question after another (as a
     user asking /v1/sql or `sqltune ask`), each with its k requests in flight."""
@@ -129,7 +135,8 @@ def candidates_for(engine: Any, cfg: Any, rows: list[Any], k: int, max_tokens: i
     seconds = time.perf_counter() - t0
     texts = [[extract_sql(c.text, engine.eos_token, engine.template) for c in row] for row in done]
     errors = [[c.error if c.finish_reason == "error" else "" for c in row] for row in done]
-    return texts, errors, seconds, sum(c.completion_tokens for row in done for c in row)
+    logprobs = [[c.logprob for c in row] for row in done]
+    return texts, errors, logprobs, seconds, sum(c.completion_tokens for row in done for c in row)
 
 
 def run_beams(model: str, rows: list[Any], ks: list[int], max_tokens: int, batch: int) -> dict[str, Any]:
@@ -227,11 +234,11 @@ def main(argv: list[str] | None = None) -> int:
     # quality: the largest K generated once; each smaller K votes among its first K (greedy + samples 1..K-1,
     # the requests `--candidates K` sends: rows decode independently, so they are the same candidates)
     kmax = max(args.k)
-    texts, errors, seconds, tokens = candidates_for(engine, cfg, rows, kmax, max_tokens, one_at_a_time=False)
+    texts, errors, logprobs, seconds, tokens = candidates_for(engine, cfg, rows, kmax, max_tokens, one_at_a_time=False)
     results["generation"] = {"k": kmax, "seconds": round(seconds, 1), "completion_tokens": tokens,
                              "s_per_question": round(seconds / len(rows), 3)}
     for k in sorted(args.k):
-        one = vote_k(rows, texts, errors, k)
+        one = vote_k(rows, texts, errors, logprobs, k)
         results["runs"].append(one)
         print(f"k={k}: {json.dumps(one)}", flush=True)
     base = results["runs"][0]
@@ -245,7 +252,7 @@ def main(argv: list[str] | None = None) -> int:
             break
         per = {}
         for k in sorted(args.k):
-            _, _, secs, toks = candidates_for(engine, cfg, rows[:args.timing_limit], k, max_tokens, one_at_a_time=alone)
+            _, _, _, secs, toks = candidates_for(engine, cfg, rows[:args.timing_limit], k, max_tokens, one_at_a_time=alone)
             per[f"k{k}"] = {"s_per_question": round(secs / timing["questions"], 3), "completion_tokens": toks}
             print(f"timing {mode} k={k}: {per[f'k{k}']}", flush=True)
         greedy_s = per[f"k{min(args.k)}"]["s_per_question"]

@@ -129,7 +129,7 @@ async def finish_sql(service: Service, results: Sequence[Completion], schema: Sc
     texts = [extract_sql(r.text, service.engine.eos_token, service.engine.template) for r in results]
     chosen, picked = 0, None
     if len(results) > 1:
-        candidates = [Candidate(t, None, r.error if r.finish_reason == "error" else "")
+        candidates = [Candidate(t, r.logprob, r.error if r.finish_reason == "error" else "")
                       for t, r in zip(texts, results, strict=True)]
         picked = await asyncio.to_thread(choose, candidates, schema,
                                          on_synthesised(schema, question, time_budget_s=VOTE_QUERY_BUDGET_S))
