@@ -60,6 +60,21 @@ def _expected(server, template, ex: dict, k: int) -> vote.Vote:
     return vote.choose(candidates, schema, vote.on_synthesised(schema, ex["question"]))
 
 
+def _winners(want: vote.Vote) -> set[str]:
+    """The SQL of every candidate in a largest result group: the server breaks ties between groups by
+    likelihood, which the completions route does not report, so any of them may be its answer."""
+    sizes = {}
+    for r in want.runs:
+        if r.ran:
+            sizes.setdefault(r.group, []).append(r.sql)
+    return {sql for members in sizes.values() if len(members) == want.agreed for sql in members} or {want.sql}
+
+
+def _agrees(answer: dict, want: vote.Vote, k: int) -> bool:
+    return (answer["sql"] in _winners(want) and (answer["candidates"], answer["candidates_ran"],
+                                                  answer["candidates_agreed"]) == (k, want.ran, want.agreed))
+
+
 def test_v1_sql_returns_the_answer_most_candidates_agree_on(server, tiny_model_dir, examples):
     template = load_template(tiny_model_dir)
     disagreed = 0
@@ -69,8 +84,7 @@ def test_v1_sql_returns_the_answer_most_candidates_agree_on(server, tiny_model_d
         assert body.status_code == 200, body.text
         answer = body.json()
         want = _expected(server, template, ex, 4)
-        assert (answer["sql"], answer["candidates"], answer["candidates_ran"], answer["candidates_agreed"]) == (
-            want.sql, 4, want.ran, want.agreed), (ex, want)
+        assert _agrees(answer, want, 4), (ex, answer, want)
         assert 0 <= answer["candidates_agreed"] <= answer["candidates_ran"] <= 4
         disagreed += 1 < want.ran and want.agreed < want.ran
     print(f"questions on which several candidates ran and disagreed: {disagreed} of {len(asked)}")
@@ -112,8 +126,7 @@ def test_predict_votes_per_instance(server, tiny_model_dir, examples):
     assert r.status_code == 200, r.text
     first, second, text = r.json()["predictions"]
     want = _expected(server, template, a, 4)
-    assert (first["sql"], first["candidates"], first["candidates_ran"], first["candidates_agreed"]) == (
-        want.sql, 4, want.ran, want.agreed)
+    assert _agrees(first, want, 4), (first, want)
     assert second["candidates"] == 1 and second["candidates_ran"] is None
     assert isinstance(text, str)
 
