@@ -104,3 +104,22 @@ def test_candidates_without_any_in_the_file_is_a_clear_error(tmp_path: Path) -> 
     assert rc == 2 and "--candidates 4" in err and "candidates" in err
     rc, _, err = cli("eval", "--predictions", str(preds), "--candidates", "17", "--report-dir", str(tmp_path / "r"))
     assert rc == 2 and "--candidates: 17 is above the maximum 16" in err
+
+
+def test_eval_with_the_tiny_model_votes_among_its_own_candidates(tiny_model_dir, tmp_path: Path) -> None:
+    common = ("eval", "--model", str(tiny_model_dir), "--dataset", "synthetic:300", "--limit", "8",
+              "--eval-workers", "1", "--candidate-temperature", "0.8")
+    rc, out, err = cli(*common, "--candidates", "3", "--report-dir", str(tmp_path / "voted"))
+    assert rc == 0, err[-2000:]
+    rc, _, err = cli(*common, "--report-dir", str(tmp_path / "greedy"))
+    assert rc == 0, err[-2000:]
+    voted, records = _report(tmp_path / "voted")
+    _, greedy = _report(tmp_path / "greedy")
+    assert voted["results"]["candidates"]["k"] == 3 and voted["settings"]["greedy"] is False
+    for question, r in records.items():
+        runs = r["candidates"]["runs"]
+        assert len(runs) == 3 and r["predicted"] == runs[r["candidates"]["chosen"]]["sql"]
+        # the first candidate is the greedy answer a run without --candidates scores
+        assert runs[0]["sql"] == r["greedy"] == greedy[question]["predicted"]
+        assert all(x["logprob"] is None or x["logprob"] <= 0 for x in runs)
+    assert any(len({x["sql"] for x in r["candidates"]["runs"]}) > 1 for r in records.values()), "samples differ"

@@ -12,14 +12,41 @@ wherever the vote changed the answer, so the report shows what choosing gained a
 
 from __future__ import annotations
 
+import time
 from collections.abc import Sequence
 from typing import Any
 
-from sqltune.errors import DataError
+from sqltune import config, logs
+from sqltune.errors import ConfigError, DataError
 from sqltune.sql import vote
 from sqltune.sql.schema import parse_schema
 
-CANDIDATE_KEYS = ("candidates",)
+log = logs.get("eval")
+
+
+def choose_for(cfg: config.Config, mode: str, examples: Sequence[Any], rows: list[dict[str, Any]] | None,
+            preds: Sequence[Any], real_db: Any) -> list[Any] | None:
+    """--candidates K: each example's answer voted among its first K candidates (sqltune.evaluate.candidates);
+    an endpoint votes itself (its /v1/sql takes `candidates`), on databases synthesised from the schema."""
+    if cfg.candidates > 1 and mode == "endpoint" and real_db is not None:
+        raise ConfigError("--candidates with --endpoint and --database: the server votes on databases it "
+                          "synthesises, not on yours", "use --model DIR to vote on the real database")
+    if cfg.candidates <= 1 or mode == "endpoint":
+        return None
+    if mode == "predictions":
+        lists = from_rows(rows or [], examples, cfg.eval_predictions)
+    else:
+        lists = [list(p.candidates) for p in preds] if preds and all(p.candidates for p in preds) else None
+    if lists is None:
+        raise ConfigError(f"--candidates {cfg.candidates}: {mode} gives one answer per question",
+                          "pass --model DIR, or --predictions FILE whose lines carry `candidates` (greedy first)")
+    pairs = [(ex.question, ex.context) for ex in examples]
+    started = time.perf_counter()
+    votes = choose_all(pairs, [c[:cfg.candidates] for c in lists], seed=cfg.seed,
+                             time_budget_s=cfg.eval_query_timeout, row_cap=cfg.eval_row_cap, real_db=real_db)
+    logs.event(log, "candidates voted", k=cfg.candidates, changed=sum(1 for v in votes if v.chosen != 0),
+               fallback=sum(1 for v in votes if v.fallback), seconds=round(time.perf_counter() - started, 2))
+    return votes
 
 
 def choose_all(pairs: Sequence[tuple[str, str]], candidates: Sequence[Sequence[vote.Candidate]], *, seed: int = 0,

@@ -144,32 +144,12 @@ def predict(cfg: config.Config, mode: str, examples: Sequence[Any], all_examples
                                             retries=cfg.eval_retries, timeout=cfg.eval_request_timeout,
                                             max_new_tokens=cfg.eval_max_new_tokens, progress=bar.update,
                                             constrain="" if cfg.constrain == "off" and not cfg.eval_compare_unconstrained
-                                            else cfg.constrain)
+                                            else cfg.constrain, candidates=cfg.candidates)
         else:
             preds, info = src.from_model(cfg.model_name, pairs, batch_size=cfg.eval_batch_size,
                                          max_new_tokens=cfg.eval_max_new_tokens, progress=bar.update,
-                                         constrain=cfg.constrain, cfg=cfg)
+                                         constrain=cfg.constrain, cfg=cfg, candidates=cfg.candidates)
     return preds, info
-
-
-def _choose(cfg: config.Config, mode: str, examples: Sequence[Any], rows: list[dict[str, Any]] | None,
-            real_db: Any) -> list[Any] | None:
-    """--candidates K: each example's answer voted among its first K candidates (sqltune.evaluate.candidates)."""
-    if cfg.candidates <= 1:
-        return None
-    from sqltune.evaluate import candidates as cands
-
-    lists = cands.from_rows(rows or [], examples, cfg.eval_predictions) if mode == "predictions" else None
-    if lists is None:
-        raise ConfigError(f"--candidates {cfg.candidates}: {mode} gives one answer per question",
-                          "pass --predictions FILE whose lines carry `candidates` (the greedy answer first)")
-    pairs = [(ex.question, ex.context) for ex in examples]
-    started = time.perf_counter()
-    votes = cands.choose_all(pairs, [c[:cfg.candidates] for c in lists], seed=cfg.seed,
-                             time_budget_s=cfg.eval_query_timeout, row_cap=cfg.eval_row_cap, real_db=real_db)
-    logs.event(log, "candidates voted", k=cfg.candidates, changed=sum(1 for v in votes if v.chosen != 0),
-               fallback=sum(1 for v in votes if v.fallback), seconds=round(time.perf_counter() - started, 2))
-    return votes
 
 
 def _sha256(path: Path) -> str:
@@ -285,6 +265,7 @@ def _evaluate(cfg: config.Config, mode: str, mine: Sequence[Any], rows: list[dic
               sub: str, real_db: Any = None) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     """Generate, score and write one report (`sub`: its folder under the report dir when a run makes two)."""
     from sqltune.evaluate import report as rep
+    from sqltune.evaluate.candidates import annotate, choose_for
     from sqltune.evaluate.score import Item, Settings
 
     shard_index, shard_count = shard
@@ -294,19 +275,19 @@ def _evaluate(cfg: config.Config, mode: str, mine: Sequence[Any], rows: list[dic
     logs.event(log, "predictions ready", count=len(preds), seconds=round(t1 - t0, 1))
     settings = Settings(databases=cfg.eval_databases, seed=cfg.seed, time_budget_s=cfg.eval_query_timeout,
                         row_cap=cfg.eval_row_cap)
-    votes = _choose(cfg, mode, mine, rows, real_db)
+    votes = choose_for(cfg, mode, mine, rows, preds, real_db)
     chosen = [v.sql for v in votes] if votes else [p.sql for p in preds]
     items = [Item(i, ex.question, ex.context, ex.answer, sql) for i, ex, sql in zip(indices, mine, chosen, strict=True)]
     records = real_db.score(items) if real_db is not None else score(items, settings, cfg.eval_workers)
     if votes:  # the greedy answer scored too where the vote changed it, so the report shows what choosing did
-        from sqltune.evaluate import candidates as cands
-
         greedy = [Item(it.index, it.question, it.context, it.gold, v.runs[0].sql)
                   for it, v in zip(items, votes, strict=True) if v.chosen != 0]
         scored = real_db.score(greedy) if real_db is not None else score(greedy, settings, cfg.eval_workers)
-        cands.annotate(records, votes, {r["index"]: r for r in scored})
+        annotate(records, votes, {r["index"]: r for r in scored})
     for record, p in zip(records, preds, strict=True):
         record["raw_output"], record["generation_error"] = p.raw, p.error
+        if p.vote is not None:
+            record["candidates"] = p.vote
         if cfg.constrain != "off":
             record["constrained"], record["constraint_reason"] = p.constrained, p.reason
     t2 = time.perf_counter()
