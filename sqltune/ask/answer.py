@@ -25,6 +25,7 @@ from sqltune.db import dialect, introspect
 from sqltune.db.connect import Database, connect, warn_if_writable
 from sqltune.db.execute import open_runner
 from sqltune.errors import ConfigError
+from sqltune.sql import vote
 from sqltune.sql.sandbox import ROW_LIMIT, ExecResult
 
 log = logs.get("db")
@@ -43,6 +44,7 @@ class AskResult:
     generation_error: str = ""
     warnings: list[str] = field(default_factory=list)
     timing: dict[str, float] = field(default_factory=dict)
+    vote: dict[str, Any] | None = None  # --candidates: how many ran on the database and agreed (sqltune.sql.vote)
 
     @property
     def ok(self) -> bool:
@@ -66,7 +68,7 @@ class AskResult:
                 "error_kind": self.translation.error_kind or self.result.error_kind,
                 "columns": list(self.result.columns), "rows": [list(r) for r in self.result.rows],
                 "row_count": len(self.result.rows), "truncated": self.result.truncated,
-                "warnings": self.warnings, "timing": self.timing}
+                "warnings": self.warnings, "timing": self.timing, "candidates": self.vote}
 
 
 class Writer:
@@ -74,6 +76,7 @@ class Writer:
 
     def __init__(self, cfg: config.Config, sources: dict[str, str], sql: str | None) -> None:
         self.cfg, self.given, self.llm = cfg, sql, None
+        self.server_vote: dict[str, Any] | None = None
         self.kind = "given" if sql is not None else "endpoint" if cfg.eval_endpoint else "model"
         if self.kind == "model" and "model_name" not in sources:
             raise ConfigError("nothing writes the SQL", "pass --model DIR, --endpoint URL, or --sql 'SELECT ...'")
@@ -82,7 +85,7 @@ class Writer:
             from sqltune.engines import batch
 
             # one question: a batch of one on the engine `sqltune serve` would use (--engine)
-            self.llm = batch.open_model(cfg.model_name, cfg, batch_size=1)
+            self.llm = batch.open_model(cfg.model_name, cfg, batch_size=max(1, cfg.candidates))
             trained = self.llm.meta.get("max_new_tokens")
             if trained and "eval_max_new_tokens" not in sources:
                 self.max_new_tokens = int(trained)
@@ -124,8 +127,37 @@ class Writer:
 
         preds, _ = src.from_endpoint(self.cfg.eval_endpoint, [(question, context)], concurrency=1,
                                      retries=self.cfg.eval_retries, timeout=self.cfg.eval_request_timeout,
-                                     max_new_tokens=self.max_new_tokens, progress=lambda n: None)
+                                     max_new_tokens=self.max_new_tokens, progress=lambda n: None,
+                                     candidates=self.cfg.candidates)
+        self.server_vote = preds[0].vote  # the server voted on databases it synthesised from the schema
         return preds[0].sql, preds[0].raw, preds[0].error
+
+    def candidates(self, question: str, context: str, k: int) -> list[vote.Candidate]:
+        """k answers from the local model in one batch: the greedy one, then k-1 samples seeded 1..k-1."""
+        from dataclasses import replace
+
+        from sqltune import prompts
+        from sqltune.engines import batch
+        from sqltune.engines.base import SamplingParams
+
+        assert self.llm is not None
+        ids = self.llm.encode(self.llm.template.build_prompt(question, context))
+        greedy = SamplingParams(max_tokens=self.max_new_tokens)
+        done = self.llm.generate([batch.Request(ids, greedy)] + [
+            batch.Request(ids, replace(greedy, temperature=self.cfg.candidate_temperature,
+                                       top_p=self.cfg.candidate_top_p, seed=j)) for j in range(1, k)])
+        return [vote.Candidate(prompts.extract_sql(c.text, self.llm.eos_token, self.llm.template) if not c.error
+                               else "", c.logprob, c.error) for c in done]
+
+
+def choose_on_database(cfg: config.Config, db: Database, schema: Any, candidates: list[vote.Candidate]) -> vote.Vote:
+    """The candidate whose rows on the database most candidates share, each translated, gated and run read-only."""
+    with open_runner(db, timeout_s=cfg.db_timeout, row_cap=cfg.db_row_cap) as runner:
+        def run(sql: str) -> ExecResult:
+            t = dialect.translate(sql, schema, source=cfg.db_dialect, target=db.dialect)
+            return runner.run(t.sql) if t.ok else ExecResult(ok=False, error_kind=t.error_kind, error=t.error)
+
+        return vote.choose(candidates, schema, vote.on_runner(run))
 
 
 def ask(cfg: config.Config, question: str, *, sources: dict[str, str] | None = None, sql: str | None = None,
@@ -148,9 +180,16 @@ def ask(cfg: config.Config, question: str, *, sources: dict[str, str] | None = N
             if selection.left_out:
                 logs.event(log, "tables left out of the context", given=selection.tables,
                            left_out=selection.left_out, how=selection.how)
-            model_sql, raw, gen_error = writer.write(question, selection.context)
+            chosen = None
+            if cfg.candidates > 1 and writer.kind == "model":  # voted here, on the real database
+                candidates = writer.candidates(question, selection.context, cfg.candidates)
+                chosen = choose_on_database(cfg, db, schema.to_schema(), candidates)
+                model_sql, raw, gen_error = chosen.sql, chosen.sql, candidates[chosen.chosen].error
+            else:
+                model_sql, raw, gen_error = writer.write(question, selection.context)
         finally:
             writer.close()
+        picked = chosen.to_dict() if chosen else writer.server_vote
         t2 = time.perf_counter()
         translation = dialect.translate(model_sql, schema.to_schema(), source=cfg.db_dialect, target=db.dialect)
         if gen_error or not translation.ok:
@@ -161,7 +200,8 @@ def ask(cfg: config.Config, question: str, *, sources: dict[str, str] | None = N
                 result = runner.run(translation.sql)
         t3 = time.perf_counter()
         out = AskResult(question, db.describe(), selection, translation, result, writer.kind, raw, gen_error, warnings,
-                        {"schema_s": round(t1 - t0, 3), "generate_s": round(t2 - t1, 3), "query_s": round(t3 - t2, 3)})
+                        {"schema_s": round(t1 - t0, 3), "generate_s": round(t2 - t1, 3), "query_s": round(t3 - t2, 3)},
+                        picked)
         logs.event(log, "ask finished", ok=out.ok, kind=out.to_dict()["error_kind"], rows=len(result.rows),
                    truncated=result.truncated, changed=translation.changed, query_ms=round(result.elapsed_ms, 1))
         return out
@@ -199,6 +239,11 @@ def render_table(res: AskResult) -> str:
     if sel.left_out:
         lines.append(f"-- schema: {len(sel.tables)} of {len(sel.tables) + len(sel.left_out)} tables given to the model "
                      f"({', '.join(sel.tables)}); left out: {', '.join(sel.left_out)} [{sel.how}]")
+    if res.vote and res.vote.get("candidates", 1) > 1:
+        v = res.vote
+        where = "the database" if "runs" in v else "databases the server synthesised from the schema"
+        lines.append(f"-- chosen among {v['candidates']} candidates: {v['ran']} ran on {where}, {v['agreed']} agreed"
+                     if v["ran"] else f"-- none of {v['candidates']} candidates ran; this is the first one, unchecked")
     t = res.translation
     if t.changed:
         lines += [f"-- SQL as the model wrote it ({'given' if res.source == 'given' else 'model'}): {t.model_sql}",

@@ -5,6 +5,7 @@
     sqltune ask --database ./shop.sqlite --sql "SELECT COUNT(*) FROM orders" --format json
     sqltune ask --model ./models/sql --engine vllm --database ./shop.sqlite "Top 5 customers by spend"
     sqltune ask --database ./shop.sqlite --schema-only          # the CREATE TABLE context the model gets
+    sqltune ask --model ./models/sql --database ./shop.sqlite --candidates 4 "Which customers live in Oslo?"
 
 Prints the SQL (the model's and the one run, when the dialects differ), then the rows as an
 aligned table; --format json|csv for scripts (csv: the rows only, the SQL in the logs). Exits 1
@@ -36,6 +37,9 @@ def register(sub: argparse._SubParsersAction) -> None:
         "eval_endpoint": "A running sqltune (or OpenAI-compatible) server that writes the SQL.",
         "eval_max_new_tokens": "Tokens generated for the SQL; default: the model's own.",
         "eval_retries": "", "eval_request_timeout": "",
+        "candidates": "Answers generated (the greedy one and samples), each run read-only on the database; the "
+                      "one whose rows most of them return is shown. With --endpoint the server votes instead, on "
+                      "databases it synthesises from the schema.", "candidate_temperature": "", "candidate_top_p": "",
         "serve_engine": "Engine that generates with --model, as in `sqltune serve`; auto = vllm when CUDA and "
                         "vllm are installed, else transformers."})
     factory.engine_choices(p)
