@@ -138,9 +138,8 @@ async def finish_sql(service: Service, results: Sequence[Completion], schema: Sc
     if result.finish_reason == "error":
         raise ApiError(500, f"generation failed: {result.error}", "server_error", "engine_error")
     check = await asyncio.to_thread(check_sql, texts[chosen], schema)
-    usage = Usage()
-    for r in results:
-        usage.add(r.prompt_tokens, r.completion_tokens)
+    usage = Usage()  # the prompt once (its candidates share it, as OpenAI's n does), every candidate's tokens
+    usage.add(results[0].prompt_tokens, sum(r.completion_tokens for r in results))
     constraint = constraint or Constraint("off")
     return SqlResponse(sql=texts[chosen], valid=check.valid, tables=check.tables, columns=check.columns,
                        error=check.error, model=service.engine.model_id, finish_reason=result.finish_reason,
