@@ -112,6 +112,13 @@ def vote_k(rows: list[Any], texts: list[list[str]], errors: list[list[str]], log
         result["mean_ran"] = round(sum(v.ran for v in votes) / len(votes), 3)
         result["mean_agreed"] = round(sum(v.agreed for v in votes) / len(votes), 3)
         result["mean_distinct_sql"] = round(sum(len(set(ts[:k])) for ts in texts) / len(texts), 3)
+        # an early stop worth knowing about: when the greedy answer and the first sample are the same text, keep
+        # the greedy answer and generate nothing more (only the disagreeing questions need the other k-2)
+        same = [ts[0].strip() == ts[1].strip() and not es[0] for ts, es in zip(texts, errors, strict=True)]
+        early = [r["ex_greedy"] if s_ else r["ex"] for r, s_ in zip(records, same, strict=True)]
+        result["early_stop"] = {"stopped_at_2": sum(same), "rows_per_question": round(
+            sum(2 if s_ else k for s_ in same) / len(same), 3), "ex": _rate(sum(bool(e) for e, r in zip(
+                early, records, strict=True) if r["gold_ok"]), sum(1 for r in records if r["gold_ok"]))}
         every = score([ex for ex, ts in zip(rows, texts, strict=True) for _ in ts[:k]], [t for ts in texts for t in ts[:k]])
         for i, r in enumerate(records):
             r["oracle"] = any(e["ex"] for e in every[i * k:(i + 1) * k])
