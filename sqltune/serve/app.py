@@ -35,7 +35,7 @@ from sqltune.config import Config
 from sqltune.engines.base import Engine, SamplingParams, complete
 from sqltune.serve.metrics import Metrics
 from sqltune.serve.protocol import error_body
-from sqltune.serve.service import ApiError, Service
+from sqltune.serve.service import ApiError, Service, request_started
 
 log = logs.get("serve")
 access_log = logs.get("serve.access")
@@ -162,6 +162,7 @@ class Gate:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         started = time.perf_counter()
+        request_started.set(started)
         path = scope["path"]
         headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
         request_id = headers.get("x-request-id") or uuid.uuid4().hex

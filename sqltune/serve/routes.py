@@ -114,8 +114,9 @@ async def prepare_sql(service: Service, body: SqlRequest, where: str = "") -> tu
                        param=where + param) from None
     prompt = service.engine.template.build_prompt(body.question, ddl)
     sampling = Sampling(max_tokens=body.max_tokens, stop=list(service.engine.template.stops))
+    job = service.job(prompt, sampling, param=where + "question")  # the prompt's limits before any grammar
     constraint = await constrain_for(service, body.constrain or service.cfg.constrain, body.question, ddl)
-    return service.job(prompt, sampling, param=where + "question", grammar=constraint.grammar), schema, constraint
+    return service.with_grammar(job, constraint.grammar), schema, constraint
 
 
 async def finish_sql(service: Service, result: Completion, schema: Schema,
