@@ -141,15 +141,16 @@ def generate(loaded: Loaded, prompts_: Sequence[str], max_new_tokens: int | Sequ
 
         kwargs["logits_processor"] = [constrain.logits_processor(matchers, loaded.compiler, limits,
                                                                   batch["input_ids"].shape[1])]
+        kwargs["max_new_tokens"] = constrain.token_budget(max(limits), True)  # room to close (constrain.closing)
     with torch.inference_mode():
         out = loaded.model.generate(**batch, **kwargs)
     new = out[:, batch["input_ids"].shape[1]:]
     eos_ids = kwargs["eos_token_id"]
     eos_ids = set(eos_ids if isinstance(eos_ids, list) else [eos_ids])
     results = []
-    for row, mask, limit in zip(new.tolist(), batch["attention_mask"], limits, strict=True):
+    for i, (row, mask, limit) in enumerate(zip(new.tolist(), batch["attention_mask"], limits, strict=True)):
         ids, finished = [], False
-        for t in row[:limit]:
+        for t in row[:limit if not matchers or matchers[i] is None else constrain.token_budget(limit, True)]:
             if t in eos_ids:
                 finished = True
                 break

@@ -167,6 +167,31 @@ def test_an_untrained_model_writes_valid_sql_only_when_constrained(untrained: tu
                                                            .grammar) for r in rows})
 
 
+def test_constrained_answers_always_close_on_a_short_budget(untrained: tuple[Path, list[dict]],
+                                                           shared_data: Path) -> None:
+    """An untrained model under --constrain schema on 40 shared rows with a budget shorter than any of
+    their queries (an artifact's max_new_tokens can be the longest answer it trained on): every answer
+    ends and parses, the rows that reached the budget mid-query having closed it past max_tokens."""
+    from sqltune.generation import choose_precision, from_folder
+    from sqltune.sql.schema import parse_sql
+
+    folder, _ = untrained
+    loaded = from_folder(folder, choose_precision("fp32"), "cpu")
+    rows = [json.loads(line) for line in shared_data.read_text().splitlines()]
+    rows = random.Random(2).sample(rows, 40)
+    texts = [loaded.template.build_prompt(r["question"], r["context"]) for r in rows]
+    grammars = [constrain.build("schema", r["question"], r["context"]).grammar for r in rows]
+    done = generation.generate(loaded, texts, 12, grammars=grammars)
+    unparsed = []
+    for c, r in zip(done, rows, strict=True):
+        sql = prompts.extract_sql(c.text, loaded.tokenizer.eos_token)
+        if c.finish_reason != "stop" or not parse_sql(sql, parse_schema(r["context"])).ok:
+            unparsed.append((c.finish_reason, sql))
+    assert unparsed == [], f"{len(unparsed)} of 40 do not parse: {unparsed[:3]}"
+    assert max(c.completion_tokens for c in done) > 12  # some had to close past the budget
+    assert max(c.completion_tokens for c in done) <= constrain.token_budget(12, True) + 1
+
+
 def test_v1_sql_constrains_in_the_transformers_engine(untrained: tuple[Path, list[dict]]) -> None:
     """The server (real uvicorn on 127.0.0.1, transformers engine) answers /v1/sql under the grammar
     when --constrain is set, falls back with a reason on an unreadable context, and takes the mode per
@@ -187,6 +212,10 @@ def test_v1_sql_constrains_in_the_transformers_engine(untrained: tuple[Path, lis
                 assert _known_names(body["sql"], r["context"]) == [], body
                 valid += 1
         assert valid >= 16
+        short = httpx.post(f"{url}/v1/sql", json={"question": rows[0]["question"], "context": rows[0]["context"],
+                                                  "max_tokens": 6}, timeout=120).json()
+        assert short["finish_reason"] == "stop" and short["extra_tokens"] > 0, short  # closed, and says so
+        assert _known_names(short["sql"], rows[0]["context"]) == [], short
         off = httpx.post(f"{url}/v1/sql", json={"question": "q?", "context": HEAD, "constrain": "off",
                                                 "max_tokens": 8}, timeout=60).json()
         assert off["constrained"] is False and off["reason"] is None

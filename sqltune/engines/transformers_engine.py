@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from sqltune import logs
+from sqltune.constrain import closing
 from sqltune.config import Config
 from sqltune.engines.base import Delta, EngineBase, SamplingParams
 from sqltune.engines.text import TextStream
@@ -266,7 +267,8 @@ class TransformersEngine(EngineBase):
         if r.text.stopped:
             r.send(Delta(piece, n_prompt, generated, "stop"))
             return False
-        if generated >= r.params.max_tokens or n_prompt + generated >= self.max_model_len:
+        if (generated >= r.params.max_tokens and not closing(r.matcher, generated, r.params.max_tokens)
+                or n_prompt + generated >= self.max_model_len):
             r.send(Delta(piece + r.text.flush(), n_prompt, generated, "length"))
             return False
         if piece:

@@ -16,6 +16,7 @@ grammar the engine refuses, an engine without constrained decoding) falls back t
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Sequence
 from typing import Any
 
 from sqltune import constrain, logs
@@ -58,8 +59,12 @@ async def constrain_for(service: Any, mode: str, question: str, context: str) ->
     return constraint
 
 
-def response_fields(constraint: Constraint) -> dict[str, Any]:
-    """What an OpenAI-shaped response adds when the request asked for a constraint."""
+def response_fields(constraint: Constraint, completion_tokens: Sequence[int] = (), max_tokens: int = 0
+                    ) -> dict[str, Any]:
+    """What an OpenAI-shaped response adds when the request asked for a constraint: the mode, whether
+    it applied and why not, and the most tokens past max_tokens a choice took to close its query."""
     if constraint.mode == "off":
         return {}
-    return {"constrain": constraint.mode, "constrained": constraint.constrained, "reason": constraint.reason or None}
+    extra = max([0, *(n - max_tokens for n in completion_tokens)]) if max_tokens else 0
+    return {"constrain": constraint.mode, "constrained": constraint.constrained, "reason": constraint.reason or None,
+            "extra_tokens": extra}

@@ -68,7 +68,8 @@ async def completions(body: CompletionRequest, request: Request, service: Servic
     choices = [{"index": i, "text": echo[i] + c.text, "logprobs": None, "finish_reason": c.finish_reason}
                for i, c in enumerate(results)]
     return {"id": rid, "object": "text_completion", "created": created, "model": model, "choices": choices,
-            "usage": _usage(results, body.n).model_dump(), **response_fields(constraint)}
+            "usage": _usage(results, body.n).model_dump(),
+            **response_fields(constraint, [c.completion_tokens for c in results], jobs[0].params.max_tokens)}
 
 
 @router.post("/v1/chat/completions")
@@ -99,7 +100,8 @@ async def chat(body: ChatCompletionRequest, request: Request, service: Service =
     choices = [{"index": i, "message": {"role": "assistant", "content": c.text}, "logprobs": None,
                 "finish_reason": c.finish_reason} for i, c in enumerate(results)]
     return {"id": rid, "object": "chat.completion", "created": created, "model": model, "choices": choices,
-            "usage": _usage(results, body.n).model_dump(), **response_fields(constraint)}
+            "usage": _usage(results, body.n).model_dump(),
+            **response_fields(constraint, [c.completion_tokens for c in results], jobs[0].params.max_tokens)}
 
 
 def chat_parts(body: ChatCompletionRequest) -> tuple[str, str]:

@@ -99,7 +99,7 @@ async def sql(body: SqlRequest, request: Request, service: Service = Depends(req
 async def answer_sql(service: Service, body: SqlRequest) -> SqlResponse:
     job, schema, constraint = await prepare_sql(service, body)
     (result,) = await service.complete([job])
-    return await finish_sql(service, result, schema, constraint)
+    return await finish_sql(service, result, schema, constraint, job.params.max_tokens)
 
 
 async def prepare_sql(service: Service, body: SqlRequest, where: str = "") -> tuple[Job, Schema, Constraint]:
@@ -120,7 +120,7 @@ async def prepare_sql(service: Service, body: SqlRequest, where: str = "") -> tu
 
 
 async def finish_sql(service: Service, result: Completion, schema: Schema,
-                     constraint: Constraint | None = None) -> SqlResponse:
+                     constraint: Constraint | None = None, max_tokens: int = 0) -> SqlResponse:
     text = extract_sql(result.text, service.engine.eos_token, service.engine.template)
     check = await asyncio.to_thread(check_sql, text, schema)
     usage = Usage()
@@ -128,7 +128,8 @@ async def finish_sql(service: Service, result: Completion, schema: Schema,
     constraint = constraint or Constraint("off")
     return SqlResponse(sql=text, valid=check.valid, tables=check.tables, columns=check.columns, error=check.error,
                        model=service.engine.model_id, finish_reason=result.finish_reason, usage=usage,
-                       constrain=constraint.mode, constrained=constraint.constrained, reason=constraint.reason or None)
+                       constrain=constraint.mode, constrained=constraint.constrained, reason=constraint.reason or None,
+                       extra_tokens=max(0, result.completion_tokens - max_tokens) if max_tokens else 0)
 
 
 @router.post("/predict")
@@ -172,10 +173,10 @@ async def _predict(service: Service, body: PredictRequest) -> dict[str, Any]:
         constraints.append(None)
     results = await service.complete(jobs)
     predictions: list[Any] = []
-    for result, schema, constraint in zip(results, schemas, constraints, strict=True):
+    for result, schema, constraint, job in zip(results, schemas, constraints, jobs, strict=True):
         if schema is None:
             predictions.append(result.text)
         else:
-            answer = await finish_sql(service, result, schema, constraint)
+            answer = await finish_sql(service, result, schema, constraint, job.params.max_tokens)
             predictions.append(answer.model_dump(exclude={"usage", "model"}))
     return {"predictions": predictions}
