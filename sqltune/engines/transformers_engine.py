@@ -23,8 +23,8 @@ from pathlib import Path
 from typing import Any
 
 from sqltune import logs
-from sqltune.constrain import closing
 from sqltune.config import Config
+from sqltune.constrain import closing
 from sqltune.engines.base import Delta, EngineBase, SamplingParams
 from sqltune.engines.text import TextStream
 from sqltune.prompts import PromptTemplate, encode_prompt
