@@ -122,6 +122,9 @@ def _connect_postgres(spec: str, schema: str) -> Database:
     except sa.exc.ArgumentError:
         raise DatabaseError(f"--database {redact_url(spec)!r} is neither a database URL nor an existing SQLite file",
                             "pass postgresql://user@host:5432/dbname or the path of a SQLite file") from None
+    except ValueError:  # SQLAlchemy's int() of a port that is not a number (`host:notaport`, `[::1:5432`)
+        raise DatabaseError(f"--database {redact_url(spec)!r}: the port is not a number (or an IPv6 address "
+                            "lacks its closing `]`)", "write host:5432, or [::1]:5432 for an IPv6 address") from None
     password = url.password if isinstance(url.password, str) else None
     display = url.render_as_string(hide_password=True)
     backend = url.get_backend_name()
