@@ -205,3 +205,25 @@ def test_no_statement_changes_a_sqlite_file(tmp_path) -> None:
     assert not other.exists()
     assert file_checksum(path) == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["shop.sqlite"]  # no journal, no -wal, no new file
+
+
+def test_reading_a_wal_mode_sqlite_file_leaves_its_folder_as_it_was(tmp_path) -> None:
+    """A WAL-mode file read with mode=ro alone gets -wal and -shm files beside it (a read-only mount
+    or a shared folder then fails, or shows files nobody wrote); it is opened immutable instead."""
+    import sqlite3
+
+    path = seed_sqlite(tmp_path / "shop.sqlite")
+    with sqlite3.connect(path) as conn:
+        assert conn.execute("PRAGMA journal_mode=WAL").fetchone() == ("wal",)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["shop.sqlite"]
+    before = file_checksum(path)
+    cfg, _ = config.load(["--database", str(path), "--db-timeout", "1"], {})
+    db = connect.connect(str(path))
+    try:
+        answer = asking.ask(cfg, "", sql="SELECT COUNT(*) FROM audit_log", db=db)
+        assert answer.ok and answer.result.rows == ((1,),), answer.error
+        assert not asking.ask(cfg, "", sql="DELETE FROM audit_log", db=db).ok
+    finally:
+        db.close()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["shop.sqlite"]
+    assert file_checksum(path) == before

@@ -20,6 +20,7 @@ from typing import Any
 from sqltune import logs
 from sqltune.config import redact_url
 from sqltune.errors import SqltuneError
+from sqltune.sql.sandbox import read_only_uri
 
 log = logs.get("db")
 SUPPORTED = ("postgresql", "sqlite")
@@ -101,7 +102,7 @@ def _connect_sqlite(spec: str) -> Database:
 
     path = _sqlite_file(spec)
     # mode=ro: SQLite itself refuses every write on this connection, below sqltune's authorizer
-    url = f"sqlite:///{path.as_uri()}?mode=ro&uri=true"
+    url = f"sqlite:///{read_only_uri(path)}&uri=true"  # immutable when WAL: no -wal/-shm beside it
     engine = sa.create_engine(url, poolclass=sa.pool.NullPool)
     try:
         with engine.connect() as conn:
