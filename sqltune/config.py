@@ -185,7 +185,8 @@ class Config:
     serve_engine: str = _f("auto", "Generation engine; auto = vllm when CUDA and vllm are installed, else "
                            "transformers.", choices=["auto", "transformers", "vllm"], aliases=["--engine"],
                            group="serve")
-    serve_host: str = _f("0.0.0.0", "Address to listen on (127.0.0.1 keeps the server local).",
+    serve_host: str = _f("127.0.0.1", "Address to listen on; the default keeps the server local, 0.0.0.0 "
+                         "listens on every interface (the container image and the manifests set it).",
                          aliases=["--host"], group="serve")
     serve_port: int = _f(8000, "Port to listen on (Cloud Run and Vertex AI set PORT / AIP_HTTP_PORT).",
                          minimum=1, aliases=["--port"], env=["PORT", "AIP_HTTP_PORT"], group="serve")
@@ -201,6 +202,8 @@ class Config:
                                 minimum=0.1, group="serve")
     max_body_bytes: int = _f(1_000_000, "Largest request body; larger ones get 413.", minimum=1024,
                              group="serve")
+    body_timeout: float = _f(10.0, "Seconds a client may pause while sending its request body (one shorter "
+                             "than its Content-Length); then 408.", minimum=0.1, group="serve")
     default_max_tokens: int = _f(128, "max_tokens when a request does not set it.", minimum=1, group="serve")
     max_tokens_limit: int = _f(1024, "Largest max_tokens a request may ask for.", minimum=1, group="serve")
     max_model_len: int = _f(0, "Context length (prompt + completion); 0 = the model's own.", minimum=0,

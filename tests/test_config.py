@@ -154,3 +154,17 @@ def test_bad_command_line_input_is_one_error_and_exit_2(tmp_path: Path, args: li
     assert "Traceback" not in done.stderr and needle in done.stderr, done.stderr[-2000:]
     assert "pw" not in done.stderr  # the password never shows
     assert not Path("/nonexistent-sqltune").exists()
+
+
+def test_serve_listens_locally_unless_the_deployment_says_otherwise() -> None:
+    """The help says 127.0.0.1 keeps the server local, so that is the default; what runs in a container
+    (the serving image, every rendered manifest) asks for 0.0.0.0 explicitly."""
+    root = Path(__file__).parents[1]
+    assert load([], {})[0].serve_host == "127.0.0.1"
+    dockerfile = (root / "docker" / "Dockerfile.serve").read_text()
+    assert "SQLTUNE_SERVE_HOST=0.0.0.0" in dockerfile and '"--host", "0.0.0.0"' in dockerfile
+    manifests = sorted((root / "tests" / "golden").glob("*/*.yaml"))
+    serving = [m for m in manifests if "--serve-port" in m.read_text()]
+    assert serving, manifests
+    for manifest in serving:
+        assert "- --host\n" in manifest.read_text() and "- 0.0.0.0\n" in manifest.read_text(), manifest
