@@ -30,8 +30,22 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(entry, default=str)
 
 
+# bitsandbytes' CPU backend tries, at import (peft imports it), to fetch a faster 4-bit kernel from the
+# Hugging Face hub through the optional `kernels` package and warns when it cannot; it then uses its
+# own kernel. On a machine without `kernels` (every CPU install) that line is noise before anything
+# sqltune says, and the hub is often unreachable anyway; a real bitsandbytes failure is an error.
+_QUIET_LOGGERS = ("bitsandbytes.backends.cpu.ops",)
+
+
+def quiet_libraries() -> None:
+    """Before any library is imported: keep the noise in _QUIET_LOGGERS below what is printed."""
+    for name in _QUIET_LOGGERS:
+        logging.getLogger(name).setLevel(logging.ERROR)
+
+
 def setup(level: str = "info") -> None:
     """Route sqltune's loggers to JSON on stderr. Only rank 0 logs below WARNING under torchrun."""
+    quiet_libraries()
     root = logging.getLogger("sqltune")
     if not any(isinstance(h.formatter, JsonFormatter) for h in root.handlers):
         handler = logging.StreamHandler(sys.stderr)
