@@ -182,9 +182,9 @@ class Config:
                         choices=["off", "schema", "schema+values"], group="serve")
     api_key: str = _f("", "Bearer key required on every route but /health, /ready and the playground page /.",
                       group="serve")
+    # choices: sqltune.engines.factory.ENGINES (checked there; the flags read them from there)
     serve_engine: str = _f("auto", "Generation engine; auto = vllm when CUDA and vllm are installed, else "
-                           "transformers.", choices=["auto", "transformers", "vllm"], aliases=["--engine"],
-                           group="serve")
+                           "transformers.", aliases=["--engine"], group="serve")
     serve_host: str = _f("127.0.0.1", "Address to listen on; the default keeps the server local, 0.0.0.0 "
                          "listens on every interface (the container image and the manifests set it).",
                          aliases=["--host"], group="serve")
