@@ -37,10 +37,20 @@ class JsonFormatter(logging.Formatter):
 _QUIET_LOGGERS = ("bitsandbytes.backends.cpu.ops",)
 
 
+# Deprecations raised inside a library by another library, which no change of ours can avoid: peft
+# reads transformers' old `is_gradient_checkpointing` name when it wraps the model.
+_LIBRARY_DEPRECATIONS = (r"`is_gradient_checkpointing` is deprecated",)
+
+
 def quiet_libraries() -> None:
-    """Before any library is imported: keep the noise in _QUIET_LOGGERS below what is printed."""
+    """Before any library is imported: keep the noise in _QUIET_LOGGERS below what is printed, and the
+    library-internal deprecations in _LIBRARY_DEPRECATIONS out (sqltune's own calls use current names)."""
+    import warnings
+
     for name in _QUIET_LOGGERS:
         logging.getLogger(name).setLevel(logging.ERROR)
+    for message in _LIBRARY_DEPRECATIONS:
+        warnings.filterwarnings("ignore", message=message, category=FutureWarning)
 
 
 def setup(level: str = "info") -> None:
