@@ -102,6 +102,19 @@ def completion_body(prompt_ids: Sequence[int], params: SamplingParams, stream: b
     return body
 
 
+def request_phases(prompt_ids: Sequence[int], params: SamplingParams) -> list[dict[str, Any]]:
+    """The llama.cpp requests one sqltune request becomes. llama.cpp has no min_tokens: with it, the
+    first `min_tokens` are generated with EOS and stop strings ignored, then the rest goes on from there
+    (one request when min_tokens covers max_tokens: a fixed-length answer, as the load benchmark asks)."""
+    body = completion_body(prompt_ids, params, stream=True)
+    if params.min_tokens <= 0 or params.grammar:  # a grammar's state cannot carry over to a second request
+        return [body]
+    first = {**body, "ignore_eos": True, "stop": [], "max_tokens": min(params.min_tokens, params.max_tokens)}
+    if params.min_tokens >= params.max_tokens:
+        return [first]
+    return [first, body]
+
+
 def complete_ids(server: Any, prompt_ids: Sequence[int], max_tokens: int, stop: Sequence[str] = ()) -> str:
     """One greedy completion, blocking: the text llama.cpp generates after `prompt_ids`."""
     out = server.handle_completions(completion_body(prompt_ids, SamplingParams(max_tokens, stop=tuple(stop)), False))
@@ -231,11 +244,11 @@ class LlamaCppEngine(EngineBase):
         cancelled = threading.Event()
         n_prompt = len(prompt_ids)
         try:
-            body = completion_body(prompt_ids, params, stream=True)
+            phases = request_phases(prompt_ids, params)
         except ValueError as e:
             yield Delta("", n_prompt, 0, "error", str(e))
             return
-        future = loop.run_in_executor(self._pool, self._run, body, n_prompt, queue, loop, cancelled, deltas)
+        future = loop.run_in_executor(self._pool, self._run, phases, n_prompt, queue, loop, cancelled, deltas)
         try:
             while True:
                 delta = await queue.get()
@@ -247,14 +260,14 @@ class LlamaCppEngine(EngineBase):
             if not future.done():
                 future.add_done_callback(lambda f: f.exception())
 
-    def _run(self, body: dict, n_prompt: int, queue: asyncio.Queue, loop: asyncio.AbstractEventLoop,
+    def _run(self, phases: list[dict], n_prompt: int, queue: asyncio.Queue, loop: asyncio.AbstractEventLoop,
              cancelled: threading.Event, deltas: bool) -> None:
-        state: dict[str, Any] = {"n": 0, "held": [], "logprob": 0.0, "done": False}
+        state: dict[str, Any] = {"n": 0, "held": [], "logprob": 0.0, "done": False, "ids": []}
 
         def send(delta: Delta) -> None:
             loop.call_soon_threadsafe(queue.put_nowait, delta)
 
-        def on_chunk(chunk: Any) -> bool:
+        def on_chunk(chunk: Any, last_phase: bool) -> bool:
             if cancelled.is_set():
                 return True
             data = json.loads(chunk) if isinstance(chunk, str) else chunk
@@ -266,23 +279,29 @@ class LlamaCppEngine(EngineBase):
             text = choice.get("text") or ""
             for item in ((choice.get("logprobs") or {}).get("content") or []):
                 state["n"] += 1
+                state["ids"].append(int(item["id"]))
                 state["logprob"] += float(item.get("logprob") or 0.0)
-            usage = data.get("usage") or {}
-            if usage.get("completion_tokens") is not None:
-                state["n"] = int(usage["completion_tokens"])
-            finish = choice.get("finish_reason")
+            finish = choice.get("finish_reason") if last_phase else None
             if not deltas and not finish:
                 state["held"].append(text)
                 return False
             if finish:
                 text = "".join(state["held"]) + text
                 state["done"] = True
-            send(_delta(text, n_prompt, state["n"], finish, logprob=state["logprob"]))
+            if text or finish:
+                send(_delta(text, n_prompt, state["n"], finish, logprob=state["logprob"]))
             return bool(finish)
 
         self._busy(+1)
         try:
-            self.server.handle_completions(body, on_chunk)
+            for i, body in enumerate(phases):
+                last = i == len(phases) - 1
+                if i:  # the second phase goes on from what the first generated
+                    body = {**body, "prompt": body["prompt"] + state["ids"],
+                            "max_tokens": body["max_tokens"] - state["n"]}
+                self.server.handle_completions(body, lambda chunk, last=last: on_chunk(chunk, last))
+                if state["done"] or cancelled.is_set():
+                    break
         except Exception as e:  # noqa: BLE001 - this request's failure, reported on its own stream only
             if not state["done"]:
                 state["done"] = True
