@@ -10,6 +10,7 @@ q8_0 and q4_k_m, with the same prompt token ids and the trained prompt from the 
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -49,6 +50,26 @@ def _parting_margin(model: generation.Loaded, prompt: str, ours: str, theirs: st
     return float(top[0] - top[1])
 
 
+def _through_llamacpp(path: Path, source: generation.Loaded, texts: list[str], reference: list[str],
+                      max_new_tokens: int) -> dict | None:
+    """llama.cpp itself loads the file, tokenizes every prompt as encode_prompt does (BOS included) and
+    answers greedily; None when xllamacpp is not installed."""
+    try:
+        from sqltune.engines import llamacpp_engine as llamacpp
+
+        llamacpp.xllamacpp()
+    except Exception:  # noqa: BLE001 - the package is optional; the transformers reader still checks the file
+        return None
+    server = llamacpp.open_server(path, slots=1, threads=2)
+    ids = [prompts.encode_prompt(source.tokenizer, t) for t in texts]
+    assert [llamacpp.tokenize(server, t) for t in texts] == ids
+    got = [llamacpp.complete_ids(server, i, max_new_tokens) for i in ids]
+    del server
+    return {"agreement": sum(a == b for a, b in zip(reference, got, strict=True)) / len(texts),
+            "pairs": list(zip(reference, got, strict=True)),
+            "margins": [_parting_margin(source, t, a, b) for t, a, b in zip(texts, reference, got, strict=True) if a != b]}
+
+
 def _round_trip(src: Path, out_dir: Path, quants: tuple[str, ...], pairs: list[tuple[str, str]],
                 max_new_tokens: int) -> dict[str, dict]:
     source = generation.load(src, dtype="fp32")
@@ -69,6 +90,7 @@ def _round_trip(src: Path, out_dir: Path, quants: tuple[str, ...], pairs: list[t
         info["pairs"] = list(zip(reference, got, strict=True))
         info["margins"] = [_parting_margin(source, t, a, b) for t, a, b in zip(texts, reference, got, strict=True)
                            if a != b]
+        info["llamacpp"] = _through_llamacpp(Path(info["path"]), source, texts, reference, max_new_tokens)
         results[quant] = info
     return results
 
@@ -81,6 +103,9 @@ def test_tiny_model_round_trips_through_gguf(tiny_model_dir: Path, tmp_path: Pat
     assert q4["agreement"] >= 0.3, q4["pairs"]
     assert q8["bytes"] < 0.6 * f16["bytes"] and q4["bytes"] < q8["bytes"]
     assert q8["tensor_types"].keys() == {"Q8_0", "F32"}
+    if f16["llamacpp"] is not None:  # the same answers through llama.cpp, which refused `gpt2` as a pre-tokenizer
+        assert all(m < 0.01 for m in f16["llamacpp"]["margins"]), f16["llamacpp"]["pairs"]
+        assert q8["llamacpp"]["agreement"] >= 0.7, q8["llamacpp"]["pairs"]
     assert "Q4_K" in q4["tensor_types"] and "Q6_K" in q4["tensor_types"]
 
     # the metadata a runner needs, read with gguf's own reader
@@ -88,6 +113,7 @@ def test_tiny_model_round_trips_through_gguf(tiny_model_dir: Path, tmp_path: Pat
     meta = json.loads((tiny_model_dir / "sqltune.json").read_text())
     fields = {k: f.contents() for k, f in reader.fields.items() if not k.startswith("tokenizer.ggml.tokens")}
     assert fields["general.architecture"] == "llama" and fields["tokenizer.ggml.model"] == "gpt2"
+    assert fields["tokenizer.ggml.pre"] == "gpt-2"  # its own vocabulary, GPT-2's split
     tokens = reader.fields["tokenizer.ggml.tokens"].contents()
     assert tokens[fields["tokenizer.ggml.eos_token_id"]] == meta["eos_token"]
     assert json.loads(fields["sqltune.prompt_template"]) == meta["prompt_template"]
@@ -109,7 +135,17 @@ def test_smollm2_round_trips_through_gguf(smollm2_artifact: Path, tmp_path: Path
     f16 = results["f16"]
     assert f16["agreement"] >= 0.85 and all(m < 0.01 for m in f16["margins"]), (f16["margins"], f16["pairs"])
     assert results["q8_0"]["agreement"] >= 0.5, results["q8_0"]["pairs"]
+    if f16["llamacpp"] is not None:
+        assert all(m < 0.01 for m in f16["llamacpp"]["margins"]), f16["llamacpp"]["pairs"]
+        assert results["q8_0"]["llamacpp"]["agreement"] >= 0.5, results["q8_0"]["llamacpp"]["pairs"]
     reader = gguf.GGUFReader(results["f16"]["path"])
+    # every tokenizer field is the base GGUF's (the embedded SmolLM2 says `smollm`), but the chat template
+    meta = json.loads((smollm2_artifact / "sqltune.json").read_text())
+    base = gguf.GGUFReader(meta["base"]["gguf"])
+    for key, field in base.fields.items():
+        if key.startswith("tokenizer.") and key != "tokenizer.chat_template":
+            assert reader.fields[key].contents() == field.contents(), key
+    assert reader.fields["tokenizer.ggml.pre"].contents() == "smollm"
     eos = reader.fields["tokenizer.ggml.eos_token_id"].contents()
     assert reader.fields["tokenizer.ggml.tokens"].contents()[eos] == "<|im_end|>"
     assert '"<|im_end|>"' in (tmp_path / "Modelfile").read_text()
@@ -162,3 +198,64 @@ def test_k_quants_unpack_with_ggufs_own_dequantizers() -> None:
     assert kquants.quantize_q4_k(weights).shape == (8, 2 * 144) and kquants.quantize_q6_k(weights).shape == (8, 2 * 210)
     with pytest.raises(ValueError, match="multiple of 256"):
         kquants.quantize_q4_k(weights[:, :300])
+
+
+def _bpe_tokenizer(pre_tokenizer):
+    from tokenizers import Tokenizer, decoders, models, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizer
+    tok.decoder = decoders.ByteLevel()
+    tok.train_from_iterator(["SELECT name FROM head WHERE age > 56"] * 20, trainers.BpeTrainer(vocab_size=300))
+    return PreTrainedTokenizerFast(tokenizer_object=tok), json.loads(tok.to_str())
+
+
+def test_pre_tokenizer_is_named_as_llama_cpp_names_it(embedded) -> None:
+    from tokenizers import pre_tokenizers
+    from transformers import AutoTokenizer
+
+    from sqltune.errors import ModelError
+    from sqltune.export import vocab
+
+    # llama.cpp's check hash: SmolLM2's tokenizer (as converted from its GGUF) is `smollm`
+    smol = AutoTokenizer.from_pretrained(embedded("smollm2-135m"))
+    assert vocab.identify_pre_tokenizer(smol, {}, "SmolLM2") == "smollm"
+    # a vocabulary of its own with GPT-2's byte-level split (the tiny model's) is `gpt-2`
+    tok, spec = _bpe_tokenizer(pre_tokenizers.ByteLevel(add_prefix_space=False))
+    assert vocab.identify_pre_tokenizer(tok, spec, "own") == "gpt-2"
+    # anything llama.cpp cannot know is refused by name, before a file exists
+    tok, spec = _bpe_tokenizer(pre_tokenizers.Whitespace())
+    with pytest.raises(ModelError, match="llama.cpp does not know the pre-tokenizer of my/odd-tokenizer") as err:
+        vocab.identify_pre_tokenizer(tok, spec, "my/odd-tokenizer")
+    assert "Whitespace" in str(err.value) and err.value.hint
+
+
+def _render_go(template: str, system: str, prompt: str) -> str:
+    """Ollama's TEMPLATE as its Go text/template renders it, for the three actions ours uses."""
+    import re
+
+    def action(m: re.Match) -> str:
+        body = m.group(1).strip()
+        if body == ".System":
+            return system
+        if body == ".Prompt":
+            return prompt
+        if body.startswith('"') and body.endswith('"'):
+            return json.loads(body)
+        raise AssertionError(f"unexpected action {body}")
+
+    return re.sub(r"\{\{(.*?)\}\}", action, template)
+
+
+def test_modelfile_renders_the_trained_prompt(tiny_model_dir: Path) -> None:
+    template = prompts.load_template(tiny_model_dir)
+    question, schema = "How many heads are older than 56?", "CREATE TABLE head (age INTEGER)"
+    text = modelfile.render_modelfile("m.gguf", template, eos_token="</s>", max_new_tokens=64, num_ctx=1024, name="t")
+    go = re.search(r'TEMPLATE """(.*?)"""', text, re.S).group(1)
+    assert _render_go(go, schema, question) == template.build_prompt(question, schema)
+    stops = re.findall(r"^PARAMETER stop (.*)$", text, re.M)
+    assert stops[0] == '"</s>"' and "PARAMETER temperature 0" in text
+    # literal braces survive: a template with `{{` in its text renders it back
+    odd = prompts.PromptTemplate(name="x", prompt='{{{{x}}}} Q: {question} C: {context}', completion=" {answer}")
+    assert _render_go(modelfile.go_template(odd), schema, question) == odd.build_prompt(question, schema)

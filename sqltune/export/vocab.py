@@ -58,8 +58,8 @@ KNOWN_PRE_TOKENIZERS = {
     "d353350c764d8c3b39c763113960e4fb4919bea5fbf208a0e3b22e8469dc7406": "llama4",
 }
 
-# what the written file says (the same keys whichever source they came from)
-CHAT_TEMPLATE_KEY = "tokenizer.chat_template"
+# written from the trained model whatever the base says: its prompt as a chat template, its EOS, its BOS habit
+OWN_KEYS = ("tokenizer.chat_template", "tokenizer.ggml.eos_token_id", "tokenizer.ggml.add_bos_token")
 
 
 def check_hash(tokenizer: Any) -> str:
@@ -99,7 +99,7 @@ def copy_from_gguf(writer: Any, gguf: Any, source: Path, tokenizer: Any, n_vocab
     V = gguf.GGUFValueType
     copied: dict[str, Any] = {}
     for key, field in reader.fields.items():
-        if not key.startswith("tokenizer.") or key == CHAT_TEMPLATE_KEY:
+        if not key.startswith("tokenizer.") or key in OWN_KEYS:
             continue
         vtype = V(field.types[0])
         sub = V(field.types[-1]) if vtype == V.ARRAY else None
