@@ -1,14 +1,17 @@
 """A finished sqltune model as one GGUF file for llama.cpp and Ollama, with an Ollama Modelfile.
 
     sqltune export gguf --model models/smollm2-135m-sql --out smollm2-sql.Q8_0.gguf --quant q8_0
+    sqltune export gguf --model models/gemma3-270m-sql --out gemma-sql.f16.gguf --quant f16
 
-The weights go through the `gguf` package: its `TensorNameMap` names every tensor the way llama.cpp
-expects, its writer lays out the file and its quantizers make q8_0 (the k-quants of q4_k_m come from
-sqltune.export.kquants, checked against gguf's own dequantizers). The metadata carries what a
-runner needs to use the model as trained: the byte-level BPE tokenizer (vocabulary, merges, special
-ids, whether BOS is added), EOS, a chat template that builds the trained prompt (modelfile.py) and
-the raw template under `sqltune.*` keys. transformers reads the file back (`gguf_file=`), which the
-round-trip test uses to check greedy output against the source model.
+Architectures: llama (the tiny model, SmolLM2, Llama; q/k rows permuted to llama.cpp's rope layout)
+and Gemma 3 / Gemma (every RMSNorm weight + 1, as llama.cpp scales by w where Hugging Face scales by
+1 + w; head size from key/value length; tied embeddings, so no output tensor). The weights go through
+the `gguf` package: its `TensorNameMap` names every tensor the way llama.cpp expects, its writer lays
+out the file and its quantizers make q8_0 (the k-quants of q4_k_m come from sqltune.export.kquants,
+checked against gguf's own dequantizers). The tokenizer fields come from sqltune.export.vocab (copied
+from the base GGUF, or named by llama.cpp's check hash); the metadata also carries EOS, a chat
+template that builds the trained prompt (modelfile.py) and the raw template under `sqltune.*` keys.
+The round-trip tests load every export in llama.cpp itself (xllamacpp) and in transformers' reader.
 """
 
 from __future__ import annotations
@@ -171,6 +174,10 @@ def _architecture_metadata(writer: Any, config: Any, n_layers: int, model_type: 
         if swa_theta != 10000.0:  # llama.cpp's Gemma 3 runs its sliding layers at 10000, the released value
             raise ModelError(f"sliding-window rope base {swa_theta} differs from Gemma 3's 10000",
                              "export a released Gemma 3 configuration")
+        types = list(getattr(config, "layer_types", None) or [])
+        if types and types != ["full_attention" if (i + 1) % 6 == 0 else "sliding_attention" for i in range(n_layers)]:
+            raise ModelError("the layers alternate sliding and full attention other than every sixth layer full",
+                             "llama.cpp's gemma3 runs five sliding layers then one full; export a released Gemma 3")
         scalar = float(getattr(config, "query_pre_attn_scalar", head_dim) or head_dim)
         if scalar != head_dim:
             raise ModelError(f"query_pre_attn_scalar {scalar} differs from head_dim {head_dim}",
