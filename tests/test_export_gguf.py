@@ -259,3 +259,45 @@ def test_modelfile_renders_the_trained_prompt(tiny_model_dir: Path) -> None:
     # literal braces survive: a template with `{{` in its text renders it back
     odd = prompts.PromptTemplate(name="x", prompt='{{{{x}}}} Q: {question} C: {context}', completion=" {answer}")
     assert _render_go(modelfile.go_template(odd), schema, question) == odd.build_prompt(question, schema)
+
+
+@pytest.fixture(scope="module")
+def gemma3_artifact(tmp_path_factory, embedded, model_cache, shared_data) -> Path:
+    """Gemma-3-270M after 2 LoRA steps on real rows (its GGUF converted once into the session's cache)."""
+    from tests.conftest import finetune_real
+
+    embedded("gemma3-270m")  # skips without the packages
+    out = tmp_path_factory.mktemp("gemma3") / "model"
+    finetune_real(out, "gemma3-270m", "--method", "lora", "--max-steps", "2", "--eval-generate-limit", "0",
+                  cache=model_cache, data=shared_data)
+    return out
+
+
+@pytest.mark.slow
+def test_gemma3_round_trips_through_llama_cpp(gemma3_artifact: Path, tmp_path: Path, shared_data: Path) -> None:
+    pytest.importorskip("xllamacpp")
+    rows = [json.loads(line) for line in shared_data.open().readlines()[:2]]
+    pairs = list(PARITY_QUESTIONS)[:3] + [(r["question"], r["context"]) for r in rows]
+    source = generation.load(gemma3_artifact, dtype="fp32")
+    texts = [source.template.build_prompt(q, c) for q, c in pairs]
+    reference = [c.text for c in generation.generate(source, texts, 12)]
+    info = _export(gemma3_artifact, tmp_path / "gemma.f16.gguf", "f16")
+    through = _through_llamacpp(Path(info["path"]), source, texts, reference, 12)  # <bos> + the same ids
+    assert all(m < 0.01 for m in through["margins"]), through["pairs"]
+
+    # the writer's Gemma 3 metadata and tensors are the released GGUF's, its norms shifted the same way
+    exported = gguf.GGUFReader(info["path"])
+    base = gguf.GGUFReader(json.loads((gemma3_artifact / "sqltune.json").read_text())["base"]["gguf"])
+    arch = {k: f.contents() for k, f in base.fields.items() if k.startswith("gemma3.")}
+    assert {k: exported.fields[k].contents() for k in arch} == arch
+    assert {k for k in exported.fields if k.startswith("gemma3.")} == set(arch)
+    assert {t.name for t in exported.tensors} == {t.name for t in base.tensors}  # tied: no output.weight
+    assert exported.fields["tokenizer.ggml.model"].contents() == "llama"
+    assert exported.fields["tokenizer.ggml.add_bos_token"].contents() is True
+    # norms: Hugging Face scales by 1 + w, llama.cpp by w; LoRA left them alone, so they equal the base file's
+    import numpy as np
+
+    base_norms = {t.name: t.data for t in base.tensors if t.name.endswith("norm.weight")}
+    for t in exported.tensors:
+        if t.name in base_norms:
+            assert np.allclose(t.data, base_norms[t.name], rtol=1e-5, atol=1e-5), t.name
