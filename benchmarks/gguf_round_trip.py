@@ -71,6 +71,7 @@ def main() -> int:
     import torch
 
     from sqltune import generation, prompts
+    from sqltune.engines import batch
     from sqltune.engines import llamacpp_engine as llamacpp
     from sqltune.export.gguf import export_gguf
 
@@ -81,7 +82,7 @@ def main() -> int:
     texts = [source.template.build_prompt(q, c) for q, c in pairs]
     ids = [prompts.encode_prompt(source.tokenizer, t) for t in texts]
     t0 = time.perf_counter()
-    ref = [c.text for c in generation.generate(source, texts, args.max_new_tokens)]
+    ref = [c.text for c in batch.generate(source, texts, args.max_new_tokens)]
     hf_s = time.perf_counter() - t0
 
     # the model by what it is, not where it lies (results keep no machine's paths)

@@ -182,10 +182,10 @@ class Config:
                         choices=["off", "schema", "schema+values"], group="serve")
     api_key: str = _f("", "Bearer key required on every route but /health, /ready and the playground page /.",
                       group="serve")
+    # choices: sqltune.engines.factory.ENGINES (checked there; the flags read them from there)
     serve_engine: str = _f("auto", "Generation engine; auto = vllm when CUDA and vllm are installed, else "
                            "transformers; llamacpp = llama.cpp on the model's GGUF (xllamacpp).",
-                           choices=["auto", "transformers", "vllm", "llamacpp"], aliases=["--engine"],
-                           group="serve")
+                           aliases=["--engine"], group="serve")
     gguf_quant: str = _f("q8_0", "--engine llamacpp on a model folder: the GGUF weight type it is exported to "
                          "once (into the model cache).", choices=["f16", "q8_0", "q4_k_m"], group="serve")
     serve_host: str = _f("0.0.0.0", "Address to listen on (127.0.0.1 keeps the server local).",

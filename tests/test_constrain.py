@@ -14,7 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from sqltune import constrain, generation, prompts
+from sqltune import constrain, prompts
+from sqltune.engines import batch
 from sqltune.sql.grammar import schema_grammar
 from sqltune.sql.schema import parse_schema
 
@@ -137,7 +138,7 @@ def untrained(tmp_path_factory: pytest.TempPathFactory, shared_data: Path) -> tu
 
 
 def test_an_untrained_model_writes_valid_sql_only_when_constrained(untrained: tuple[Path, list[dict]]) -> None:
-    """Hundreds of random prompts through sqltune.generation (the eval path): free decoding from random
+    """Hundreds of random prompts through sqltune.engines.batch (the eval path): free decoding from random
     weights is never SQL; constrained, every answer that ends parses and names only the schema's tables
     and columns, and nearly all end before max_tokens (winding down as the budget nears its end)."""
     from sqltune.generation import choose_precision, from_folder
@@ -146,15 +147,15 @@ def test_an_untrained_model_writes_valid_sql_only_when_constrained(untrained: tu
     loaded = from_folder(folder, choose_precision("fp32"), "cpu")
     rows = rows[:240]
     texts = [loaded.template.build_prompt(r["question"], r["context"]) for r in rows]
-    free = generation.generate(loaded, texts[:16], 48)
+    free = batch.generate(loaded, texts[:16], 48)
     assert sum(not _known_names(prompts.extract_sql(c.text, loaded.tokenizer.eos_token), r["context"])
                for c, r in zip(free, rows[:16], strict=True)) <= 1
     cut, bad = 0, []
     for i in range(0, len(rows), 24):
         chunk = rows[i:i + 24]
         grammars = [constrain.build("schema", r["question"], r["context"]).grammar for r in chunk]
-        for c, r in zip(generation.generate(loaded, texts[i:i + 24], 160, grammars=grammars), chunk, strict=True):
-            assert c.constrained
+        for c, r in zip(batch.generate(loaded, texts[i:i + 24], 160, grammars=grammars), chunk, strict=True):
+            assert not c.error, c.error
             if c.finish_reason == "length":
                 cut += 1
                 continue

@@ -19,6 +19,7 @@ import pytest
 pytest.importorskip("xllamacpp", reason="--engine llamacpp needs xllamacpp")
 
 from sqltune import config, constrain, generation, prompts  # noqa: E402
+from sqltune.engines import batch  # noqa: E402
 from sqltune.engines import llamacpp_engine as L  # noqa: E402
 from sqltune.engines.base import SamplingParams, complete  # noqa: E402
 from sqltune.serve.process import ServerProcess  # noqa: E402
@@ -68,7 +69,7 @@ def engine(tiny_model_dir: Path, cache: Path, server):
 def test_served_answers_equal_the_transformers_path(server, tiny_model_dir: Path) -> None:
     source = generation.load(tiny_model_dir, dtype="fp32")
     texts = [source.template.build_prompt(q, SCHEMA) for q in QUESTIONS]
-    reference = [c.text for c in generation.generate(source, texts, 24)]
+    reference = [c.text for c in batch.generate(source, texts, 24)]
     got = [httpx.post(server.url + "/v1/completions", timeout=60, json={
         "model": "tiny-sql", "prompt": t, "max_tokens": 24}).json()["choices"][0]["text"] for t in texts]
     # f16 rounding may part a source tie; the tiny model's answers are far from ties on these prompts

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from sqltune import config, logs
+from sqltune.engines import factory
 
 log = logs.get("serve")
 
@@ -32,6 +33,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         "model_name": "The model to serve: a folder written by `sqltune finetune`, or its gs:// / s3:// URL. "
                       "Default: the finetune output (models/<new_model>).",
         "dtype": ""})
+    factory.engine_choices(p)
     p.set_defaults(func=run)
 
 
