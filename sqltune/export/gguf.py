@@ -257,7 +257,9 @@ def export_gguf(model_dir: Path, out: Path, quant: str = "q8_0", *, modelfile_pa
             if spec.permute_qk and ttype in (gguf.MODEL_TENSOR.ATTN_Q, gguf.MODEL_TENSOR.ATTN_K):
                 array = permute_for_rope(array, n_head if ttype == gguf.MODEL_TENSOR.ATTN_Q else n_kv)
             layer = int(gguf_name.split(".")[1]) if gguf_name.startswith("blk.") else None
-            qtype = choose_type(gguf, quant, ttype, tuple(array.shape), layer, n_layers)
+            # tied: token_embd is the output head too, so it gets the head's type (as llama.cpp's quantizer does)
+            role = gguf.MODEL_TENSOR.OUTPUT if tied and ttype == gguf.MODEL_TENSOR.TOKEN_EMBD else ttype
+            qtype = choose_type(gguf, quant, role, tuple(array.shape), layer, n_layers)
             data = _quantize(gguf, array, qtype)
             # quantized data arrives as bytes; the writer derives the element shape from the type
             writer.add_tensor(gguf_name, data, raw_dtype=qtype if data.dtype.kind == "u" else None)
