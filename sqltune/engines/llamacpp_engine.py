@@ -68,7 +68,7 @@ def open_server(path: Path, *, slots: int = 1, threads: int | None = None, n_ctx
     params.n_ctx = int(slots) * int(n_ctx_per_slot)
     params.cpuparams.n_threads = params.cpuparams_batch.n_threads = int(threads or cpu_threads())
     params.port = 0  # a free port on loopback (its default host)
-    params.endpoint_metrics = True
+    params.endpoint_metrics = True  # its own /metrics on the loopback port, beside sqltune's
     params.warmup = False
     params.verbosity = 0
     try:
@@ -232,10 +232,6 @@ class LlamaCppEngine(EngineBase):
         if self.tokenizer is not None:
             return encode_prompt(self.tokenizer, prompt)
         return tokenize(self.server, prompt, add_special=True)  # a bare .gguf: llama.cpp's tokenizer (same ids)
-
-    def metrics_text(self) -> str:
-        """llama.cpp's own Prometheus metrics (slots busy, tokens, ...), for /metrics beside ours."""
-        return str(self.server.handle_metrics()) if self.server is not None else ""
 
     async def stream(self, prompt_ids: Sequence[int], params: SamplingParams,
                      deltas: bool = True) -> AsyncIterator[Delta]:
