@@ -302,3 +302,36 @@ def test_gemma3_round_trips_through_llama_cpp(gemma3_artifact: Path, tmp_path: P
     for t in exported.tensors:
         if t.name in base_norms:
             assert np.allclose(t.data, base_norms[t.name], rtol=1e-5, atol=1e-5), t.name
+
+
+@pytest.mark.slow
+def test_gemma3_vocabulary_from_tokenizer_json_matches_the_released_gguf(gemma3_artifact: Path, tmp_path: Path) -> None:
+    """A hub / local Gemma (no base GGUF to copy from): the SentencePiece vocabulary is rebuilt from
+    tokenizer.json, and llama.cpp tokenizes with it exactly as transformers does."""
+    pytest.importorskip("xllamacpp")
+    from transformers import AutoTokenizer
+
+    from sqltune.engines import llamacpp_engine as llamacpp
+    from sqltune.export import vocab
+    from sqltune.export.gguf import export_gguf
+
+    hub = tmp_path / "as-if-from-the-hub"
+    hub.mkdir()
+    for f in gemma3_artifact.iterdir():
+        if f.name != "sqltune.json":
+            (hub / f.name).symlink_to(f)
+    meta = json.loads((gemma3_artifact / "sqltune.json").read_text())
+    released = gguf.GGUFReader(meta["base"]["gguf"])
+    (hub / "sqltune.json").write_text(json.dumps({**meta, "base": {"source": "google/gemma-3-270m", "kind": "hub"}}))
+    out = export_gguf(hub, tmp_path / "hub.f16.gguf", "f16", modelfile_path=None).path
+    ours = gguf.GGUFReader(str(out))
+    for key in ("tokenizer.ggml.tokens", "tokenizer.ggml.token_type", "tokenizer.ggml.model", "tokenizer.ggml.pre",
+                "tokenizer.ggml.bos_token_id", "tokenizer.ggml.unknown_token_id", "tokenizer.ggml.padding_token_id",
+                "tokenizer.ggml.add_space_prefix", "tokenizer.ggml.add_bos_token"):
+        assert ours.fields[key].contents() == released.fields[key].contents(), key
+
+    tok = AutoTokenizer.from_pretrained(hub)
+    template = prompts.load_template(hub)
+    texts = [template.build_prompt(q, c) for q, c in PARITY_QUESTIONS] + [vocab.CHECK_TEXT, "a  b   c\n\n\td", "ünï 中文 😀"]
+    server = llamacpp.open_server(out, slots=1, threads=2)
+    assert [llamacpp.tokenize(server, t) for t in texts] == [prompts.encode_prompt(tok, t) for t in texts]

@@ -6,10 +6,13 @@ and splits wrongly with a right-looking but wrong one. Two sources, in order:
 1. The base GGUF, when the model was fine-tuned from one (an embedded package or a local `.gguf`;
    sqltune.json records it under `base`): its tokenizer fields are copied as they are (vocabulary,
    scores, token types, merges, special ids, pre-tokenizer), since the fine-tune kept its vocabulary.
-2. Otherwise the Hugging Face tokenizer, named the way llama.cpp's own converter names it: the token
-   ids of a fixed check text, hashed, looked up in the table of tokenizers llama.cpp implements. A
-   tokenizer whose hash is unknown but which is plain GPT-2 byte-level BPE (the tiny model's) is
-   `gpt-2`; anything else is refused by name before a file is written.
+2. Otherwise the model folder's tokenizer.json. Byte-level BPE is named the way llama.cpp's own
+   converter names it: the token ids of a fixed check text, hashed, looked up in the table of
+   tokenizers llama.cpp implements; a tokenizer whose hash is unknown but which is plain GPT-2
+   byte-level BPE (the tiny model's) is `gpt-2`; anything else is refused by name before a file is
+   written. SentencePiece BPE (Gemma, Llama 2) becomes llama.cpp's `llama` vocabulary: pieces, scores
+   ranking the merges, byte / control / user-defined types (for Gemma-3-270M the pieces and types
+   equal the released GGUF's, and llama.cpp tokenizes as transformers does: tests/test_export_gguf.py).
 
 Either way BOS / EOS follow the trained prompt: BOS is added exactly when `prompts.encode_prompt`
 adds it, EOS is the token the model learned to end answers with.
@@ -140,10 +143,12 @@ def write_from_tokenizer(writer: Any, gguf: Any, folder: Path, tokenizer: Any, n
     """A byte-level BPE tokenizer from the model folder's tokenizer.json; returns the pre-tokenizer."""
     spec = json.loads((folder / "tokenizer.json").read_text())
     model = spec.get("model") or {}
+    if is_sentencepiece_bpe(spec):
+        return write_sentencepiece(writer, gguf, spec, tokenizer, n_vocab)
     if model.get("type") != "BPE" or (spec.get("decoder") or {}).get("type") != "ByteLevel":
-        raise ModelError(f"{name}: a {model.get('type')} tokenizer without its GGUF (SentencePiece vocabularies such "
-                         "as Gemma's are exported from the base GGUF they were fine-tuned from)",
-                         "fine-tune from the embedded GGUF (`--model gemma3-270m`) or a local .gguf of the base")
+        raise ModelError(f"{name}: a {model.get('type')} tokenizer that is neither byte-level BPE nor SentencePiece BPE",
+                         "export a base with a tokenizer llama.cpp implements (Llama 3, SmolLM2, Qwen 2, Gemma), or "
+                         "fine-tune from that base's GGUF so its tokenizer is carried over")
     pre = identify_pre_tokenizer(tokenizer, spec, name)
     writer.add_tokenizer_model("gpt2")
     writer.add_tokenizer_pre(pre)
@@ -162,6 +167,62 @@ def write_from_tokenizer(writer: Any, gguf: Any, folder: Path, tokenizer: Any, n
     return pre
 
 
+def is_sentencepiece_bpe(spec: dict[str, Any]) -> bool:
+    """A SentencePiece BPE vocabulary in tokenizer.json form (Gemma, Llama 2): BPE over `▁`-for-space
+    text with byte fallback, which llama.cpp runs as its `llama` (SPM) tokenizer."""
+    model = spec.get("model") or {}
+    rules = json.dumps([spec.get("normalizer"), spec.get("pre_tokenizer")], ensure_ascii=False)
+    return model.get("type") == "BPE" and bool(model.get("byte_fallback")) and "\u2581" in rules
+
+
+def write_sentencepiece(writer: Any, gguf: Any, spec: dict[str, Any], tokenizer: Any, n_vocab: int) -> str:
+    """llama.cpp's SPM vocabulary from tokenizer.json: the pieces in id order, scores that rank merges as
+    the BPE merges do (a piece made by merge k scores -k: llama.cpp merges the best-scoring pair first),
+    byte pieces `<0xXX>` as BYTE, added tokens as CONTROL (special) or USER_DEFINED."""
+    T = gguf.TokenType
+    model = spec["model"]
+    vocab: dict[str, int] = model["vocab"]
+    pieces = [f"[PAD{i}]" for i in range(n_vocab)]
+    scores = [-10000.0] * n_vocab
+    types = [int(T.UNUSED)] * n_vocab
+    for piece, i in vocab.items():
+        if i < n_vocab:
+            pieces[i], scores[i], types[i] = piece, 0.0, int(T.NORMAL)
+    for rank, merge in enumerate(model.get("merges") or []):
+        left, right = merge.split(" ", 1) if isinstance(merge, str) else merge
+        i = vocab.get(left + right)
+        if i is not None and i < n_vocab and scores[i] == 0.0:
+            scores[i] = -float(rank + 1)
+    for piece, i in vocab.items():
+        if i < n_vocab and len(piece) == 6 and piece.startswith("<0x") and piece.endswith(">"):
+            types[i] = int(T.BYTE)
+    space_prefix = '"Prepend"' in json.dumps(spec.get("normalizer") or {})  # Llama 2 prepends `▁`; Gemma does not
+    if not space_prefix:  # Gemma's SentencePiece model declares its runs of spaces user-defined, as plain spaces
+        for piece, i in vocab.items():
+            if i < n_vocab and len(piece) > 1 and set(piece) == {"\u2581"}:
+                pieces[i], scores[i], types[i] = " " * len(piece), -1000.0, int(T.USER_DEFINED)
+    for added in spec.get("added_tokens") or []:
+        i = int(added["id"])
+        if i < n_vocab:
+            pieces[i], scores[i] = added["content"], -1000.0
+            types[i] = int(T.CONTROL if added.get("special") else T.USER_DEFINED)
+    if len(tokenizer) > n_vocab:
+        raise ModelError(f"the tokenizer has {len(tokenizer)} tokens but the model's embedding only {n_vocab} rows",
+                         "the model folder is inconsistent; re-export it with `sqltune finetune`")
+    writer.add_tokenizer_model("llama")
+    writer.add_tokenizer_pre("default")
+    writer.add_token_list(pieces)
+    writer.add_token_scores(scores)
+    writer.add_token_types(types)
+    for key, value in (("bos", tokenizer.bos_token_id), ("unk", tokenizer.unk_token_id), ("pad", tokenizer.pad_token_id)):
+        if value is not None:
+            getattr(writer, f"add_{key}_token_id")(int(value))
+    writer.add_add_eos_token(False)
+    writer.add_add_sep_token(False)
+    writer.add_add_space_prefix(space_prefix)
+    return "default"
+
+
 def add_tokenizer(writer: Any, gguf: Any, folder: Path, tokenizer: Any, n_vocab: int, eos_id: int,
                   meta: dict[str, Any]) -> dict[str, Any]:
     """Write the tokenizer fields; returns where they came from and the pre-tokenizer, for the log."""
@@ -172,8 +233,9 @@ def add_tokenizer(writer: Any, gguf: Any, folder: Path, tokenizer: Any, n_vocab:
         info = {"tokenizer_from": str(source), "pre_tokenizer": copied.get("tokenizer.ggml.pre"),
                 "tokenizer_model": copied.get("tokenizer.ggml.model")}
     else:
-        info = {"tokenizer_from": "tokenizer.json", "tokenizer_model": "gpt2",
-                "pre_tokenizer": write_from_tokenizer(writer, gguf, folder, tokenizer, n_vocab, name)}
+        pre = write_from_tokenizer(writer, gguf, folder, tokenizer, n_vocab, name)
+        info = {"tokenizer_from": "tokenizer.json", "tokenizer_model": "llama" if pre == "default" else "gpt2",
+                "pre_tokenizer": pre}
     # the trained prompt's ids, whatever the base said: EOS the model ends answers with, BOS when training added it
     writer.add_eos_token_id(eos_id)
     probe = prompts.encode_prompt(tokenizer, "x")
