@@ -149,7 +149,12 @@ def test_smollm2_round_trips_through_gguf(smollm2_artifact: Path, tmp_path: Path
     assert reader.fields["tokenizer.ggml.pre"].contents() == "smollm"
     eos = reader.fields["tokenizer.ggml.eos_token_id"].contents()
     assert reader.fields["tokenizer.ggml.tokens"].contents()[eos] == "<|im_end|>"
-    assert '"<|im_end|>"' in (tmp_path / "Modelfile").read_text()
+    text = (tmp_path / "Modelfile").read_text()
+    assert '"<|im_end|>"' in text
+    # the chat-layout template (--prompt-style auto) renders the trained prompt as Ollama would
+    go = re.search(r'TEMPLATE """(.*?)"""', text, re.S).group(1)
+    template = prompts.load_template(smollm2_artifact)
+    assert _render_go(go, pairs[0][1], pairs[0][0]) == template.build_prompt(pairs[0][0], pairs[0][1])
 
 
 def test_templates_keep_literal_braces_and_map_roles() -> None:
