@@ -129,7 +129,7 @@ def sqltune_server(name: str, model: str, engine: str, python: str, batch: int, 
     port = free_port()
     cmd = [python, "-m", "sqltune", "serve", "--model", model, "--engine", engine, "--host", "127.0.0.1",
            "--port", str(port), "--max-batch-size", str(batch), "--max-queue", "256", "--max-tokens-limit", "2048",
-           "--request-timeout", "600", "--log-level", "warning", *extra]
+           "--request-timeout", "600", "--log-level", "warning", "--served-model-name", "sqltune-sql", *extra]
     if dtype:
         cmd += ["--dtype", dtype]
     if engine == "vllm":
@@ -328,7 +328,7 @@ def main(argv: list[str] | None = None) -> int:
     elif not args.only_vllm:
         results["sqltune-transformers"] = measure(sqltune_server("sqltune-transformers", model, "transformers",
                                                                  sys.executable, args.batch), prompts, levels, args)
-    if not args.skip_plain and not args.only_vllm:
+    if not args.skip_plain and not args.only_vllm and not args.only_llamacpp and not args.only_dtypes:
         results["plain-transformers"] = measure(plain(model), prompts, levels, args)
     if not args.skip_vllm and not args.only_transformers and VLLM_PYTHON.exists():
         results["sqltune-vllm"] = measure(sqltune_server("sqltune-vllm", model, "vllm", str(VLLM_PYTHON),
@@ -355,8 +355,9 @@ def main(argv: list[str] | None = None) -> int:
                               ("sqltune-transformers", "llamacpp-server", "sqltune_transformers_vs_llamacpp_server"),
                               ("sqltune-transformers-bf16", "sqltune-transformers-fp32", "transformers_bf16_vs_fp32")):
         if mine in results and theirs in results:
-            ratios[key + "_tokens_per_s"] = {c: round(results[mine][c]["tokens_per_s"] / results[theirs][c]["tokens_per_s"], 3)
-                                             for c in results[theirs] if c in results[mine] and c != "max_rss_mb"}
+            ratios[key + "_tokens_per_s"] = {
+                c: round(results[mine][c]["tokens_per_s"] / results[theirs][c]["tokens_per_s"], 3)
+                for c in results[theirs] if c in results[mine] and c != "max_rss_mb" and results[theirs][c]["tokens_per_s"]}
     report = {
         "benchmark": "serve_load", "model": model, "tokens_per_request": args.tokens, "levels": levels,
         "batch": args.batch, "machine": {"cpus": os.cpu_count(), "platform": platform.platform(),
