@@ -184,7 +184,10 @@ class Config:
                       group="serve")
     # choices: sqltune.engines.factory.ENGINES (checked there; the flags read them from there)
     serve_engine: str = _f("auto", "Generation engine; auto = vllm when CUDA and vllm are installed, else "
-                           "transformers.", aliases=["--engine"], group="serve")
+                           "transformers; llamacpp = llama.cpp on the model's GGUF (xllamacpp).",
+                           aliases=["--engine"], group="serve")
+    gguf_quant: str = _f("q8_0", "--engine llamacpp on a model folder: the GGUF weight type it is exported to "
+                         "once (into the model cache).", choices=["f16", "q8_0", "q4_k_m"], group="serve")
     serve_host: str = _f("127.0.0.1", "Address to listen on; the default keeps the server local, 0.0.0.0 "
                          "listens on every interface (the container image and the manifests set it).",
                          aliases=["--host"], group="serve")

@@ -3,6 +3,8 @@
     sqltune serve --model ./models/sqltune-sql --port 8000
     sqltune serve --model gs://bucket/models/gemma-2b-sql --engine vllm --api-key "$KEY"
     .venv-vllm/bin/sqltune serve --model ./models/sqltune-sql --engine vllm    # CPU build of vLLM
+    sqltune serve --model ./models/sqltune-sql --engine llamacpp --gguf-quant q8_0   # llama.cpp, GGUF exported once
+    sqltune serve --model ./sql.Q8_0.gguf --engine llamacpp                          # a file `sqltune export` wrote
 
 SIGTERM (Cloud Run, Kubernetes) stops accepting connections, lets in-flight requests finish
 within --shutdown-grace seconds, then exits.
@@ -52,6 +54,12 @@ def run(args: argparse.Namespace) -> int:
     from sqltune.engines.factory import create_engine
     from sqltune.serve.app import create_app
 
+    if model_dir.is_file() and cfg.serve_engine != "llamacpp":
+        from sqltune.errors import ConfigError
+
+        raise ConfigError(f"--model {model_dir} is a GGUF file, which only llama.cpp serves",
+                          "add --engine llamacpp, or serve the fine-tuned model folder")
+
     engine = create_engine(cfg, model_dir, template, meta)
     app = create_app(cfg, engine)
     if not cfg.api_key and not _is_loopback(cfg.serve_host):
@@ -67,6 +75,10 @@ def resolve(url: str) -> tuple[Path, Any, dict[str, Any]]:
 
     if not manifests.is_remote(url):
         local = manifests.local_path(url)
+        if local.is_file() and local.suffix.lower() == ".gguf":  # --engine llamacpp on a file sqltune exported
+            from sqltune.models.gguf import exported_metadata
+
+            return (local, *exported_metadata(local))
         if not local.is_dir():
             from sqltune.errors import ArtifactError
 
