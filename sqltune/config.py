@@ -73,6 +73,10 @@ class Config:
                          "(named so the shell's COLUMNS never leaks in).")
     eval_fraction: float = _f(0.05, "Share of questions held out for evaluation (by question hash).",
                               minimum=0.0)
+    keep_literal_case: bool = _f(False, "Keep the answers' string literals as the dataset spells them; by default "
+                                 "a literal that matches a span of the question apart from letter case takes the "
+                                 "question's spelling (sql-create-context lowercases them), in training and "
+                                 "evaluation alike.")
 
     # --- training ---------------------------------------------------------------------------
     learning_rate: float = _f(0.0, "Peak learning rate; 0 = by method: 3e-3 for the from-scratch tiny model, "

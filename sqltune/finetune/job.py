@@ -119,7 +119,7 @@ def finetune(cfg: Config, sources: dict[str, str] | None = None) -> Path:
     resume_from = find_resume_checkpoint(ckpt_root, cfg.resume)
 
     splits = loading.load_splits(cfg.dataset, split=cfg.dataset_split, columns=cfg.column_map, limit=cfg.dataset_limit,
-                              eval_fraction=cfg.eval_fraction, seed=cfg.seed)
+                              eval_fraction=cfg.eval_fraction, seed=cfg.seed, keep_literal_case=cfg.keep_literal_case)
     # the tiny model's tokenizer is trained on the plain template's text; a chat template needs a real tokenizer
     template = prompts.DEFAULT_TEMPLATE
     pairs = sft.build_pairs(splits.train, template)
