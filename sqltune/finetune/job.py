@@ -92,7 +92,7 @@ def finetune(cfg: Config, sources: dict[str, str] | None = None) -> Path:
     if not logs.show_progress():
         datasets.utils.logging.set_verbosity_error()
 
-    precision = generation.choose_precision(cfg.dtype)
+    precision = generation.choose_precision(cfg.dtype, training=True)
     method, why = base_models.choose_method(cfg.method, cfg.model_name)
     if not cfg.learning_rate:
         cfg = dataclasses.replace(cfg, learning_rate=base_models.default_learning_rate(method, cfg.model_name))
@@ -146,7 +146,8 @@ def finetune(cfg: Config, sources: dict[str, str] | None = None) -> Path:
     else:
         base_name, base_info = base_models.resolve_source(cfg.model_name)
         tokenizer = base_models.load_tokenizer(base_name, cfg.trust_remote_code)
-        model = base_models.load_base(base_name, precision, quantize_4bit=method == "qlora",
+        model = base_models.load_base(base_name, base_models.weight_precision(precision, method),
+                                   quantize_4bit=method == "qlora",
                                    trust_remote_code=cfg.trust_remote_code,
                                    device_map=sft.device_map() if method == "qlora" else None)
         if method == "qlora":
