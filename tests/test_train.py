@@ -324,3 +324,36 @@ def test_bf16_full_fine_tune_on_cpu_publishes_fp32(tmp_path: Path) -> None:
     meta = manifests.read_meta(out)
     assert meta["train_dtype"] == "bf16" and meta["dtype"] == "fp32"
     assert all(t.dtype == torch.float32 for t in _weights(out).values())
+
+
+def test_a_run_cut_short_by_max_train_minutes_says_so_and_how_to_finish(tmp_path: Path) -> None:
+    out = tmp_path / "cut"
+    proc = run_sqltune("finetune", *QUICK, "--max-steps", "500", "--max-train-minutes", "0.001", "--output", str(out))
+    cut = manifests.read_meta(out)["metrics"]["cut_short"]
+    assert cut["planned_steps"] == 500 and 1 <= cut["steps_run"] < 500
+    assert f"after {cut['steps_run']} of 500 planned steps" in proc.stdout
+    assert "--max-train-minutes 0" in proc.stdout and f"step {cut['steps_run']}" in proc.stdout
+    finished = tmp_path / "whole"
+    proc = run_sqltune("finetune", *QUICK, "--max-steps", "2", "--output", str(finished))
+    assert "cut short" not in proc.stdout and "cut_short" not in manifests.read_meta(finished)["metrics"]
+
+
+def test_the_heldout_check_scores_by_execution_and_by_kind_of_question() -> None:
+    from sqltune.data.loading import Example
+    from sqltune.finetune.heldout import summarise
+
+    single = "CREATE TABLE table_name_1 (team VARCHAR, city VARCHAR)"
+    multi = "CREATE TABLE player (name VARCHAR, team_id INTEGER); CREATE TABLE team (id INTEGER, name VARCHAR)"
+    join = "SELECT T1.name FROM player AS T1 JOIN team AS T2 ON T1.team_id = T2.id WHERE T2.name = 'Celtics'"
+    examples = [Example("Which team is from Boston?", single, "SELECT team FROM table_name_1 WHERE city = 'Boston'"),
+                Example("Which team is from Paris?", single, "SELECT team FROM table_name_1 WHERE city = 'Paris'"),
+                Example("Who plays for the Celtics?", multi, join)]
+    predicted = ["SELECT team FROM table_name_1 WHERE 'Boston' = city",  # same result, not the same text
+                 "SELECT team FROM table_name_1 WHERE city = 'paris'",  # wrong case: selects nothing
+                 join]
+    result = summarise(examples, predicted)
+    assert result["ex"] == round(2 / 3, 4) and result["exact_match"] == round(2 / 3, 4)
+    assert result["by_kind"]["single_table"] == {"examples": 2, "ex": 0.5, "ex_scored": 2, "exact_match": 0.5,
+                                                 "parseable": 1.0}
+    assert result["by_kind"]["multi_table"]["ex"] == 1.0
+    assert [s["ex"] for s in result["samples"]] == [True, False, True]

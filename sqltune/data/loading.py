@@ -159,6 +159,16 @@ def validate(row: Any, mapping: dict[str, str]) -> Example | str:
     return Example(**values)
 
 
+_JOIN = re.compile(r"\bJOIN\b", re.IGNORECASE)
+
+
+def table_kind(context: str, answer: str) -> str:
+    """`multi_table` (Spider-style: several CREATE TABLEs in the context, or a JOIN in the answer) or
+    `single_table` (WikiSQL-style): the two behave very differently, so every EX figure is split by it."""
+    tables = sum(1 for s in context.split(";") if s.strip())
+    return "multi_table" if tables > 1 or _JOIN.search(answer) else "single_table"
+
+
 def normalise_question(question: str) -> str:
     return " ".join(re.sub(r"[^\w\s]", " ", question.lower()).split())
 

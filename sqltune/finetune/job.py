@@ -203,6 +203,10 @@ def finetune(cfg: Config, sources: dict[str, str] | None = None) -> Path:
 
     metrics: dict[str, Any] = {"train_loss": train_loss, "steps": trainer.state.global_step,
                                "train_runtime_s": round(time.time() - started, 1)}
+    if stop.reason == "time" and trainer.state.global_step < trainer.state.max_steps:
+        # the summary says so: figures of a model trained on a fraction of the plan are not the recipe's
+        metrics["cut_short"] = {"reason": "max_train_minutes", "max_train_minutes": cfg.max_train_minutes,
+                                "steps_run": trainer.state.global_step, "planned_steps": trainer.state.max_steps}
     if eval_ds is not None:
         metrics.update({k: v for k, v in trainer.evaluate().items() if k == "eval_loss"})
     if not logs.is_rank0():
