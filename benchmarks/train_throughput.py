@@ -146,7 +146,7 @@ def run_variant(name: str, model_name: str, steps: int, workdir: Path) -> dict:
 
     clock = Clock()
     trainer = sft.build_trainer(cfg, cfg.method, precision, model, tok, train_ds, eval_ds, workdir, [clock],
-                                extra_args={"padding_free": padfree} if padfree else None)
+                                extra_args={"padding_free": True, "max_length": None} if padfree else None)
     t0, c0 = time.perf_counter(), _cpu_s()
     trainer.train()
     (t1, c1, n1), (tn, cn, nn) = clock.marks[0], clock.marks[-1]

@@ -81,7 +81,7 @@ def build_trainer(cfg: Config, method: str, precision: Any, model: Any, tokenize
 
     # Every value set from our Config: TRL/transformers defaults (bf16, gradient checkpointing, lr 2e-5)
     # change between releases and would silently change the recipe.
-    args = SFTConfig(
+    args = SFTConfig(**{**dict(
         output_dir=str(run_dir / manifests.CHECKPOINTS),
         learning_rate=cfg.learning_rate,
         lr_scheduler_type=cfg.lr_scheduler_type,
@@ -115,8 +115,7 @@ def build_trainer(cfg: Config, method: str, precision: Any, model: Any, tokenize
         disable_tqdm=not logs.show_progress(),
         dataloader_num_workers=0,
         ddp_find_unused_parameters=False,
-        **(extra_args or {}),
-    )
+    ), **(extra_args or {})})
     peft_config = None
     if method in ("lora", "qlora"):
         from peft import LoraConfig
