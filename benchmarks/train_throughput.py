@@ -166,6 +166,18 @@ def run_variant(name: str, model_name: str, steps: int, workdir: Path) -> dict:
     return out
 
 
+def _save_variants(args: argparse.Namespace, results: list[dict]) -> None:
+    first = results[0]
+    for r in results:
+        r["speedup_tokens_per_s"] = round(r["input_tokens_per_s"] / first["input_tokens_per_s"], 2)
+        r["speedup_tokens_per_cpu_s"] = round(r["input_tokens_per_cpu_s"] / first["input_tokens_per_cpu_s"], 2)
+    summary = {"machine": {"cpus": os.cpu_count(), "platform": platform.platform()}, "model": args.model,
+               "steps": args.steps, "baseline": first["variant"], "variants": results,
+               "load_average_at_end": os.getloadavg()[0]}  # other work on the machine inflates both wall and CPU time
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / f"train_throughput_{args.model}.json").write_text(json.dumps(summary, indent=2) + "\n")
+
+
 def run_variants(args: argparse.Namespace) -> int:
     results = []
     for name in args.variants.split(","):
@@ -178,14 +190,7 @@ def run_variants(args: argparse.Namespace) -> int:
             raise SystemExit(f"variant {name} failed:\n{out.stderr[-3000:]}")
         results.append(json.loads(out.stdout.strip().splitlines()[-1]))
         print(json.dumps(results[-1]), flush=True)
-    first = results[0]
-    for r in results:
-        r["speedup_tokens_per_s"] = round(r["input_tokens_per_s"] / first["input_tokens_per_s"], 2)
-        r["speedup_tokens_per_cpu_s"] = round(r["input_tokens_per_cpu_s"] / first["input_tokens_per_cpu_s"], 2)
-    summary = {"machine": {"cpus": os.cpu_count(), "platform": platform.platform()}, "model": args.model,
-               "steps": args.steps, "baseline": first["variant"], "variants": results}
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / f"train_throughput_{args.model}.json").write_text(json.dumps(summary, indent=2) + "\n")
+        _save_variants(args, results)  # after each variant: a long run stopped half-way keeps what it measured
     for r in results:
         print(f"{r['variant']:>18}  {r['s_per_step']:6.2f} s/step  {r['input_tokens_per_s']:7.1f} tok/s "
               f"({r['speedup_tokens_per_s']}x)  {r['input_tokens_per_cpu_s']:7.1f} tok/CPU-s "
