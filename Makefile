@@ -1,6 +1,6 @@
 # sqltune: the README's commands.
 #   make demo   create .venv, install, fine-tune the embedded pretrained LLM (SmolLM2-135M) on CPU end to end
-#   make test   create .venv, install, run the test suite
+#   make test   create .venv, install, run the test suite (in parallel on every core, then the serial tests)
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
@@ -29,8 +29,14 @@ demo: install
 demo-tiny: install
 	$(VENV)/bin/sqltune finetune --config configs/tiny-cpu.yaml
 
+# Both cores: the suite in parallel (pytest-xdist, whole files per worker), then the `serial` tests
+# (wall-time bounds, several processes of their own) alone; models the fixtures build are shared by both passes.
+PYTEST_JOBS ?= auto
 test: install
-	$(PY) -m pytest -q
+	@builds=$$(mktemp -d); \
+	SQLTUNE_TEST_BUILDS=$$builds $(PY) -m pytest -q -n $(PYTEST_JOBS) --dist loadfile -m "not serial"; first=$$?; \
+	SQLTUNE_TEST_BUILDS=$$builds $(PY) -m pytest -q -m serial; second=$$?; \
+	rm -rf $$builds; test $$first -eq 0 -a $$second -eq 0
 
 test-fast: install
 	$(PY) -m pytest -q -m "not slow"

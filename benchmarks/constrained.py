@@ -126,6 +126,7 @@ def literals_right(ex, predicted: str) -> bool:
 
 def run_model(model: str, rows: list, batch: int, max_new_tokens: int) -> dict:
     from sqltune import constrain, generation, prompts
+    from sqltune.engines import batch as offline
     from sqltune.evaluate import report as rep
     from sqltune.evaluate.score import Item, Settings, iter_scores
 
@@ -153,8 +154,8 @@ def run_model(model: str, rows: list, batch: int, max_new_tokens: int) -> dict:
                 loaded.compiler.compile(c.grammar)
         preds, tokens, steps, started, cpu = [], 0, 0, time.perf_counter(), time.process_time()
         for i in range(0, len(rows), batch):
-            outs = generation.generate(loaded, texts[i:i + batch], max_new_tokens,
-                                       grammars=[c.grammar for c in cons[i:i + batch]])
+            outs = offline.generate(loaded, texts[i:i + batch], max_new_tokens,
+                                    grammars=[c.grammar for c in cons[i:i + batch]])
             tokens += sum(o.completion_tokens for o in outs)
             steps += max(o.completion_tokens for o in outs)  # a batch decodes until its longest row ends
             preds += [prompts.extract_sql(o.text, loaded.tokenizer.eos_token, loaded.template) for o in outs]

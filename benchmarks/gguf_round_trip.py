@@ -50,13 +50,14 @@ def main() -> int:
     import torch
 
     from sqltune import generation, prompts
+    from sqltune.engines import batch
     from sqltune.export.gguf import export_gguf, read_back
 
     torch.set_num_threads(2)
     source = generation.load(args.model, dtype="fp32")
     pairs = prompt_set(args.prompts)
     texts = [source.template.build_prompt(q, c) for q, c in pairs]
-    ref = generation.generate(source, texts, args.max_new_tokens)
+    ref = batch.generate(source, texts, args.max_new_tokens)
 
     def last_logits(loaded: generation.Loaded, text: str) -> torch.Tensor:
         ids = torch.tensor([prompts.encode_prompt(loaded.tokenizer, text)])
@@ -74,7 +75,7 @@ def main() -> int:
             export_s = time.perf_counter() - t0
             back = read_back(info.path, source.template)
             load_s = time.perf_counter() - t0 - export_s
-            got = generation.generate(back, texts, args.max_new_tokens)
+            got = batch.generate(back, texts, args.max_new_tokens)
             same = [a.text == b.text for a, b in zip(ref, got, strict=True)]
             worst, first_same, margins = 0.0, 0, []
             for text, a, b, ok in zip(texts, ref, got, same, strict=True):

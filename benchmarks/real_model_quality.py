@@ -72,12 +72,13 @@ def score(name: str, rows: list[dict[str, Any]], common: list[str], work: Path) 
 
 def generate(model: Any, tok: Any, prompts_: list[str], max_new_tokens: int) -> list[str]:
     from sqltune import generation
+    from sqltune.engines import batch
     from sqltune.prompts import DEFAULT_TEMPLATE
 
     loaded = generation.Loaded(model.eval(), tok, DEFAULT_TEMPLATE, Path("."))
     texts = []
     for i in range(0, len(prompts_), 16):
-        texts += [c.text for c in generation.generate(loaded, prompts_[i:i + 16], max_new_tokens)]
+        texts += [c.text for c in batch.generate(loaded, prompts_[i:i + 16], max_new_tokens)]
     return texts
 
 

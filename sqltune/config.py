@@ -186,10 +186,11 @@ class Config:
                         choices=["off", "schema", "schema+values"], group="serve")
     api_key: str = _f("", "Bearer key required on every route but /health, /ready and the playground page /.",
                       group="serve")
+    # choices: sqltune.engines.factory.ENGINES (checked there; the flags read them from there)
     serve_engine: str = _f("auto", "Generation engine; auto = vllm when CUDA and vllm are installed, else "
-                           "transformers.", choices=["auto", "transformers", "vllm"], aliases=["--engine"],
-                           group="serve")
-    serve_host: str = _f("0.0.0.0", "Address to listen on (127.0.0.1 keeps the server local).",
+                           "transformers.", aliases=["--engine"], group="serve")
+    serve_host: str = _f("127.0.0.1", "Address to listen on; the default keeps the server local, 0.0.0.0 "
+                         "listens on every interface (the container image and the manifests set it).",
                          aliases=["--host"], group="serve")
     serve_port: int = _f(8000, "Port to listen on (Cloud Run and Vertex AI set PORT / AIP_HTTP_PORT).",
                          minimum=1, aliases=["--port"], env=["PORT", "AIP_HTTP_PORT"], group="serve")
@@ -205,6 +206,8 @@ class Config:
                                 minimum=0.1, group="serve")
     max_body_bytes: int = _f(1_000_000, "Largest request body; larger ones get 413.", minimum=1024,
                              group="serve")
+    body_timeout: float = _f(10.0, "Seconds a client may pause while sending its request body (one shorter "
+                             "than its Content-Length); then 408.", minimum=0.1, group="serve")
     default_max_tokens: int = _f(128, "max_tokens when a request does not set it.", minimum=1, group="serve")
     max_tokens_limit: int = _f(1024, "Largest max_tokens a request may ask for.", minimum=1, group="serve")
     max_model_len: int = _f(0, "Context length (prompt + completion); 0 = the model's own.", minimum=0,
@@ -338,6 +341,9 @@ def _check(f: dataclasses.Field[Any], value: Any) -> None:
                           f"set {flag_name(f.name)} to {meta['minimum']} or more")
 
 
+MAX_INT = 2**53  # every integer below it is exact as a float and a JSON number
+
+
 def parse_value(name: str, raw: Any, origin: str) -> Any:
     """Convert a YAML, env or flag value to the field's type, or fail naming the flag."""
     kind = _TYPES[name]
@@ -355,7 +361,11 @@ def parse_value(name: str, raw: Any, origin: str) -> Any:
         if kind is int:
             if isinstance(raw, bool) or (isinstance(raw, float) and not raw.is_integer()):
                 raise ValueError
-            return int(raw)
+            number = int(raw)
+            if abs(number) > MAX_INT:  # 1e23 steps is a typo; torch and JSON lose such integers anyway
+                raise ConfigError(f"{where}: {raw!r} is out of range (at most {MAX_INT:,})",
+                                  f"pass {flag_name(name)} {_example(name)}")
+            return number
         if kind is float:
             if isinstance(raw, bool):
                 raise ValueError
@@ -384,14 +394,38 @@ def _example(name: str) -> str:
     return str(default).lower() if isinstance(default, bool) else str(default) or "VALUE"
 
 
+def _unique_key_loader() -> Any:
+    import yaml
+
+    class Loader(yaml.SafeLoader):
+        """safe_load, except that a key given twice is an error (PyYAML keeps the last one silently)."""
+
+        def construct_mapping(self, node: Any, deep: bool = False) -> Any:
+            seen: set[Any] = set()
+            for key_node, _ in node.value:
+                key = self.construct_object(key_node, deep=deep)
+                if key in seen:
+                    raise yaml.constructor.ConstructorError(None, None, f"key `{key}` appears twice",
+                                                            key_node.start_mark)
+                seen.add(key)
+            return super().construct_mapping(node, deep)
+
+    return Loader
+
+
 def read_yaml(path: str | os.PathLike[str]) -> dict[str, Any]:
     import yaml
+
+    _UniqueKeyLoader = _unique_key_loader()  # noqa: N806 - a class
 
     p = Path(path)
     if not p.is_file():
         raise ConfigError(f"config file {p} does not exist", "pass --config with a path to a YAML file")
     try:
-        data = yaml.safe_load(p.read_text()) or {}
+        data = yaml.load(p.read_text(encoding="utf-8"), Loader=_UniqueKeyLoader) or {}
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"config file {p} is not UTF-8 text ({e.reason} at byte {e.start})",
+                          "save the YAML file as UTF-8") from None
     except yaml.YAMLError as e:
         raise ConfigError(f"config file {p} is not valid YAML: {e}", "fix the YAML syntax") from None
     if not isinstance(data, dict):

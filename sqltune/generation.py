@@ -1,7 +1,7 @@
-"""Batched generation from a finished sqltune model folder, with the template stored in it.
-
-The same code answers the fine-tuning job's held-out check, `sqltune eval --model` and the
-server's transformers engine, so all three see the same prompt and the same decoding.
+"""Loading a finished sqltune model folder for generation, and the compute precision: what the
+transformers engine (sqltune.engines.transformers_engine), the vLLM engine's dtype and the training
+job share. The generation loop itself lives in the engines; batch callers (eval, ask, the job's
+held-out check, benchmarks) drive it through sqltune.engines.batch.
 """
 
 from __future__ import annotations
@@ -78,15 +78,6 @@ def choose_precision(requested: str = "auto", *, training: bool = False) -> Prec
 
 
 @dataclass
-class Completion:
-    text: str
-    prompt_tokens: int
-    completion_tokens: int
-    finish_reason: str  # "stop" (EOS or a stop string) | "length"
-    constrained: bool = False  # decoded under a grammar (sqltune.constrain)
-
-
-@dataclass
 class Loaded:
     model: Any
     tokenizer: Any
@@ -136,70 +127,7 @@ def from_folder(path: Path, precision: Any, device: str = "auto") -> Loaded:
     return Loaded(net, tokenizer, template, Path(path), manifests.read_meta(path))
 
 
-def _cut(text: str, stops: Sequence[str]) -> tuple[str, bool]:
-    hits = [text.index(s) for s in stops if s and s in text]
-    return (text[: min(hits)], True) if hits else (text, False)
-
-
 def encode_batch(tokenizer: Any, prompts_: Sequence[str]) -> Any:
     """The prompts' ids as trained (prompts.encode_prompt), left-padded into one batch."""
     return tokenizer.pad([{"input_ids": prompts.encode_prompt(tokenizer, p)} for p in prompts_], padding=True,
                          return_tensors="pt")
-
-
-def generate(loaded: Loaded, prompts_: Sequence[str], max_new_tokens: int | Sequence[int] = 128,
-             temperature: float = 0.0, top_p: float = 1.0, stop: Sequence[str] | None = None,
-             seed: int | None = None, grammars: Sequence[str] | None = None) -> list[Completion]:
-    """Generate one completion per prompt in a single padded batch. Greedy when temperature is 0.
-    `grammars` (one EBNF text per prompt, "" for none) constrains each row to its grammar."""
-    import torch
-
-    if not prompts_:
-        return []
-    limits = [max_new_tokens] * len(prompts_) if isinstance(max_new_tokens, int) else list(max_new_tokens)
-    tok = loaded.tokenizer
-    batch = encode_batch(tok, prompts_).to(loaded.device)
-    kwargs: dict[str, Any] = {"max_new_tokens": max(limits), "pad_token_id": tok.pad_token_id,
-                              "eos_token_id": loaded.model.generation_config.eos_token_id or tok.eos_token_id}
-    if temperature > 0:
-        if seed is not None:
-            torch.manual_seed(seed)
-        kwargs.update(do_sample=True, temperature=temperature, top_p=top_p)
-    else:
-        kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
-    matchers = [loaded.compiler.matcher(g) if g else None for g in grammars] if grammars and any(grammars) else []
-    if matchers:
-        from sqltune import constrain
-
-        kwargs["logits_processor"] = [constrain.logits_processor(matchers, loaded.compiler, limits,
-                                                                  batch["input_ids"].shape[1])]
-    with torch.inference_mode():
-        out = loaded.model.generate(**batch, **kwargs)
-    new = out[:, batch["input_ids"].shape[1]:]
-    eos_ids = kwargs["eos_token_id"]
-    eos_ids = set(eos_ids if isinstance(eos_ids, list) else [eos_ids])
-    results = []
-    for row, mask, limit in zip(new.tolist(), batch["attention_mask"], limits, strict=True):
-        ids, finished = [], False
-        for t in row[:limit]:
-            if t in eos_ids:
-                finished = True
-                break
-            ids.append(t)
-        text, stopped = _cut(tok.decode(ids, skip_special_tokens=True), stop or ())
-        if stopped:
-            ids = tok(text, add_special_tokens=False)["input_ids"]
-        reason = "stop" if finished or stopped else "length"
-        results.append(Completion(text, int(mask.sum()), len(ids) + (1 if finished and not stopped else 0), reason,
-                                  bool(matchers and matchers[len(results)] is not None)))
-    return results
-
-
-def generate_sql(loaded: Loaded, pairs: Sequence[tuple[str, str]], max_new_tokens: int = 128,
-                 batch_size: int = 16) -> list[str]:
-    """SQL for each (question, context), built with the artifact's template and cut at the first statement."""
-    out: list[str] = []
-    for i in range(0, len(pairs), batch_size):
-        chunk = [loaded.template.build_prompt(q, c) for q, c in pairs[i:i + batch_size]]
-        out += [prompts.extract_sql(c.text, template=loaded.template) for c in generate(loaded, chunk, max_new_tokens)]
-    return out

@@ -1,11 +1,20 @@
-"""Shared fixtures: a tiny trained model built once per session, the shared data when present."""
+"""Shared fixtures: a tiny trained model built once per run, the shared data when present.
+
+The suite runs on every core with pytest-xdist (`make test`: `-n auto --dist loadfile`, then the files in
+SERIAL_FILES alone). A session fixture that builds a model is built once for all workers (`built_once`:
+a file lock and a folder in the run's shared temporary root), so a second worker waits for it rather
+than training it again. Tests that measure wall time against a bound, or drive several processes of
+their own, carry the `serial` marker (given here by file) and run after the parallel pass, on a quiet machine.
+"""
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -28,6 +37,39 @@ ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = ROOT.parent / "shared" / "data" / "sql-create-context" / "train.jsonl"
 ASSETS = Path(__file__).parent / "assets"
 HF_TOKEN_SENTINEL = "hf_sentinel_never_stored"
+
+
+# wall-clock bounds (budgets, latencies while loaded) or several processes of their own (torchrun)
+SERIAL_FILES = ("test_train_attempts.py", "test_serve_hardening.py", "test_distributed.py", "test_serve_limits.py",
+                "test_serve_lifecycle.py")
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    for item in items:
+        if item.path.name in SERIAL_FILES:
+            item.add_marker(pytest.mark.serial)
+
+
+def built_once(tmp_path_factory: pytest.TempPathFactory, name: str, build: Callable[[Path], None]) -> Path:
+    """A folder `build` fills once per test run, shared by every xdist worker: the first one builds it
+    under a file lock (released if its process dies), the others wait and reuse it."""
+    from filelock import FileLock
+
+    if os.environ.get("SQLTUNE_TEST_BUILDS"):  # `make test`: one folder for its parallel and its serial pass
+        root = Path(os.environ["SQLTUNE_TEST_BUILDS"])
+    else:
+        root = tmp_path_factory.getbasetemp()
+        if os.environ.get("PYTEST_XDIST_WORKER"):
+            root = root.parent  # the run's root, above each worker's own basetemp
+    target = root / f"built-{name}"
+    with FileLock(str(target) + ".lock"):
+        done = root / f"built-{name}.ok"
+        if not done.exists():
+            shutil.rmtree(target, ignore_errors=True)
+            target.mkdir(parents=True)
+            build(target)
+            done.touch()
+    return target
 
 
 def sqltune_cmd(*args: str) -> list[str]:
@@ -68,19 +110,21 @@ def shared_data() -> Path:
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A finished tiny model artifact (full fine-tune from scratch on synthetic data, ~1 minute)."""
-    out = tmp_path_factory.mktemp("tiny-model") / "model"
-    run_sqltune("finetune", "--model", "tiny", "--method", "full", "--dataset", "synthetic:1500",
-                "--learning-rate", "0.003", "--max-steps", "120", "--train-batch-size", "16",
-                "--save-steps", "1000", "--logging-steps", "40", "--max-seq-length", "256",
-                "--eval-generate-limit", "20", "--tiny-layers", "2", "--output", str(out),
-                env={"HF_TOKEN": HF_TOKEN_SENTINEL})
-    return out
+
+    def build(folder: Path) -> None:
+        run_sqltune("finetune", "--model", "tiny", "--method", "full", "--dataset", "synthetic:1500",
+                    "--learning-rate", "0.003", "--max-steps", "120", "--train-batch-size", "16",
+                    "--save-steps", "1000", "--logging-steps", "40", "--max-seq-length", "256",
+                    "--eval-generate-limit", "20", "--tiny-layers", "2", "--output", str(folder / "model"),
+                    env={"HF_TOKEN": HF_TOKEN_SENTINEL})
+
+    return built_once(tmp_path_factory, "tiny-model", build) / "model"
 
 
 @pytest.fixture(scope="session")
 def model_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """One model cache for the session, so each embedded GGUF is converted once for all tests."""
-    return tmp_path_factory.mktemp("model-cache")
+    """One model cache for the run, so each embedded GGUF is converted once for all tests and workers."""
+    return built_once(tmp_path_factory, "model-cache", lambda folder: None)
 
 
 @pytest.fixture(scope="session")
@@ -90,8 +134,11 @@ def embedded(model_cache: Path):
     from sqltune.models import gguf
 
     def convert(name: str) -> Path:
+        from filelock import FileLock
+
         try:
-            return gguf.resolve(name, model_cache)[0]
+            with FileLock(str(model_cache / f"{name}.convert.lock")):  # one worker converts, the others wait
+                return gguf.resolve(name, model_cache)[0]
         except ModelError as e:
             if "pip install" in (e.hint or ""):
                 pytest.skip(f"{name}: {e}")
@@ -114,8 +161,10 @@ def finetune_real(out: Path, model: str, *extra: str, cache: Path, data: Path) -
 def smollm2_artifact(tmp_path_factory, embedded, model_cache, shared_data) -> Path:
     """SmolLM2-135M-Instruct after 3 LoRA steps on real rows: a finished artifact with a real tokenizer,
     trained in its chat template (`--prompt-style auto`), so serving a chat-layout artifact is covered too."""
-    embedded("smollm2-135m")  # converted once into the session's cache; skips without the package
-    out = tmp_path_factory.mktemp("smollm2") / "model"
-    finetune_real(out, "smollm2-135m", "--method", "lora", "--max-steps", "3", "--prompt-style", "auto",
-                  cache=model_cache, data=shared_data)
-    return out
+    embedded("smollm2-135m")  # converted once into the run's cache; skips without the package
+
+    def build(folder: Path) -> None:
+        finetune_real(folder / "model", "smollm2-135m", "--method", "lora", "--max-steps", "3",
+                      "--prompt-style", "auto", cache=model_cache, data=shared_data)
+
+    return built_once(tmp_path_factory, "smollm2", build) / "model"

@@ -19,6 +19,7 @@ from tests.conftest import run_sqltune
 gguf = pytest.importorskip("gguf", reason="GGUF export writes through the `gguf` package")
 
 from sqltune import generation, prompts  # noqa: E402
+from sqltune.engines import batch  # noqa: E402
 from sqltune.export import modelfile  # noqa: E402
 from sqltune.export.gguf import read_back  # noqa: E402
 from sqltune.export.merge import PARITY_QUESTIONS  # noqa: E402
@@ -53,7 +54,7 @@ def _round_trip(src: Path, out_dir: Path, quants: tuple[str, ...], pairs: list[t
                 max_new_tokens: int) -> dict[str, dict]:
     source = generation.load(src, dtype="fp32")
     texts = [source.template.build_prompt(q, c) for q, c in pairs]
-    reference = [c.text for c in generation.generate(source, texts, max_new_tokens)]
+    reference = [c.text for c in batch.generate(source, texts, max_new_tokens)]
     results = {}
     for quant in quants:
         info = _export(src, out_dir / f"model.{quant}.gguf", quant)
@@ -64,7 +65,7 @@ def _round_trip(src: Path, out_dir: Path, quants: tuple[str, ...], pairs: list[t
         assert chat == texts
         assert [prompts.encode_prompt(back.tokenizer, t) for t in texts] == \
             [prompts.encode_prompt(source.tokenizer, t) for t in texts]
-        got = [c.text for c in generation.generate(back, texts, max_new_tokens)]
+        got = [c.text for c in batch.generate(back, texts, max_new_tokens)]
         info["agreement"] = sum(a == b for a, b in zip(reference, got, strict=True)) / len(texts)
         info["pairs"] = list(zip(reference, got, strict=True))
         info["margins"] = [_parting_margin(source, t, a, b) for t, a, b in zip(texts, reference, got, strict=True)

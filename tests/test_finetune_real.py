@@ -137,9 +137,11 @@ def test_the_transformers_engine_serves_the_fine_tuned_smollm2(smollm2_artifact)
         # the server answers what the artifact itself generates from the same ids (3 steps of training
         # do not make good SQL yet; the same SQL on both paths is what is tested)
         from sqltune import generation
+        from sqltune.engines import batch
 
         loaded = generation.load(smollm2_artifact)
-        assert answer["sql"] == generation.generate_sql(loaded, [(QUESTION, CONTEXT)], max_new_tokens=48)[0]
+        with batch.open_model(smollm2_artifact, engine="transformers") as llm:
+            assert answer["sql"] == llm.generate_sql([(QUESTION, CONTEXT)], max_new_tokens=48)[0]
         assert answer["finish_reason"] in ("stop", "length") and answer["usage"]["prompt_tokens"] > 20
         card = httpx.get(server.url + "/v1/models").json()["data"][0]
         assert card["prompt_template"] == loaded.template.to_dict() and loaded.template.name == "chat"

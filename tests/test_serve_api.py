@@ -67,10 +67,11 @@ def test_models_lists_the_served_model(client):
 
 def test_completion_is_the_generation_modules_greedy_output(client, tiny_model_dir, template):
     from sqltune import generation
+    from sqltune.engines import batch
 
     loaded = generation.load(str(tiny_model_dir))
     prompts = [template.build_prompt(QUESTION, SCHEMA), template.build_prompt("List all names", SCHEMA)]
-    expected = generation.generate(loaded, prompts, max_new_tokens=24)
+    expected = batch.generate(loaded, prompts, max_new_tokens=24)
     for prompt, want in zip(prompts, expected, strict=True):
         got = client.completions.create(model="tiny-sql", prompt=prompt, max_tokens=24, temperature=0)
         assert got.choices[0].text == want.text

@@ -79,14 +79,15 @@ def test_tiny_model_learns_sql(tiny_model_dir: Path) -> None:
 def test_artifact_loads_in_plain_transformers(tiny_model_dir: Path) -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from sqltune import generation
 
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
     tok = AutoTokenizer.from_pretrained(tiny_model_dir)
     assert model.generation_config.eos_token_id == tok.eos_token_id
-    loaded = generation.load(str(tiny_model_dir))
-    [sql] = generation.generate_sql(loaded, [("How many employees are older than 30?",
-                                              "CREATE TABLE employees (name VARCHAR, age INTEGER)")])
+    from sqltune.engines import batch
+
+    with batch.open_model(str(tiny_model_dir), engine="transformers") as llm:
+        [sql] = llm.generate_sql([("How many employees are older than 30?",
+                                   "CREATE TABLE employees (name VARCHAR, age INTEGER)")])
     assert sql.upper().startswith("SELECT")
 
 

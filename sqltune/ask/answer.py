@@ -73,34 +73,37 @@ class Writer:
     """Where the SQL comes from: a local model, a running server, or the user's own --sql."""
 
     def __init__(self, cfg: config.Config, sources: dict[str, str], sql: str | None) -> None:
-        self.cfg, self.given, self.loaded = cfg, sql, None
+        self.cfg, self.given, self.llm = cfg, sql, None
         self.kind = "given" if sql is not None else "endpoint" if cfg.eval_endpoint else "model"
         if self.kind == "model" and "model_name" not in sources:
             raise ConfigError("nothing writes the SQL", "pass --model DIR, --endpoint URL, or --sql 'SELECT ...'")
         self.max_new_tokens = cfg.eval_max_new_tokens
         if self.kind == "model":
-            from sqltune import generation
+            from sqltune.engines import batch
 
-            self.loaded = generation.load(cfg.model_name)
-            trained = (self.loaded.meta or {}).get("max_new_tokens")
+            # one question: a batch of one on the engine `sqltune serve` would use (--engine)
+            self.llm = batch.open_model(cfg.model_name, cfg, batch_size=1)
+            trained = self.llm.meta.get("max_new_tokens")
             if trained and "eval_max_new_tokens" not in sources:
                 self.max_new_tokens = int(trained)
+
+    def close(self) -> None:
+        if self.llm is not None:
+            self.llm.close()
+            self.llm = None
 
     def fits(self, question: str) -> Callable[[str], bool]:
         """Whether a schema context fits: --db-context-chars, and the local model's own context length."""
         chars = self.cfg.db_context_chars
-        if self.loaded is None:
+        if self.llm is None:
             return lambda context: len(context) <= chars
-        from sqltune import prompts
-
-        loaded = self.loaded
-        room = loaded.max_length - self.max_new_tokens
+        llm = self.llm
+        room = llm.max_model_len - self.max_new_tokens
 
         def fits(context: str) -> bool:
             if len(context) > chars:
                 return False
-            ids = prompts.encode_prompt(loaded.tokenizer, loaded.template.build_prompt(question, context))
-            return len(ids) <= room
+            return len(llm.encode(llm.template.build_prompt(question, context))) <= room
 
         return fits
 
@@ -108,12 +111,15 @@ class Writer:
         """(sql, raw completion, generation error)."""
         if self.given is not None:
             return self.given, self.given, ""
-        if self.loaded is not None:
-            from sqltune import generation, prompts
+        if self.llm is not None:
+            from sqltune import prompts
+            from sqltune.engines.base import SamplingParams
 
-            prompt = self.loaded.template.build_prompt(question, context)
-            text = generation.generate(self.loaded, [prompt], self.max_new_tokens)[0].text
-            return prompts.extract_sql(text, self.loaded.tokenizer.eos_token, self.loaded.template), text, ""
+            prompt = self.llm.template.build_prompt(question, context)
+            [done] = self.llm.generate_text([prompt], SamplingParams(max_tokens=self.max_new_tokens))
+            if done.error:
+                return "", done.text, done.error
+            return prompts.extract_sql(done.text, self.llm.eos_token, self.llm.template), done.text, ""
         from sqltune.evaluate import sources as src
 
         preds, _ = src.from_endpoint(self.cfg.eval_endpoint, [(question, context)], concurrency=1,
@@ -137,11 +143,14 @@ def ask(cfg: config.Config, question: str, *, sources: dict[str, str] | None = N
         logs.event(log, "schema read", database=db.display, tables=len(schema.tables),
                    columns=sum(len(t.columns) for t in schema.tables), seconds=round(t1 - t0, 3))
         writer = Writer(cfg, sources or {}, sql)
-        selection = introspect.select_tables(schema, question, writer.fits(question))
-        if selection.left_out:
-            logs.event(log, "tables left out of the context", given=selection.tables, left_out=selection.left_out,
-                       how=selection.how)
-        model_sql, raw, gen_error = writer.write(question, selection.context)
+        try:
+            selection = introspect.select_tables(schema, question, writer.fits(question))
+            if selection.left_out:
+                logs.event(log, "tables left out of the context", given=selection.tables,
+                           left_out=selection.left_out, how=selection.how)
+            model_sql, raw, gen_error = writer.write(question, selection.context)
+        finally:
+            writer.close()
         t2 = time.perf_counter()
         translation = dialect.translate(model_sql, schema.to_schema(), source=cfg.db_dialect, target=db.dialect)
         if gen_error or not translation.ok:

@@ -3,6 +3,7 @@
     sqltune ask --model ./models/sql --database postgresql://reader@localhost/shop "How many orders shipped in May?"
     sqltune ask --endpoint http://127.0.0.1:8000 --database ./chinook.sqlite "Top 5 artists by tracks"
     sqltune ask --database ./shop.sqlite --sql "SELECT COUNT(*) FROM orders" --format json
+    sqltune ask --model ./models/sql --engine vllm --database ./shop.sqlite "Top 5 customers by spend"
     sqltune ask --database ./shop.sqlite --schema-only          # the CREATE TABLE context the model gets
 
 Prints the SQL (the model's and the one run, when the dialects differ), then the rows as an
@@ -16,6 +17,7 @@ import argparse
 import sys
 
 from sqltune import config, logs
+from sqltune.engines import factory
 from sqltune.errors import ConfigError
 
 
@@ -33,7 +35,10 @@ def register(sub: argparse._SubParsersAction) -> None:
         "model_name": "A finished model folder or bucket URL that writes the SQL.",
         "eval_endpoint": "A running sqltune (or OpenAI-compatible) server that writes the SQL.",
         "eval_max_new_tokens": "Tokens generated for the SQL; default: the model's own.",
-        "eval_retries": "", "eval_request_timeout": ""})
+        "eval_retries": "", "eval_request_timeout": "",
+        "serve_engine": "Engine that generates with --model, as in `sqltune serve`; auto = vllm when CUDA and "
+                        "vllm are installed, else transformers."})
+    factory.engine_choices(p)
     p.set_defaults(func=run)
 
 

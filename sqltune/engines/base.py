@@ -2,7 +2,13 @@
 
 The app tokenizes once (to check the context length) and hands the engine token ids; the engine
 yields `Delta`s until one carries a finish reason. Closing the stream early (client gone, timeout)
-cancels the request inside the engine, so no tokens are spent on nobody.
+cancels the request inside the engine, so no tokens are spent on nobody. Batch callers (eval, ask,
+the job's held-out check) drive the same stream through `sqltune.engines.batch`.
+
+`logprob` is the cumulative log-probability of the generated tokens (the sum of each chosen token's
+log-softmax under the model's raw logits, before temperature, top-p or a grammar mask: vLLM's
+default `raw_logprobs`), the EOS or stop-completing token included, so candidates for one question
+can be ranked by likelihood. A backend that cannot report it sets NaN.
 """
 
 from __future__ import annotations
@@ -39,6 +45,7 @@ class Delta:
     completion_tokens: int
     finish_reason: str | None = None
     error: str = ""  # set with finish_reason "error": why the engine failed this request
+    logprob: float = 0.0  # cumulative over the tokens generated so far (see the module docstring)
 
 
 @dataclass
@@ -49,6 +56,7 @@ class Completion:
     finish_reason: str
     error: str = ""
     deltas: list[str] = field(default_factory=list, repr=False)
+    logprob: float = 0.0  # of the whole completion (see the module docstring); NaN when the backend cannot say
 
 
 @runtime_checkable
@@ -90,7 +98,7 @@ async def complete(engine: Engine, prompt_ids: Sequence[int], params: SamplingPa
         parts.append(delta.text)
         if delta.finish_reason:
             return Completion("".join(parts), delta.prompt_tokens, delta.completion_tokens,
-                              delta.finish_reason, delta.error, parts)
+                              delta.finish_reason, delta.error, parts, delta.logprob)
     return Completion("".join(parts), len(prompt_ids), 0, "abort", "engine ended the stream early", parts)
 
 

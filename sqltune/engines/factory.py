@@ -2,10 +2,13 @@
 asked for), else transformers.
 
     sqltune serve --model ./models/tiny-sql --engine auto     # vllm | transformers | auto
+    sqltune eval --model ./models/tiny-sql --engine transformers --dataset synthetic:200
+    sqltune ask --model ./models/tiny-sql --engine vllm --database ./shop.sqlite "How many orders?"
 """
 
 from __future__ import annotations
 
+import argparse
 from pathlib import Path
 
 from sqltune.config import Config
@@ -28,7 +31,22 @@ def cuda_available() -> bool:
     return bool(torch.cuda.is_available())
 
 
+# Every engine a flag may name, in one place: `--engine` of serve, eval and ask reads its choices from here
+# (engine_choices), and create_engine has one branch per name.
+ENGINES = ("auto", "transformers", "vllm")
+
+
+def engine_choices(parser: argparse.ArgumentParser) -> None:
+    """Give a command's `--engine` flag (config field serve_engine) the factory's choices."""
+    for action in parser._actions:
+        if action.dest == "serve_engine":
+            action.choices = ENGINES
+            action.help = f"{action.help} Choices: {', '.join(ENGINES)}."
+
+
 def choose_engine(requested: str) -> str:
+    if requested not in ENGINES:
+        raise ConfigError(f"--engine: {requested!r} is not an engine", f"use one of: {', '.join(ENGINES)}")
     if requested == "auto":
         return "vllm" if cuda_available() and vllm_available() else "transformers"
     if requested == "vllm" and not vllm_available():

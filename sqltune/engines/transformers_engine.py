@@ -24,6 +24,7 @@ from typing import Any
 
 from sqltune import logs
 from sqltune.config import Config
+from sqltune.constrain import closing
 from sqltune.engines.base import Delta, EngineBase, SamplingParams
 from sqltune.engines.text import TextStream
 from sqltune.prompts import PromptTemplate, encode_prompt
@@ -44,6 +45,7 @@ class _Request:
     held: list[str] = field(default_factory=list)
     failed: str = ""  # why this row cannot go on; the batch drops it at the next step
     matcher: Any = None  # the row's grammar state (sqltune.constrain) when it decodes constrained
+    logprob: float = 0.0  # cumulative log-probability of the tokens generated so far
 
     def send(self, delta: Delta) -> None:
         if not self.deltas and not delta.finish_reason:  # non-streaming: one message at the end
@@ -58,12 +60,18 @@ class _Request:
 class TransformersEngine(EngineBase):
     name = "transformers"
 
-    def __init__(self, cfg: Config, model_dir: Path, template: PromptTemplate, meta: dict) -> None:
+    def __init__(self, cfg: Config, model_dir: Path, template: PromptTemplate, meta: dict,
+                 loaded: Any = None) -> None:
+        """`loaded` (a sqltune.generation.Loaded) serves a model already in memory, e.g. one read back
+        from a GGUF; otherwise `start()` loads `model_dir`."""
         super().__init__(cfg, model_dir, template, meta)
         self._pending: queue.Queue[_Request | None] = queue.Queue()
         self._thread: threading.Thread | None = None
         self._on_batch: Callable[[int], None] | None = None
+        self._preloaded = loaded
         self.loaded: Any = None
+        if loaded is not None:
+            self._own_len = loaded.max_length
 
     @property
     def eos_token(self) -> str | None:
@@ -79,21 +87,24 @@ class TransformersEngine(EngineBase):
         from sqltune import generation
         from sqltune.generation import choose_precision
 
-        if not logs.show_progress():
-            from transformers.utils import logging as hf_logging
-
-            hf_logging.disable_progress_bar()
-        if self.cfg.safetensors_load_strategy == "eager":
-            _read_whole(self.model_dir)
         started = time.perf_counter()
-        loaded = generation.from_folder(self.model_dir, choose_precision(self.cfg.dtype), self.cfg.serve_device)
+        loaded = self._preloaded
+        if loaded is None:
+            if not logs.show_progress():
+                from transformers.utils import logging as hf_logging
+
+                hf_logging.disable_progress_bar()
+            if self.cfg.safetensors_load_strategy == "eager":
+                _read_whole(self.model_dir)
+            loaded = generation.from_folder(self.model_dir, choose_precision(self.cfg.dtype), self.cfg.serve_device)
         eos = loaded.model.generation_config.eos_token_id
         eos = eos if isinstance(eos, list) else [eos if eos is not None else loaded.tokenizer.eos_token_id]
         self._eos = {int(e) for e in eos if e is not None}
         params = inspect.signature(loaded.model.forward).parameters
         self._cache_kwarg = "cache" if "cache" in params else "past_key_values"
-        logs.event(log, "model loaded", engine=self.name, model=str(self.model_dir), device=str(loaded.device),
-                   seconds=round(time.perf_counter() - started, 2), max_model_len=self.max_model_len)
+        if self._preloaded is None:
+            logs.event(log, "model loaded", engine=self.name, model=str(self.model_dir), device=str(loaded.device),
+                       seconds=round(time.perf_counter() - started, 2), max_model_len=self.max_model_len)
         return loaded
 
     async def close(self) -> None:
@@ -192,8 +203,13 @@ class TransformersEngine(EngineBase):
         rows = list(batch)
         logits = model(input_ids=ids, attention_mask=mask, position_ids=positions, **kv).logits[:, -1, :]
         while rows:
+            # the chosen tokens' log-softmax under the raw logits (vLLM's raw_logprobs), taken before
+            # _sample masks or scales them
+            logprobs = torch.log_softmax(logits.float(), dim=-1)
             tokens = self._sample(logits, rows)
-            keep = [i for i, (r, t) in enumerate(zip(rows, tokens.tolist(), strict=True)) if self._advance(r, t)]
+            chosen = logprobs.gather(1, tokens[:, None])[:, 0].tolist()
+            keep = [i for i, (r, t, lp) in enumerate(zip(rows, tokens.tolist(), chosen, strict=True))
+                    if self._advance(r, t, lp)]
             if not keep:
                 return
             if len(keep) < len(rows):
@@ -246,7 +262,7 @@ class TransformersEngine(EngineBase):
             probs = torch.zeros_like(probs).scatter(0, order, sorted_p)
         return torch.multinomial(probs, 1, generator=r.generator)[0]
 
-    def _advance(self, r: _Request, token: int) -> bool:
+    def _advance(self, r: _Request, token: int, logprob: float = 0.0) -> bool:
         """Feed one sampled token to its request; False when the request is finished."""
         assert r.text is not None
         n_prompt = len(r.prompt_ids)
@@ -254,23 +270,25 @@ class TransformersEngine(EngineBase):
             return False
         if r.failed:
             log.warning("request failed in the batch; the other rows go on", extra={"fields": {"error": r.failed}})
-            r.send(Delta(r.text.flush(), n_prompt, len(r.text.ids), "error", r.failed))
+            r.send(Delta(r.text.flush(), n_prompt, len(r.text.ids), "error", r.failed, r.logprob))
             return False
+        r.logprob += logprob
         if r.matcher is not None and not r.matcher.is_terminated() and not r.matcher.accept_token(token):
             r.matcher = None  # the mask allowed it, so this cannot happen; decode on rather than fail the row
         if token in self._eos:
-            r.send(Delta(r.text.flush(), n_prompt, len(r.text.ids) + 1, "stop"))
+            r.send(Delta(r.text.flush(), n_prompt, len(r.text.ids) + 1, "stop", logprob=r.logprob))
             return False
         piece = r.text.push(token)
         generated = len(r.text.ids)
         if r.text.stopped:
-            r.send(Delta(piece, n_prompt, generated, "stop"))
+            r.send(Delta(piece, n_prompt, generated, "stop", logprob=r.logprob))
             return False
-        if generated >= r.params.max_tokens or n_prompt + generated >= self.max_model_len:
-            r.send(Delta(piece + r.text.flush(), n_prompt, generated, "length"))
+        if (generated >= r.params.max_tokens and not closing(r.matcher, generated, r.params.max_tokens)
+                or n_prompt + generated >= self.max_model_len):
+            r.send(Delta(piece + r.text.flush(), n_prompt, generated, "length", logprob=r.logprob))
             return False
         if piece:
-            r.send(Delta(piece, n_prompt, generated))
+            r.send(Delta(piece, n_prompt, generated, logprob=r.logprob))
         return True
 
 

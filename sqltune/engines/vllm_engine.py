@@ -122,7 +122,7 @@ class VllmEngine(EngineBase):
             extra["structured_outputs"] = StructuredOutputsParams(grammar=params.grammar)
         sampling = VllmParams(max_tokens=params.max_tokens, temperature=params.temperature, top_p=params.top_p,
                               stop=list(params.stop) or None, seed=params.seed,
-                              min_tokens=params.min_tokens, **extra,
+                              min_tokens=params.min_tokens, logprobs=0, **extra,
                               output_kind=RequestOutputKind.DELTA if deltas else RequestOutputKind.FINAL_ONLY)
         request_id = uuid.uuid4().hex
         generated, finished = 0, False
@@ -134,7 +134,10 @@ class VllmEngine(EngineBase):
                 if reason is not None and reason not in ("stop", "length", "abort"):
                     reason = "stop"
                 finished = out.finished
-                yield Delta(choice.text, len(prompt_ids), generated, reason)
+                # logprobs=0: the sampled token's own log-probability, summed by vLLM (raw logits)
+                logprob = choice.cumulative_logprob
+                yield Delta(choice.text, len(prompt_ids), generated, reason,
+                            logprob=float("nan") if logprob is None else float(logprob))
                 if finished:
                     return
         finally:

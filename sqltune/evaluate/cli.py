@@ -1,6 +1,7 @@
 """`sqltune eval`: generate -> execute -> score -> report.
 
     sqltune eval --model ./models/gemma-2b-sql --dataset b-mc2/sql-create-context --split eval --limit 1000
+    sqltune eval --model ./models/gemma-2b-sql --engine vllm --dataset ./my_eval.jsonl     # auto | transformers | vllm
     sqltune eval --endpoint http://127.0.0.1:8000 --dataset ./my_eval.jsonl
     sqltune eval --predictions preds.jsonl --dataset ./my_eval.jsonl
     sqltune eval --compare reports/a reports/b
@@ -27,6 +28,7 @@ from typing import Any
 
 from sqltune import __version__, config, logs
 from sqltune.artifacts import storage
+from sqltune.engines import factory
 from sqltune.errors import ConfigError, DataError
 
 log = logs.get("eval")
@@ -47,13 +49,16 @@ def register(sub: argparse._SubParsersAction) -> None:
         "dataset_split": "", "column_map": "", "keep_literal_case": "",
         "eval_fraction": "Held-out share for --split eval; default: the model's own.",
         "seed": "Seed for --limit sampling and the databases.",
-        "eval_batch_size": "Prompts generated together with --model.",
+        "eval_batch_size": "Sequences the engine generates together with --model.",
+        "serve_engine": "Engine that generates with --model, as in `sqltune serve`; auto = vllm when CUDA and "
+                        "vllm are installed, else transformers.",
         "database": "Score on this real database (postgresql:// URL or SQLite file), read-only, instead of "
                     "synthesised ones; contexts come from its schema.",
         "db_schema": "", "db_dialect": "", "db_timeout": "", "db_context_chars": "", "db_keys": "",
         "constrain": "Decode under the grammar of each example's schema (schema) and question (schema+values); "
                      "with --endpoint, asked of the server per request."},
         aliases={"column_map": ["--columns"], "eval_batch_size": ["--batch-size"]})
+    factory.engine_choices(p)
     p.set_defaults(func=run)
     actions = p.add_subparsers(dest="eval_action", metavar="merge")
     merge = actions.add_parser("merge", help="Join shard reports into one report.")
@@ -121,7 +126,7 @@ def predict(cfg: config.Config, mode: str, examples: Sequence[Any], all_examples
     from sqltune.evaluate import sources as src
 
     pairs = [(ex.question, ex.context) for ex in examples]
-    with _progress_bar(len(pairs), "generate") as bar:
+    with src.GenerateProgress(len(pairs)) as bar:
         if mode == "gold":
             from sqltune.data import loading
 
@@ -140,7 +145,7 @@ def predict(cfg: config.Config, mode: str, examples: Sequence[Any], all_examples
         else:
             preds, info = src.from_model(cfg.model_name, pairs, batch_size=cfg.eval_batch_size,
                                          max_new_tokens=cfg.eval_max_new_tokens, progress=bar.update,
-                                         constrain=cfg.constrain)
+                                         constrain=cfg.constrain, cfg=cfg)
     return preds, info
 
 

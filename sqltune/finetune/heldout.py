@@ -29,10 +29,11 @@ def parses(sql: str) -> bool:
 
 
 def score(folder: Path, examples: list[Any], precision: Any, samples: int = 5) -> dict[str, Any]:
-    from sqltune import generation
+    from sqltune.engines import batch
 
-    loaded = generation.from_folder(folder, precision)
-    predicted = generation.generate_sql(loaded, [(ex.question, ex.context) for ex in examples])
+    # the folder as it is (its manifest is written after this check), on the server's transformers engine
+    with batch.open_model(folder, engine="transformers", batch_size=16, precision=precision, resolve=False) as llm:
+        predicted = llm.generate_sql([(ex.question, ex.context) for ex in examples])
     return summarise(examples, predicted, samples)
 
 

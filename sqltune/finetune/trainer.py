@@ -92,7 +92,7 @@ def build_trainer(cfg: Config, method: str, precision: Any, model: Any, tokenize
         per_device_train_batch_size=cfg.train_batch_size,
         per_device_eval_batch_size=cfg.eval_batch_size,
         gradient_accumulation_steps=cfg.gradient_accumulation_steps,
-        gradient_checkpointing=cfg.gradient_checkpointing,
+        activation_checkpointing=cfg.gradient_checkpointing,  # transformers 5 name; gradient_checkpointing warns
         bf16=precision.name == "bf16",
         fp16=precision.name == "fp16",
         use_cpu=precision.device == "cpu",

@@ -14,12 +14,15 @@ import argparse
 import dataclasses
 import ipaddress
 import logging
+import os
 import signal
 import sys
+import threading
 from pathlib import Path
 from typing import Any
 
 from sqltune import config, logs
+from sqltune.engines import factory
 
 log = logs.get("serve")
 
@@ -30,6 +33,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         "model_name": "The model to serve: a folder written by `sqltune finetune`, or its gs:// / s3:// URL. "
                       "Default: the finetune output (models/<new_model>).",
         "dtype": ""})
+    factory.engine_choices(p)
     p.set_defaults(func=run)
 
 
@@ -90,6 +94,7 @@ def serve(app: Any, cfg: config.Config) -> int:
                 logs.event(log, "draining: no new connections; in-flight requests may finish",
                            signal=int(sig), in_flight=app.state.service.admission.in_flight,
                            grace_seconds=cfg.shutdown_grace)
+                _exit_after(cfg.shutdown_grace + EXIT_MARGIN_S)
             if sig == signal.SIGTERM:
                 self.should_exit = True  # a drained shutdown is a clean exit (0), not death by signal
             else:
@@ -110,6 +115,25 @@ def serve(app: Any, cfg: config.Config) -> int:
         logs.event(log, "exiting: the model could not be loaded", level=40, error=app.state.load_error)
         return 1
     return 0
+
+
+EXIT_MARGIN_S = 3.0  # after the grace: uvicorn's cut requests get their JSON 503, the engine closes
+
+
+def _exit_after(seconds: float) -> None:
+    """A shutdown that ends: once the grace is over and the cut requests were answered, whatever is
+    still running (a worker thread in a C++ grammar compile or a long generation step, which Python
+    cannot interrupt and would otherwise join at exit) must not keep the process alive."""
+
+    def force() -> None:
+        logs.event(log, "exiting: work was still running after the shutdown grace", level=30,
+                   grace_seconds=round(seconds - EXIT_MARGIN_S, 3))
+        logging.shutdown()
+        os._exit(0)
+
+    timer = threading.Timer(seconds, force)
+    timer.daemon = True
+    timer.start()
 
 
 def _is_loopback(host: str) -> bool:

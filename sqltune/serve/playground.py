@@ -85,7 +85,7 @@ async def sql_stream(body: SqlRequest, request: Request, service: Service = Depe
             else:
                 return
             await close()  # the slot is free before the check runs
-            answer = await finish_sql(service, final, schema, constraint)
+            answer = await finish_sql(service, final, schema, constraint, job.params.max_tokens)
             yield _event({**answer.model_dump(), "done": True})
             yield "data: [DONE]\n\n"
         except ApiError as e:

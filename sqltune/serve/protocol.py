@@ -188,6 +188,7 @@ class SqlResponse(BaseModel):
     constrain: str = "off"  # the mode asked for
     constrained: bool = False  # whether decoding followed the schema's grammar
     reason: str | None = None  # why not, when a mode was asked for but the grammar could not be used
+    extra_tokens: int = 0  # tokens past max_tokens that closing a constrained query took (sqltune.constrain)
 
 
 class PredictRequest(_Request):

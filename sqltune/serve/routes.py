@@ -99,7 +99,7 @@ async def sql(body: SqlRequest, request: Request, service: Service = Depends(req
 async def answer_sql(service: Service, body: SqlRequest) -> SqlResponse:
     job, schema, constraint = await prepare_sql(service, body)
     (result,) = await service.complete([job])
-    return await finish_sql(service, result, schema, constraint)
+    return await finish_sql(service, result, schema, constraint, job.params.max_tokens)
 
 
 async def prepare_sql(service: Service, body: SqlRequest, where: str = "") -> tuple[Job, Schema, Constraint]:
@@ -114,12 +114,13 @@ async def prepare_sql(service: Service, body: SqlRequest, where: str = "") -> tu
                        param=where + param) from None
     prompt = service.engine.template.build_prompt(body.question, ddl)
     sampling = Sampling(max_tokens=body.max_tokens, stop=list(service.engine.template.stops))
+    job = service.job(prompt, sampling, param=where + "question")  # the prompt's limits before any grammar
     constraint = await constrain_for(service, body.constrain or service.cfg.constrain, body.question, ddl)
-    return service.job(prompt, sampling, param=where + "question", grammar=constraint.grammar), schema, constraint
+    return service.with_grammar(job, constraint.grammar), schema, constraint
 
 
 async def finish_sql(service: Service, result: Completion, schema: Schema,
-                     constraint: Constraint | None = None) -> SqlResponse:
+                     constraint: Constraint | None = None, max_tokens: int = 0) -> SqlResponse:
     text = extract_sql(result.text, service.engine.eos_token, service.engine.template)
     check = await asyncio.to_thread(check_sql, text, schema)
     usage = Usage()
@@ -127,7 +128,8 @@ async def finish_sql(service: Service, result: Completion, schema: Schema,
     constraint = constraint or Constraint("off")
     return SqlResponse(sql=text, valid=check.valid, tables=check.tables, columns=check.columns, error=check.error,
                        model=service.engine.model_id, finish_reason=result.finish_reason, usage=usage,
-                       constrain=constraint.mode, constrained=constraint.constrained, reason=constraint.reason or None)
+                       constrain=constraint.mode, constrained=constraint.constrained, reason=constraint.reason or None,
+                       extra_tokens=max(0, result.completion_tokens - max_tokens) if max_tokens else 0)
 
 
 @router.post("/predict")
@@ -171,10 +173,10 @@ async def _predict(service: Service, body: PredictRequest) -> dict[str, Any]:
         constraints.append(None)
     results = await service.complete(jobs)
     predictions: list[Any] = []
-    for result, schema, constraint in zip(results, schemas, constraints, strict=True):
+    for result, schema, constraint, job in zip(results, schemas, constraints, jobs, strict=True):
         if schema is None:
             predictions.append(result.text)
         else:
-            answer = await finish_sql(service, result, schema, constraint)
+            answer = await finish_sql(service, result, schema, constraint, job.params.max_tokens)
             predictions.append(answer.model_dump(exclude={"usage", "model"}))
     return {"predictions": predictions}
