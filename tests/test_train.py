@@ -195,7 +195,8 @@ def test_demo_command_runs(tmp_path: Path) -> None:
     env = {"SQLTUNE_MAX_STEPS": "30", "SQLTUNE_EVAL_GENERATE_LIMIT": "10", "SQLTUNE_OUTPUT": str(tmp_path / "demo"),
            "SQLTUNE_DATASET": "synthetic:600"}
     proc = run_sqltune("finetune", "--config", "configs/tiny-cpu.yaml", env=env)
-    assert "held-out: exact match" in proc.stdout and "predicted:" in proc.stdout
+    assert "questions never seen in training: execution accuracy" in proc.stdout and "predicted:" in proc.stdout
+    assert "single-table" in proc.stdout and "exact match" in proc.stdout
     manifests.verify(tmp_path / "demo")
     assert "sqltune finetune --config configs/tiny-cpu.yaml" in (ROOT / "Makefile").read_text()
 
