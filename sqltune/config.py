@@ -48,8 +48,9 @@ class Config:
                      "Default: models/<new_model>.", aliases=["-o"])
     method: str = _f("auto", "qlora (4-bit NF4 base + LoRA), lora, full; auto = full for `tiny`, qlora "
                      "on CUDA with bitsandbytes, lora otherwise.", choices=["auto", "qlora", "lora", "full"])
-    dtype: str = _f("auto", "Compute dtype; auto = bf16 on GPUs that support it, fp16 on older GPUs, "
-                    "fp32 on CPU.", choices=["auto", "bf16", "fp16", "fp32"])
+    dtype: str = _f("auto", "Compute dtype; auto = bf16 on GPUs that support it, fp16 on older GPUs; on a CPU, "
+                    "bf16 for training where it has AMX-BF16 / AVX512-BF16 (published in fp32), fp32 otherwise.",
+                    choices=["auto", "bf16", "fp16", "fp32"])
     lora_r: int = _f(8, "LoRA rank.", minimum=1)
     lora_alpha: int = _f(16, "LoRA alpha (scale = alpha / r).", minimum=1)
     lora_dropout: float = _f(0.05, "LoRA dropout.", minimum=0.0)
@@ -73,6 +74,10 @@ class Config:
                          "(named so the shell's COLUMNS never leaks in).")
     eval_fraction: float = _f(0.05, "Share of questions held out for evaluation (by question hash).",
                               minimum=0.0)
+    keep_literal_case: bool = _f(False, "Keep the answers' string literals as the dataset spells them; by default "
+                                 "a literal that matches a span of the question apart from letter case takes the "
+                                 "question's spelling (sql-create-context lowercases them), in training and "
+                                 "evaluation alike.")
 
     # --- training ---------------------------------------------------------------------------
     learning_rate: float = _f(0.0, "Peak learning rate; 0 = by method: 3e-3 for the from-scratch tiny model, "

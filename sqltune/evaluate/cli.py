@@ -46,7 +46,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     config.add_arguments(p, groups=["eval", "buckets", "tracking"], fields={
         "model_name": "A finished model folder or bucket URL.",
         "dataset": "Examples with gold SQL: hub id, local file or synthetic:N; default: the model's training data.",
-        "dataset_split": "", "column_map": "",
+        "dataset_split": "", "column_map": "", "keep_literal_case": "",
         "eval_fraction": "Held-out share for --split eval; default: the model's own.",
         "seed": "Seed for --limit sampling and the databases.",
         "eval_batch_size": "Sequences the engine generates together with --model; default: the server's "
@@ -104,14 +104,15 @@ def load_examples(cfg: config.Config, sources: Mapping[str, str], meta: Mapping[
     fraction = cfg.eval_fraction if "eval_fraction" in sources else trained.get("eval_fraction", cfg.eval_fraction)
     report = loading.DataReport(source=source)
     rows = loading.read_rows(source, cfg.dataset_split, cfg.seed)
-    examples = loading.clean(rows, loading.parse_columns(cfg.column_map), report)
+    examples = loading.clean(rows, loading.parse_columns(cfg.column_map), report, cfg.keep_literal_case)
     examples = loading.select(examples, cfg.eval_split, fraction, cfg.eval_limit, cfg.seed)
     if not examples:
         raise DataError(f"no examples in split `{cfg.eval_split}` of {source}",
                         "use --split all, or a larger dataset / --eval-fraction")
     desc = {"source": source, "split": cfg.eval_split, "dataset_split": cfg.dataset_split, "eval_fraction": fraction,
             "limit": cfg.eval_limit, "examples": len(examples), "fingerprint": loading.fingerprint(examples),
-            "skipped": dict(report.skipped), "duplicates": report.duplicates}
+            "skipped": dict(report.skipped), "duplicates": report.duplicates,
+            "literal_case_rows": report.literal_case_rows}
     return examples, desc
 
 
