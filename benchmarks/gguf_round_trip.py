@@ -1,21 +1,23 @@
-"""GGUF export round trip: size, export time, and how closely the file (read back by transformers'
-own GGUF reader) answers like the source model, per quant type.
+"""GGUF export round trip through llama.cpp itself: size, export time, and how closely llama.cpp (the
+xllamacpp wheel, the runtime Ollama and llama-server share) answers like the source model, per quant.
 
-    python benchmarks/gguf_round_trip.py --model models/smollm2-135m-sql
-    python benchmarks/gguf_round_trip.py --model models/tiny-sql --quants f16 q8_0 q4_k_m --prompts 40
+    python benchmarks/gguf_round_trip.py --model models/smollm2-135m-sql            # 40 held-out prompts
+    python benchmarks/gguf_round_trip.py --model /tmp/gemma-sql --quants f16 q8_0 --prompts 40
 
-The prompt set: the export parity questions, then `--prompts` rows of ../shared data (synthetic rows
-if absent), built with the model's own template. Figures per quant: greedy agreement (whole
-completion equal), first-token agreement, the largest logit difference at the prompt's last
-position relative to the logit range, and for each completion that differs the source's margin
+The prompt set: `--prompts` held-out rows of ../shared data (the rows training's eval split keeps out,
+by question hash; synthetic rows if the data is absent), built with the model's own template. Per
+quant: whether llama.cpp loads the file at all, llama.cpp's own tokenization of every prompt against
+`prompts.encode_prompt` (BOS included), greedy agreement with the transformers fp32 source (whole
+completion equal), first-token agreement, and for each completion that differs the source's margin
 between its top two tokens where they part (a small margin is a near-tie that rounding can flip).
-Results go to benchmarks/results/gguf_round_trip_<model>.json, never asserted.
+Results go to benchmarks/results/gguf_round_trip_<base>.json, never asserted.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import tempfile
 import time
@@ -27,23 +29,42 @@ sys.path.insert(0, str(ROOT))
 RESULTS = ROOT / "benchmarks" / "results"
 
 
-def prompt_set(n: int) -> list[tuple[str, str]]:
-    from sqltune.export.merge import PARITY_QUESTIONS
+def held_out(n: int, fraction: float = 0.05) -> list[tuple[str, str]]:
+    from sqltune.data.loading import is_eval
 
     if SHARED.is_file():
-        rows = [json.loads(line) for line in SHARED.open().readlines()[:n]]
-    else:
-        from sqltune.data import synthetic
+        rows = []
+        for line in SHARED.open():
+            row = json.loads(line)
+            if is_eval(row["question"], fraction):
+                rows.append((row["question"], row["context"]))
+            if len(rows) == n:
+                return rows
+        return rows
+    from sqltune.data import synthetic
 
-        rows = list(synthetic.generate(n, seed=7))
-    return list(PARITY_QUESTIONS) + [(r["question"], r["context"]) for r in rows]
+    return [(r["question"], r["context"]) for r in synthetic.generate(n, seed=7)]
+
+
+def margin(source, text: str, a: str, b: str) -> float:
+    import torch
+
+    from sqltune import prompts
+
+    tok = source.tokenizer
+    ids_a, ids_b = tok(a, add_special_tokens=False)["input_ids"], tok(b, add_special_tokens=False)["input_ids"]
+    k = next((i for i, (x, y) in enumerate(zip(ids_a, ids_b, strict=False)) if x != y), min(len(ids_a), len(ids_b)))
+    ids = torch.tensor([prompts.encode_prompt(tok, text) + ids_a[:k]])
+    with torch.inference_mode():
+        top = torch.topk(torch.log_softmax(source.model(input_ids=ids).logits[0, -1].float(), -1), 2).values
+    return round(float(top[0] - top[1]), 4)
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", required=True, help="A finished sqltune model folder.")
     parser.add_argument("--quants", nargs="+", default=["f16", "q8_0", "q4_k_m"])
-    parser.add_argument("--prompts", type=int, default=20, help="Rows of data beside the parity questions.")
+    parser.add_argument("--prompts", type=int, default=40, help="Held-out rows of the shared data.")
     parser.add_argument("--max-new-tokens", type=int, default=32)
     args = parser.parse_args()
 
@@ -51,56 +72,51 @@ def main() -> int:
 
     from sqltune import generation, prompts
     from sqltune.engines import batch
-    from sqltune.export.gguf import export_gguf, read_back
+    from sqltune.engines import llamacpp_engine as llamacpp
+    from sqltune.export.gguf import export_gguf
 
-    torch.set_num_threads(2)
+    threads = min(2, os.cpu_count() or 1)
+    torch.set_num_threads(threads)
     source = generation.load(args.model, dtype="fp32")
-    pairs = prompt_set(args.prompts)
+    pairs = held_out(args.prompts)
     texts = [source.template.build_prompt(q, c) for q, c in pairs]
-    ref = batch.generate(source, texts, args.max_new_tokens)
-
-    def last_logits(loaded: generation.Loaded, text: str) -> torch.Tensor:
-        ids = torch.tensor([prompts.encode_prompt(loaded.tokenizer, text)])
-        with torch.inference_mode():
-            return loaded.model(input_ids=ids).logits[0].float()
+    ids = [prompts.encode_prompt(source.tokenizer, t) for t in texts]
+    t0 = time.perf_counter()
+    ref = [c.text for c in batch.generate(source, texts, args.max_new_tokens)]
+    hf_s = time.perf_counter() - t0
 
     # the model by what it is, not where it lies (results keep no machine's paths)
     trained = {"base_model": source.meta.get("base_model"), "method": source.meta.get("method"),
                "steps": (source.meta.get("metrics") or {}).get("steps"), "prompt_style": source.template.name}
-    results = {"model": trained, "prompts": len(texts), "max_new_tokens": args.max_new_tokens, "quants": {}}
+    results = {"model": trained, "prompts": len(texts), "held_out": SHARED.is_file(),
+               "max_new_tokens": args.max_new_tokens, "threads": threads, "transformers_fp32_s": round(hf_s, 2),
+               "runtime": f"llama.cpp (xllamacpp {__import__('xllamacpp').__version__})", "quants": {}}
     with tempfile.TemporaryDirectory() as tmp:
         for quant in args.quants:
             t0 = time.perf_counter()
             info = export_gguf(Path(args.model), Path(tmp) / f"m.{quant}.gguf", quant, modelfile_path=None)
             export_s = time.perf_counter() - t0
-            back = read_back(info.path, source.template)
+            server = llamacpp.open_server(info.path, slots=1, threads=threads)
             load_s = time.perf_counter() - t0 - export_s
-            got = batch.generate(back, texts, args.max_new_tokens)
-            same = [a.text == b.text for a, b in zip(ref, got, strict=True)]
-            worst, first_same, margins = 0.0, 0, []
-            for text, a, b, ok in zip(texts, ref, got, same, strict=True):
-                la = last_logits(source, text)[-1]
-                lb = last_logits(back, text)[-1]
-                worst = max(worst, float((la - lb).abs().max() / (la.max() - la.min())))
-                first_same += int(la.argmax() == lb.argmax())
-                if not ok:  # where the two completions part, how close was the source's choice?
-                    ids_a = source.tokenizer(a.text, add_special_tokens=False)["input_ids"]
-                    ids_b = back.tokenizer(b.text, add_special_tokens=False)["input_ids"]
-                    k = next((i for i, (x, y) in enumerate(zip(ids_a, ids_b, strict=False)) if x != y),
-                             min(len(ids_a), len(ids_b)))
-                    ids = torch.tensor([prompts.encode_prompt(source.tokenizer, text) + ids_a[:k]])
-                    with torch.inference_mode():
-                        logits = source.model(input_ids=ids).logits[0, -1].float()
-                    top = torch.topk(torch.log_softmax(logits, -1), 2).values
-                    margins.append(round(float(top[0] - top[1]), 4))
+            tokens_same = sum(llamacpp.tokenize(server, t) == i for t, i in zip(texts, ids, strict=True))
+            t1 = time.perf_counter()
+            got = [llamacpp.complete_ids(server, i, args.max_new_tokens) for i in ids]
+            gen_s = time.perf_counter() - t1
+            del server
+            same = [a == b for a, b in zip(ref, got, strict=True)]
+            first = sum(bool(a) and bool(b) and source.tokenizer(a, add_special_tokens=False)["input_ids"][:1]
+                        == source.tokenizer(b, add_special_tokens=False)["input_ids"][:1] for a, b in zip(ref, got, strict=True))
+            parted = [{"source": a, "llama.cpp": b, "margin": margin(source, t, a, b)}
+                      for t, a, b, ok in zip(texts, ref, got, same, strict=True) if not ok]
             results["quants"][quant] = {
                 "bytes": info.bytes, "megabytes": round(info.bytes / 2**20, 2), "export_s": round(export_s, 2),
-                "load_s": round(load_s, 2), "tensor_types": info.tensor_types,
+                "llamacpp_load_s": round(load_s, 2), "llamacpp_generate_s": round(gen_s, 2),
+                "tensor_types": info.tensor_types, "tokenization_equal": f"{tokens_same}/{len(texts)}",
                 "greedy_agreement": round(sum(same) / len(same), 4), "agree": sum(same),
-                "first_token_agreement": round(first_same / len(texts), 4),
-                "max_rel_logit_diff": round(worst, 5), "logprob_margins_where_they_part": margins,
+                "first_token_agreement": round(first / len(texts), 4),
+                "logprob_margins_where_they_part": [p["margin"] for p in parted], "parted": parted[:5],
             }
-            print(json.dumps({quant: results["quants"][quant]}))
+            print(json.dumps({quant: {k: v for k, v in results["quants"][quant].items() if k != "parted"}}))
     RESULTS.mkdir(parents=True, exist_ok=True)
     out = RESULTS / f"gguf_round_trip_{trained['base_model']}.json"
     out.write_text(json.dumps(results, indent=2))

@@ -43,13 +43,31 @@ def sqltune(*args: str) -> None:
         raise SystemExit(f"sqltune {' '.join(args[:2])} failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
 
 
+def by_kind(report_dir: Path) -> dict[str, Any]:
+    """EX of a report's scored rows split into single-table (WikiSQL-style) and multi-table (Spider-style)."""
+    from sqltune.data.loading import table_kind
+
+    records = [json.loads(line) for line in (report_dir / "predictions.jsonl").read_text().splitlines() if line]
+    out = {}
+    for kind in ("single_table", "multi_table"):
+        rows = [r for r in records if r["gold_ok"] and table_kind(r["context"], r["gold"]) == kind]
+        out[kind] = {"n": len(rows), "ex": round(sum(bool(r["ex"]) for r in rows) / len(rows), 4) if rows else None,
+                     "executable": round(sum(bool(r["executable"]) for r in rows) / len(rows), 4) if rows else None}
+    return out
+
+
+def report_figures(report_dir: Path) -> dict[str, Any]:
+    metrics = json.loads((report_dir / "report.json").read_text())["results"]["metrics"]
+    return {**{m: round(metrics[m]["value"], 4) for m in ("ex", "em_norm", "valid", "executable")},
+            "by_kind": by_kind(report_dir)}
+
+
 def score(name: str, rows: list[dict[str, Any]], common: list[str], work: Path) -> dict[str, Any]:
     """EX / EM / valid of predictions, through `sqltune eval --predictions` (the evaluation users run)."""
     path = work / f"{name}.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     sqltune("eval", "--predictions", str(path), *common, "--report-dir", str(work / f"{name}-report"))
-    metrics = json.loads((work / f"{name}-report" / "report.json").read_text())["results"]["metrics"]
-    return {m: round(metrics[m]["value"], 4) for m in ("ex", "em_norm", "valid", "executable")}
+    return report_figures(work / f"{name}-report")
 
 
 def generate(model: Any, tok: Any, prompts_: list[str], max_new_tokens: int) -> list[str]:
@@ -92,6 +110,8 @@ def checkpoints_of(folder: Path) -> list[tuple[int, Path]]:
 def spread(found: list[tuple[int, Path]], points: int) -> list[tuple[int, Path]]:
     if len(found) <= points:
         return found
+    if points <= 1:
+        return found[-1:] if points == 1 else []
     step = (len(found) - 1) / (points - 1)
     return [found[round(i * step)] for i in range(points)]
 
@@ -148,6 +168,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--sqltune-model", help="A finished `sqltune finetune --config configs/<model>-cpu.yaml` "
                         "output (with its checkpoints) to score instead of training the sqltune recipe again.")
     parser.add_argument("--workdir", default="/tmp/sqltune-real-quality")
+    parser.add_argument("--label", default="sqltune", help="Name of the sqltune curve in the results (one per "
+                        "candidate recipe, e.g. demo-bf16-200)")
+    parser.add_argument("--keep-literal-case", action="store_true", help="Score against the dataset's own "
+                        "(lowercased) literals, as before data/literals.py")
+    parser.add_argument("--set", action="append", default=[], metavar="FLAG=VALUE",
+                        help="Override a field of the recipe's config for a candidate, e.g. --set max_steps=600")
     args = parser.parse_args(argv)
     if not DATA.is_file():
         print(f"no data at {DATA}", file=sys.stderr)
@@ -162,7 +188,8 @@ def main(argv: list[str] | None = None) -> int:
     work = Path(args.workdir) / args.model
     work.mkdir(parents=True, exist_ok=True)
     common = ["--dataset", str(DATA), "--split", "eval", "--limit", str(args.eval_limit),
-              "--eval-fraction", str(args.eval_fraction), "--seed", str(args.seed)]
+              "--eval-fraction", str(args.eval_fraction), "--seed", str(args.seed),
+              *(["--keep-literal-case"] if args.keep_literal_case else [])]
     cfg, sources = config.load(common, {})
     examples, _ = load_examples(cfg, sources, {})
     base, base_info = base_models.resolve_source(args.model)
@@ -203,17 +230,18 @@ def main(argv: list[str] | None = None) -> int:
 
     if "sqltune" in only:
         recipe = ROOT / "configs" / f"{args.model}-cpu.yaml"
-        t0 = time.perf_counter()
+        t0, cpu0 = time.perf_counter(), _children_cpu_s()
+        overrides = [x for kv in args.set for x in _flag(*kv.split("=", 1))]
         if args.sqltune_model:
             out = Path(args.sqltune_model)
         else:
-            out = work / "sqltune-model"
+            out = work / f"{args.label}-model"
             # the config's own steps and schedule; the budget caps its wall clock like the reference's
             sqltune("finetune", "--config", str(recipe), "--dataset", str(DATA), "--eval-fraction",
                     str(args.eval_fraction), "--max-train-minutes", str(args.minutes), "--save-steps",
                     str(args.save_steps), "--save-total-limit", "1000", "--eval-generate-limit", "0",
-                    "--seed", str(args.seed), "--output", str(out))
-        wall = time.perf_counter() - t0
+                    "--seed", str(args.seed), *overrides, "--output", str(out))
+        wall, cpu_minutes = time.perf_counter() - t0, (_children_cpu_s() - cpu0) / 60
         meta = json.loads((out / "sqltune.json").read_text())
         steps = meta["metrics"]["steps"]
         points = []
@@ -223,22 +251,40 @@ def main(argv: list[str] | None = None) -> int:
             model, tok = load(base, ckpt)
             texts = generate(model, tok, plain, args.max_new_tokens)
             point = {"step": step, "minutes": round(meta["metrics"]["train_runtime_s"] / 60 * step / max(steps, 1), 2),
-                     "ex": score(f"sqltune-{step}", predictions(examples, texts, extract_sql), common, work)}
+                     "ex": score(f"{args.label}-{step}", predictions(examples, texts, extract_sql), common, work)}
             points.append(point)
             print("sqltune", point, flush=True)
-        sqltune("eval", "--model", str(out), *common, "--report-dir", str(work / "sqltune-final-report"),
+        sqltune("eval", "--model", str(out), *common, "--report-dir", str(work / f"{args.label}-final-report"),
                 "--eval-max-new-tokens", str(args.max_new_tokens))
-        final = json.loads((work / "sqltune-final-report" / "report.json").read_text())["results"]["metrics"]
         points.append({"step": steps, "minutes": round(meta["metrics"]["train_runtime_s"] / 60, 2),
-                       "ex": {m: round(final[m]["value"], 4) for m in ("ex", "em_norm", "valid", "executable")},
-                       "published": True})
-        print("sqltune", points[-1], flush=True)
-        curves["sqltune"] = {"steps": steps, "finetune_wall_s": round(wall, 1), "points": points,
-                             "heldout_check": meta["metrics"].get("heldout", {}).get("exact_match")}
+                       "ex": report_figures(work / f"{args.label}-final-report"), "published": True})
+        print(args.label, points[-1], flush=True)
+        curves[args.label] = {"steps": steps, "finetune_wall_s": round(wall, 1), "points": points,
+                              # CPU-minutes of the whole finetune process (a busy machine changes wall time)
+                              "finetune_cpu_minutes": None if args.sqltune_model else round(cpu_minutes, 1),
+                              "model": str(out), "overrides": args.set, "keep_literal_case": args.keep_literal_case,
+                              "train_dtype": meta.get("train_dtype", meta.get("dtype")),
+                              "cut_short": meta["metrics"].get("cut_short"),
+                              "heldout_check": {k: v for k, v in meta["metrics"].get("heldout", {}).items()
+                                                if k != "samples"}}
         save()
     plot(summary, RESULTS / f"real_model_quality_{args.model}.png")
     print(json.dumps(summary, indent=2))
     return 0
+
+
+def _flag(name: str, value: str) -> list[str]:
+    flag = name.replace("_", "-")
+    if value.lower() in ("true", "false"):  # boolean fields are --x / --no-x
+        return [f"--{flag}" if value.lower() == "true" else f"--no-{flag}"]
+    return [f"--{flag}", value]
+
+
+def _children_cpu_s() -> float:
+    import resource
+
+    r = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return r.ru_utime + r.ru_stime
 
 
 def plot(summary: dict[str, Any], path: Path) -> None:
@@ -250,9 +296,11 @@ def plot(summary: dict[str, Any], path: Path) -> None:
     fig, ax = plt.subplots(figsize=(6, 4))
     zero = summary.get("zero_shot", {}).get("ex")
     curves = summary.get("curves", {})
-    if "sqltune" in curves:
-        pts = curves["sqltune"]["points"]
-        ax.plot([0] + [p["minutes"] for p in pts], [zero or 0] + [p["ex"]["ex"] for p in pts], "o-", label="sqltune")
+    for label, curve in curves.items():
+        if label == "reference":
+            continue
+        pts = curve["points"]
+        ax.plot([0] + [p["minutes"] for p in pts], [zero or 0] + [p["ex"]["ex"] for p in pts], "o-", label=label)
     if "reference" in curves:
         pts = curves["reference"]["points"]
         for key, style in (("as_served", "s--"), ("lenient", "s:")):

@@ -1,10 +1,17 @@
 """Serving throughput under concurrent load, loopback only: sqltune's batching transformers engine
-against a plain one-request-at-a-time transformers server, and sqltune's vLLM engine against
-vLLM's own OpenAI server on the same model.
+against a plain one-request-at-a-time transformers server, sqltune's vLLM engine against vLLM's own
+OpenAI server, and sqltune's llama.cpp engine against llama.cpp's own server (the same xllamacpp
+wheel, the same GGUF, the same threads and slots), on the same model.
 
     nice -n 10 python benchmarks/serve_load.py                          # trains a tiny model first
     nice -n 10 python benchmarks/serve_load.py --model models/sqltune-sql --levels 1,4,16,64
     python benchmarks/serve_load.py --skip-vllm                          # without .venv-vllm
+    python benchmarks/serve_load.py --model models/smollm2-135m-sql --only-llamacpp --levels 1,4,16 --batch 16
+    python benchmarks/serve_load.py --model models/smollm2-135m-sql --only-dtypes   # transformers fp32 vs bf16
+
+llama.cpp's server gets `ignore_eos` where sqltune gets min_tokens = max_tokens: both generate exactly
+--tokens tokens. The resident memory (RSS) of each server process is read after every level; the
+largest goes in the results.
 
 Every request asks for exactly --tokens tokens (min_tokens = max_tokens), so servers are compared
 on the same work. Each concurrency level sends a bounded number of requests (--requests-per-client
@@ -117,14 +124,35 @@ def free_port() -> int:
     return fp()
 
 
-def sqltune_server(name: str, model: str, engine: str, python: str, batch: int) -> Server:
+def sqltune_server(name: str, model: str, engine: str, python: str, batch: int, dtype: str = "",
+                   env: dict[str, str] | None = None, extra: tuple[str, ...] = ()) -> Server:
     port = free_port()
     cmd = [python, "-m", "sqltune", "serve", "--model", model, "--engine", engine, "--host", "127.0.0.1",
            "--port", str(port), "--max-batch-size", str(batch), "--max-queue", "256", "--max-tokens-limit", "2048",
-           "--request-timeout", "600", "--log-level", "warning"]
+           "--request-timeout", "600", "--log-level", "warning", "--served-model-name", "sqltune-sql", *extra]
+    if dtype:
+        cmd += ["--dtype", dtype]
     if engine == "vllm":
         cmd.append("--vllm-enforce-eager")
-    return Server(name, cmd, f"http://127.0.0.1:{port}", "/ready", {"VLLM_CPU_KVCACHE_SPACE": "1"})
+    return Server(name, cmd, f"http://127.0.0.1:{port}", "/ready", {"VLLM_CPU_KVCACHE_SPACE": "1", **(env or {})})
+
+
+def measure_llamacpp(model: str, prompts: list[str], levels: list[int], args: argparse.Namespace) -> dict[str, Any]:
+    """sqltune (transformers, then llama.cpp) and llama.cpp's own server on one GGUF, exported once into a
+    cache both llama.cpp servers read; the same threads (the CPUs this process may use) and slots."""
+    sys.path.insert(0, str(ROOT))
+    from sqltune.engines.llamacpp_engine import cpu_threads, export_once
+
+    cache = Path(tempfile.mkdtemp(prefix="serve-load-cache-"))
+    gguf = export_once(Path(model), args.gguf_quant, cache)
+    out = {"sqltune-transformers": measure(sqltune_server("sqltune-transformers", model, "transformers",
+                                                          sys.executable, args.batch), prompts, levels, args)}
+    out["sqltune-llamacpp"] = measure(sqltune_server(
+        "sqltune-llamacpp", model, "llamacpp", sys.executable, args.batch, env={"SQLTUNE_CACHE": str(cache)},
+        extra=("--gguf-quant", args.gguf_quant)), prompts, levels, args)
+    out["llamacpp-server"] = measure(llamacpp_own_server(str(gguf), args.batch, cpu_threads()), prompts, levels,
+                                     args, extra={"ignore_eos": True})
+    return out
 
 
 def vllm_own_server(model: str, batch: int) -> Server:
@@ -136,6 +164,29 @@ def vllm_own_server(model: str, batch: int) -> Server:
     return Server("vllm-openai", cmd, f"http://127.0.0.1:{port}", "/health", {"VLLM_CPU_KVCACHE_SPACE": "1"})
 
 
+def llamacpp_own_server(gguf: str, slots: int, threads: int) -> Server:
+    port = free_port()
+    cmd = [sys.executable, str(Path(__file__).resolve()), "llamacpp-server", "--model", gguf, "--port", str(port),
+           "--slots", str(slots), "--threads", str(threads)]
+    return Server("llamacpp-server", cmd, f"http://127.0.0.1:{port}", "/health", {})
+
+
+def run_llamacpp_server(gguf: str, port: int, slots: int, threads: int) -> None:
+    """llama.cpp's own HTTP server (the wheel's build of llama-server), nothing of sqltune in the path."""
+    import xllamacpp as xl
+
+    params = xl.CommonParams()
+    params.model.path = gguf
+    params.n_parallel, params.n_ctx = slots, slots * 1024
+    params.cpuparams.n_threads = params.cpuparams_batch.n_threads = threads
+    params.port = port
+    params.warmup = False
+    server = xl.Server(params)
+    print("listening", server.listening_address, flush=True)
+    while True:
+        time.sleep(3600)
+
+
 def plain(model: str) -> Server:
     port = free_port()
     cmd = [sys.executable, str(Path(__file__).resolve()), "plain-server", "--model", model, "--port", str(port)]
@@ -145,7 +196,7 @@ def plain(model: str) -> Server:
 # --- load ---------------------------------------------------------------------------------------------
 
 async def run_level(url: str, path: str, prompts: list[str], clients: int, requests: int, tokens: int,
-                    cap_s: float) -> dict[str, Any]:
+                    cap_s: float, extra: dict[str, Any] | None = None) -> dict[str, Any]:
     import httpx
 
     latencies: list[float] = []
@@ -160,8 +211,8 @@ async def run_level(url: str, path: str, prompts: list[str], clients: int, reque
             prompt = prompts[(sent + k) % len(prompts)]
             sent += 1
             t0 = time.perf_counter()
-            r = await http.post(url + path, json={"prompt": prompt, "max_tokens": tokens, "min_tokens": tokens,
-                                                  "temperature": 0, "model": "sqltune-sql"})
+            body = {"prompt": prompt, "max_tokens": tokens, "temperature": 0, "model": "sqltune-sql"}
+            r = await http.post(url + path, json={**body, **(extra or {"min_tokens": tokens})})
             if r.status_code != 200:
                 errors += 1
                 continue
@@ -179,18 +230,30 @@ async def run_level(url: str, path: str, prompts: list[str], clients: int, reque
             "p99_s": round(latencies[min(len(latencies) - 1, int(0.99 * len(latencies)))], 3) if latencies else None}
 
 
-def measure(server: Server, prompts: list[str], levels: list[int], args: argparse.Namespace) -> dict[str, Any]:
-    out = {}
+def rss_mb(server: Server) -> float:
+    import psutil
+
+    proc = psutil.Process(server.proc.pid)  # type: ignore[union-attr]
+    return round(sum(p.memory_info().rss for p in [proc, *proc.children(recursive=True)]) / 2**20, 1)
+
+
+def measure(server: Server, prompts: list[str], levels: list[int], args: argparse.Namespace,
+            extra: dict[str, Any] | None = None) -> dict[str, Any]:
+    out: dict[str, Any] = {}
     with server:
-        asyncio.run(run_level(server.url, "/v1/completions", prompts, 2, 4, args.tokens, 120))  # warm-up
+        asyncio.run(run_level(server.url, "/v1/completions", prompts, 2, 4, args.tokens, 120, extra))  # warm-up
+        rss = [rss_mb(server)]
         for clients in levels:
             requests = max(8, clients * args.requests_per_client)
             row = asyncio.run(run_level(server.url, "/v1/completions", prompts, clients, requests, args.tokens,
-                                        args.cap_seconds))
+                                        args.cap_seconds, extra))
+            rss.append(rss_mb(server))
+            row["rss_mb"] = rss[-1]
             print(f"  {server.name:20s} clients={clients:3d}  {row['requests_per_s']:7.2f} req/s  "
                   f"{row['tokens_per_s']:8.1f} tok/s  p50 {row['p50_s']}s  p99 {row['p99_s']}s  "
                   f"errors {row['errors']}", flush=True)
             out[str(clients)] = row
+    out["max_rss_mb"] = max(rss)
     return out
 
 
@@ -223,6 +286,11 @@ def main(argv: list[str] | None = None) -> int:
     ps = sub.add_parser("plain-server")
     ps.add_argument("--model", required=True)
     ps.add_argument("--port", type=int, required=True)
+    pl = sub.add_parser("llamacpp-server")
+    pl.add_argument("--model", required=True)
+    pl.add_argument("--port", type=int, required=True)
+    pl.add_argument("--slots", type=int, required=True)
+    pl.add_argument("--threads", type=int, required=True)
     p.add_argument("--model", help="a finished sqltune model folder (default: train a tiny one)")
     p.add_argument("--levels", default="1,4,16,64")
     p.add_argument("--tokens", type=int, default=48, help="tokens generated per request")
@@ -233,9 +301,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--skip-plain", action="store_true")
     p.add_argument("--only-vllm", action="store_true", help="just sqltune+vLLM against vLLM's own server")
     p.add_argument("--only-transformers", action="store_true", help="just sqltune against the plain server")
+    p.add_argument("--only-llamacpp", action="store_true",
+                   help="sqltune --engine transformers and --engine llamacpp against llama.cpp's own server")
+    p.add_argument("--only-dtypes", action="store_true", help="sqltune's transformers engine, fp32 against bf16")
+    p.add_argument("--gguf-quant", default="q8_0", help="the GGUF both llama.cpp servers load")
     args = p.parse_args(argv)
     if args.mode == "plain-server":
         plain_server(args.model, args.port)
+        return 0
+    if args.mode == "llamacpp-server":
+        run_llamacpp_server(args.model, args.port, args.slots, args.threads)
         return 0
 
     model = args.model or tiny_model()
@@ -243,18 +318,27 @@ def main(argv: list[str] | None = None) -> int:
     prompts = load_prompts(model)
     results: dict[str, Any] = {}
     print(f"model {model}; {args.tokens} tokens per request; levels {levels}", flush=True)
-    if not args.only_vllm:
+    if args.only_llamacpp:
+        results.update(measure_llamacpp(model, prompts, levels, args))
+    elif args.only_dtypes:
+        for dtype in ("fp32", "bf16"):
+            results[f"sqltune-transformers-{dtype}"] = measure(sqltune_server(
+                f"sqltune-transformers-{dtype}", model, "transformers", sys.executable, args.batch, dtype),
+                prompts, levels, args)
+    elif not args.only_vllm:
         results["sqltune-transformers"] = measure(sqltune_server("sqltune-transformers", model, "transformers",
                                                                  sys.executable, args.batch), prompts, levels, args)
-    if not args.skip_plain and not args.only_vllm:
+    if not args.skip_plain and not args.only_vllm and not args.only_llamacpp and not args.only_dtypes:
         results["plain-transformers"] = measure(plain(model), prompts, levels, args)
     if not args.skip_vllm and not args.only_transformers and VLLM_PYTHON.exists():
         results["sqltune-vllm"] = measure(sqltune_server("sqltune-vllm", model, "vllm", str(VLLM_PYTHON),
                                                          args.batch), prompts, levels, args)
         results["vllm-openai"] = measure(vllm_own_server(model, args.batch), prompts, levels, args)
 
+    # the llama.cpp and dtype comparisons keep a file of their own, so the other servers' figures stay
+    results_path = RESULTS.with_name("serve_load_llamacpp.json") if args.only_llamacpp or args.only_dtypes else RESULTS
     command = "nice -n 10 python benchmarks/serve_load.py " + " ".join(sys.argv[1:])
-    previous = json.loads(RESULTS.read_text()) if RESULTS.is_file() else {}
+    previous = json.loads(results_path.read_text()) if results_path.is_file() else {}
     commands = {**previous.get("commands", {}), **{name: command for name in results}}
     if previous.get("tokens_per_request") == args.tokens and previous.get("levels") == levels:
         results = {**previous.get("results", {}), **results}  # a partial run updates its servers only
@@ -262,22 +346,30 @@ def main(argv: list[str] | None = None) -> int:
     if "plain-transformers" in results and "sqltune-transformers" in results:
         ratios["batching_vs_plain_tokens_per_s"] = {
             c: round(results["sqltune-transformers"][c]["tokens_per_s"] / results["plain-transformers"][c]["tokens_per_s"], 2)
-            for c in results["plain-transformers"]}
+            for c in results["plain-transformers"] if c != "max_rss_mb"}
     if "vllm-openai" in results:
         ratios["sqltune_vllm_vs_vllm_openai_tokens_per_s"] = {
             c: round(results["sqltune-vllm"][c]["tokens_per_s"] / results["vllm-openai"][c]["tokens_per_s"], 3)
-            for c in results["vllm-openai"]}
+            for c in results["vllm-openai"] if c != "max_rss_mb"}
+    for mine, theirs, key in (("sqltune-llamacpp", "llamacpp-server", "sqltune_llamacpp_vs_llamacpp_server"),
+                              ("sqltune-transformers", "llamacpp-server", "sqltune_transformers_vs_llamacpp_server"),
+                              ("sqltune-transformers-bf16", "sqltune-transformers-fp32", "transformers_bf16_vs_fp32")):
+        if mine in results and theirs in results:
+            ratios[key + "_tokens_per_s"] = {
+                c: round(results[mine][c]["tokens_per_s"] / results[theirs][c]["tokens_per_s"], 3)
+                for c in results[theirs] if c in results[mine] and c != "max_rss_mb" and results[theirs][c]["tokens_per_s"]}
     report = {
         "benchmark": "serve_load", "model": model, "tokens_per_request": args.tokens, "levels": levels,
         "batch": args.batch, "machine": {"cpus": os.cpu_count(), "platform": platform.platform(),
                                          "omp_num_threads": os.environ.get("OMP_NUM_THREADS", "")},
-        "targets": {"batching_vs_plain_at_16": 4.0, "sqltune_vllm_vs_vllm_openai": 0.95},
+        "targets": {"batching_vs_plain_at_16": 4.0, "sqltune_vllm_vs_vllm_openai": 0.95,
+                    "sqltune_llamacpp_vs_llamacpp_server": 0.95},
         "results": results, "ratios": ratios, "commands": commands,
     }
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text(json.dumps(report, indent=2) + "\n")
+    results_path.parent.mkdir(parents=True, exist_ok=True)
+    results_path.write_text(json.dumps(report, indent=2) + "\n")
     print(json.dumps(ratios, indent=2))
-    print(f"wrote {RESULTS}")
+    print(f"wrote {results_path}")
     return 0
 
 

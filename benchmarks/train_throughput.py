@@ -9,6 +9,22 @@ loss on the whole text (TRL appends one EOS per example where the tutorial had n
 no effect on throughput). sqltune's: batch 16, no checkpointing (the model fits), loss on the SQL only.
 Each recipe runs in its own process (peak RSS is per process) over the same examples; figures go
 to benchmarks/results/train_throughput.json. Timings are reported, never asserted.
+
+The demo recipe's per-step cost, one change at a time (configs/smollm2-135m-cpu.yaml on SmolLM2-135M,
+the same rows in the same order, a fixed number of steps, each variant in its own process, side by side):
+
+    python benchmarks/train_throughput.py --variants fp32-ckpt,bf16-ckpt,bf16,bf16-padfree --steps 8
+
+  fp32-ckpt     the recipe as it was: fp32, gradient checkpointing, length-grouped padded batches
+  bf16-ckpt     bf16 compute (AMX / AVX512-BF16), checkpointing on
+  bf16          bf16, no checkpointing
+  bf16-padfree  bf16, no checkpointing, padding-free batches (one flattened row, position_ids mark the
+                boundaries; transformers builds the block-diagonal mask from them)
+  *-eval        any variant + the end-of-training eval-loss pass over the job's 256 eval rows, timed apart
+
+Reported per variant: input tokens/s and s/step over the steps after the first (warm-up), CPU-seconds of
+the process (user + system: what a busy machine does not change), peak RSS. Written to
+benchmarks/results/train_throughput_<model>.json.
 """
 
 from __future__ import annotations
@@ -83,12 +99,120 @@ def run_recipe(recipe: str, n: int, workdir: Path) -> dict:
             "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)}
 
 
+VARIANTS = {  # name -> (dtype, gradient checkpointing, padding-free)
+    "fp32-ckpt": ("fp32", True, False), "bf16-ckpt": ("bf16", True, False), "fp32": ("fp32", False, False),
+    "bf16": ("bf16", False, False), "bf16-padfree": ("bf16", False, True), "fp32-padfree": ("fp32", False, True),
+}
+
+
+def _cpu_s() -> float:
+    r = resource.getrusage(resource.RUSAGE_SELF)
+    return r.ru_utime + r.ru_stime
+
+
+def run_variant(name: str, model_name: str, steps: int, workdir: Path) -> dict:
+    """One variant of the demo recipe for `steps` steps; per-step times from a callback."""
+    import torch
+    from transformers import TrainerCallback
+
+    from sqltune import config, generation
+    from sqltune.data import loading
+    from sqltune.finetune import trainer as sft
+    from sqltune.models import base_models
+    from sqltune.prompts import DEFAULT_TEMPLATE
+
+    torch.set_num_threads(int(os.environ.get("BENCH_THREADS", "2")))
+    base_variant, with_eval = name.removesuffix("-eval"), name.endswith("-eval")
+    dtype, ckpt, padfree = VARIANTS[base_variant]
+    yaml = ROOT / "configs" / f"{model_name}-cpu.yaml"
+    cfg, _ = config.resolve(str(yaml), {}, {"max_steps": str(steps), "gradient_checkpointing": ckpt,
+                                            "save_steps": "100000", "logging_steps": "100000", "dataset": str(SHARED)})
+    precision = generation.choose_precision(dtype, training=True)
+    splits = loading.load_splits(str(SHARED), eval_fraction=cfg.eval_fraction, seed=cfg.seed)
+    base_name, _ = base_models.resolve_source(model_name)
+    tok = base_models.load_tokenizer(base_name)
+    model = base_models.load_base(base_name, base_models.weight_precision(precision, cfg.method))
+    model.config.use_cache = False
+    train_ds, _ = sft.to_dataset(sft.build_pairs(splits.train, DEFAULT_TEMPLATE), tok, cfg.max_seq_length)
+    eval_ds, _ = sft.to_dataset(sft.build_pairs(splits.eval, DEFAULT_TEMPLATE), tok, cfg.max_seq_length)
+    eval_ds = eval_ds.shuffle(seed=cfg.seed).select(range(min(256, len(eval_ds))))
+
+    class Clock(TrainerCallback):
+        def __init__(self) -> None:
+            self.marks: list[tuple[float, float, int]] = []
+
+        def on_step_end(self, args, state, control, **kw):  # noqa: ANN001
+            self.marks.append((time.perf_counter(), _cpu_s(), int(state.num_input_tokens_seen)))
+
+    clock = Clock()
+    trainer = sft.build_trainer(cfg, cfg.method, precision, model, tok, train_ds, eval_ds, workdir, [clock],
+                                extra_args={"padding_free": True, "max_length": None} if padfree else None)
+    t0, c0 = time.perf_counter(), _cpu_s()
+    trainer.train()
+    (t1, c1, n1), (tn, cn, nn) = clock.marks[0], clock.marks[-1]
+    out = {"variant": name, "model": model_name, "dtype": precision.name, "gradient_checkpointing": ckpt,
+           "padding_free": padfree, "steps": len(clock.marks), "batch_size": cfg.train_batch_size,
+           "s_per_step": round((tn - t1) / (len(clock.marks) - 1), 3),
+           "cpu_s_per_step": round((cn - c1) / (len(clock.marks) - 1), 3),
+           "input_tokens_per_s": round((nn - n1) / (tn - t1), 1),
+           "input_tokens_per_cpu_s": round((nn - n1) / (cn - c1), 1),
+           "train_wall_s": round(tn - t0, 1), "train_cpu_s": round(cn - c0, 1),
+           "final_loss": round(float(trainer.state.log_history[-1].get("train_loss", float("nan"))), 4)}
+    if with_eval:
+        e0, ec0 = time.perf_counter(), _cpu_s()
+        out["eval_loss"] = round(trainer.evaluate()["eval_loss"], 4)
+        out["eval_pass_s"], out["eval_pass_cpu_s"] = round(time.perf_counter() - e0, 1), round(_cpu_s() - ec0, 1)
+    out["peak_rss_mb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
+    return out
+
+
+def _save_variants(args: argparse.Namespace, results: list[dict]) -> None:
+    first = results[0]
+    for r in results:
+        r["speedup_tokens_per_s"] = round(r["input_tokens_per_s"] / first["input_tokens_per_s"], 2)
+        r["speedup_tokens_per_cpu_s"] = round(r["input_tokens_per_cpu_s"] / first["input_tokens_per_cpu_s"], 2)
+    summary = {"machine": {"cpus": os.cpu_count(), "platform": platform.platform()}, "model": args.model,
+               "steps": args.steps, "baseline": first["variant"], "variants": results,
+               "load_average_at_end": os.getloadavg()[0]}  # other work on the machine inflates both wall and CPU time
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / f"train_throughput_{args.model}.json").write_text(json.dumps(summary, indent=2) + "\n")
+
+
+def run_variants(args: argparse.Namespace) -> int:
+    results = []
+    for name in args.variants.split(","):
+        if name.removesuffix("-eval") not in VARIANTS:
+            raise SystemExit(f"unknown variant {name}; known: {', '.join(VARIANTS)} (each optionally with -eval)")
+        out = subprocess.run([sys.executable, __file__, "--variant", name, "--model", args.model, "--steps",
+                              str(args.steps), "--workdir", args.workdir], capture_output=True, text=True,
+                             env={**os.environ, "SQLTUNE_NO_PROGRESS": "1"})
+        if out.returncode != 0:
+            raise SystemExit(f"variant {name} failed:\n{out.stderr[-3000:]}")
+        results.append(json.loads(out.stdout.strip().splitlines()[-1]))
+        print(json.dumps(results[-1]), flush=True)
+        _save_variants(args, results)  # after each variant: a long run stopped half-way keeps what it measured
+    for r in results:
+        print(f"{r['variant']:>18}  {r['s_per_step']:6.2f} s/step  {r['input_tokens_per_s']:7.1f} tok/s "
+              f"({r['speedup_tokens_per_s']}x)  {r['input_tokens_per_cpu_s']:7.1f} tok/CPU-s "
+              f"({r['speedup_tokens_per_cpu_s']}x)  RSS {r['peak_rss_mb']:.0f} MB")
+    return 0
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--examples", type=int, default=1000)
     parser.add_argument("--recipe", choices=["tutorial", "sqltune"], help=argparse.SUPPRESS)
+    parser.add_argument("--variants", help="Comma-separated variants of the demo recipe (see above).")
+    parser.add_argument("--variant", help=argparse.SUPPRESS)
+    parser.add_argument("--model", default="smollm2-135m", choices=["smollm2-135m", "gemma3-270m"])
+    parser.add_argument("--steps", type=int, default=8, help="Optimizer steps per variant (the first is warm-up).")
     parser.add_argument("--workdir", default="/tmp/sqltune-bench-train")
     args = parser.parse_args()
+    if args.variant:  # child process: one variant, result as JSON on stdout
+        print(json.dumps(run_variant(args.variant, args.model, args.steps, Path(args.workdir) / args.variant)))
+        return 0
+    if args.variants:
+        return run_variants(args)
     if args.recipe:  # child process: one recipe, result as JSON on stdout
         print(json.dumps(run_recipe(args.recipe, args.examples, Path(args.workdir) / args.recipe)))
         return 0

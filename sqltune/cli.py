@@ -9,7 +9,7 @@ import importlib
 import sys
 from collections.abc import Sequence
 
-from sqltune import __version__
+from sqltune import __version__, logs
 from sqltune.errors import SqltuneError
 
 # command modules, one `cli.py` per stage, in the order `sqltune --help` lists them
@@ -59,6 +59,7 @@ def _run_config_show(args: argparse.Namespace) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    logs.quiet_libraries()
     parser = build_parser()
     args = parser.parse_args(sys.argv[1:] if argv is None else list(argv))
     if not getattr(args, "func", None):

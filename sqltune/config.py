@@ -49,8 +49,9 @@ class Config:
                      "Default: models/<new_model>.", aliases=["-o"])
     method: str = _f("auto", "qlora (4-bit NF4 base + LoRA), lora, full; auto = full for `tiny`, qlora "
                      "on CUDA with bitsandbytes, lora otherwise.", choices=["auto", "qlora", "lora", "full"])
-    dtype: str = _f("auto", "Compute dtype; auto = bf16 on GPUs that support it, fp16 on older GPUs, "
-                    "fp32 on CPU.", choices=["auto", "bf16", "fp16", "fp32"])
+    dtype: str = _f("auto", "Compute dtype; auto = bf16 on GPUs that support it, fp16 on older GPUs; on a CPU, "
+                    "bf16 for training where it has AMX-BF16 / AVX512-BF16 (published in fp32), fp32 otherwise.",
+                    choices=["auto", "bf16", "fp16", "fp32"])
     lora_r: int = _f(8, "LoRA rank.", minimum=1)
     lora_alpha: int = _f(16, "LoRA alpha (scale = alpha / r).", minimum=1)
     lora_dropout: float = _f(0.05, "LoRA dropout.", minimum=0.0)
@@ -74,6 +75,10 @@ class Config:
                          "(named so the shell's COLUMNS never leaks in).")
     eval_fraction: float = _f(0.05, "Share of questions held out for evaluation (by question hash).",
                               minimum=0.0)
+    keep_literal_case: bool = _f(False, "Keep the answers' string literals as the dataset spells them; by default "
+                                 "a literal that matches a span of the question apart from letter case takes the "
+                                 "question's spelling (sql-create-context lowercases them), in training and "
+                                 "evaluation alike.")
 
     # --- training ---------------------------------------------------------------------------
     learning_rate: float = _f(0.0, "Peak learning rate; 0 = by method: 3e-3 for the from-scratch tiny model, "
@@ -194,8 +199,12 @@ class Config:
                       group="serve")
     # choices: sqltune.engines.factory.ENGINES (checked there; the flags read them from there)
     serve_engine: str = _f("auto", "Generation engine; auto = vllm when CUDA and vllm are installed, else "
-                           "transformers.", aliases=["--engine"], group="serve")
-    serve_host: str = _f("0.0.0.0", "Address to listen on (127.0.0.1 keeps the server local).",
+                           "transformers; llamacpp = llama.cpp on the model's GGUF (xllamacpp).",
+                           aliases=["--engine"], group="serve")
+    gguf_quant: str = _f("q8_0", "--engine llamacpp on a model folder: the GGUF weight type it is exported to "
+                         "once (into the model cache).", choices=["f16", "q8_0", "q4_k_m"], group="serve")
+    serve_host: str = _f("127.0.0.1", "Address to listen on; the default keeps the server local, 0.0.0.0 "
+                         "listens on every interface (the container image and the manifests set it).",
                          aliases=["--host"], group="serve")
     serve_port: int = _f(8000, "Port to listen on (Cloud Run and Vertex AI set PORT / AIP_HTTP_PORT).",
                          minimum=1, aliases=["--port"], env=["PORT", "AIP_HTTP_PORT"], group="serve")
@@ -211,6 +220,8 @@ class Config:
                                 minimum=0.1, group="serve")
     max_body_bytes: int = _f(1_000_000, "Largest request body; larger ones get 413.", minimum=1024,
                              group="serve")
+    body_timeout: float = _f(10.0, "Seconds a client may pause while sending its request body (one shorter "
+                             "than its Content-Length); then 408.", minimum=0.1, group="serve")
     default_max_tokens: int = _f(128, "max_tokens when a request does not set it.", minimum=1, group="serve")
     max_tokens_limit: int = _f(1024, "Largest max_tokens a request may ask for.", minimum=1, group="serve")
     max_model_len: int = _f(0, "Context length (prompt + completion); 0 = the model's own.", minimum=0,
@@ -347,6 +358,9 @@ def _check(f: dataclasses.Field[Any], value: Any) -> None:
                           f"set {flag_name(f.name)} to {meta['maximum']} or less")
 
 
+MAX_INT = 2**53  # every integer below it is exact as a float and a JSON number
+
+
 def parse_value(name: str, raw: Any, origin: str) -> Any:
     """Convert a YAML, env or flag value to the field's type, or fail naming the flag."""
     kind = _TYPES[name]
@@ -364,7 +378,11 @@ def parse_value(name: str, raw: Any, origin: str) -> Any:
         if kind is int:
             if isinstance(raw, bool) or (isinstance(raw, float) and not raw.is_integer()):
                 raise ValueError
-            return int(raw)
+            number = int(raw)
+            if abs(number) > MAX_INT:  # 1e23 steps is a typo; torch and JSON lose such integers anyway
+                raise ConfigError(f"{where}: {raw!r} is out of range (at most {MAX_INT:,})",
+                                  f"pass {flag_name(name)} {_example(name)}")
+            return number
         if kind is float:
             if isinstance(raw, bool):
                 raise ValueError
@@ -393,14 +411,38 @@ def _example(name: str) -> str:
     return str(default).lower() if isinstance(default, bool) else str(default) or "VALUE"
 
 
+def _unique_key_loader() -> Any:
+    import yaml
+
+    class Loader(yaml.SafeLoader):
+        """safe_load, except that a key given twice is an error (PyYAML keeps the last one silently)."""
+
+        def construct_mapping(self, node: Any, deep: bool = False) -> Any:
+            seen: set[Any] = set()
+            for key_node, _ in node.value:
+                key = self.construct_object(key_node, deep=deep)
+                if key in seen:
+                    raise yaml.constructor.ConstructorError(None, None, f"key `{key}` appears twice",
+                                                            key_node.start_mark)
+                seen.add(key)
+            return super().construct_mapping(node, deep)
+
+    return Loader
+
+
 def read_yaml(path: str | os.PathLike[str]) -> dict[str, Any]:
     import yaml
+
+    _UniqueKeyLoader = _unique_key_loader()  # noqa: N806 - a class
 
     p = Path(path)
     if not p.is_file():
         raise ConfigError(f"config file {p} does not exist", "pass --config with a path to a YAML file")
     try:
-        data = yaml.safe_load(p.read_text()) or {}
+        data = yaml.load(p.read_text(encoding="utf-8"), Loader=_UniqueKeyLoader) or {}
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"config file {p} is not UTF-8 text ({e.reason} at byte {e.start})",
+                          "save the YAML file as UTF-8") from None
     except yaml.YAMLError as e:
         raise ConfigError(f"config file {p} is not valid YAML: {e}", "fix the YAML syntax") from None
     if not isinstance(data, dict):

@@ -39,6 +39,16 @@ CACHE_SIZE = 256  # compiled grammars kept per model; a 50k-vocabulary grammar t
 # closed rather than cut (an untrained model otherwise fills every list the grammar allows). A quarter,
 # not a fixed count: with 64 of 96 tokens, real answers of 30-40 tokens had their strings closed early.
 WIND_DOWN_SHARE = 0.25
+# What goes into one grammar is capped before anything is built. Compiling against a 49k vocabulary
+# grows with the square of a schema+values question (one rule per word: 250 words 0.08 s, 1k 0.5 s,
+# 6k 47 s) and with the count of distinct names (4,096: 2.5 s); real questions are under 60 words and
+# real schemas under a few hundred names. Past a cap the request decodes unconstrained, with the reason.
+MAX_QUESTION_WORDS = 256
+MAX_NAMES = 1024
+MAX_GRAMMAR_CHARS = 250_000
+# The shortest way to close a query can be long: a quoted table name spelled one letter per token by
+# a small vocabulary, after a FROM. 64 closed every answer of an untrained model from 8 to 160 tokens.
+CLOSE_TOKENS = 64
 _CLOSERS = re.compile(r"[)\"'`\]]")
 _OPEN_CHARS = re.compile(r"[(,+\-*/|%&<>=]")
 _OPEN_WORDS = ("select", "where", "and", "or", "not", "join", "on", "group", "order", "having", "union", "intersect",
@@ -79,15 +89,29 @@ def check_mode(mode: str, where: str = "--constrain") -> str:
 
 def build(mode: str, question: str, context: str) -> Constraint:
     """The grammar for one (question, context) under `mode`; unconstrained with a reason when the
-    context cannot be read as a schema."""
+    context cannot be read as a schema or what would go into the grammar is past the caps (checked
+    before anything is built, so an oversized request costs a split and a count)."""
     check_mode(mode)
     if mode == "off":
         return Constraint("off")
+    if mode == "schema+values":
+        words = len(question.split())
+        if words > MAX_QUESTION_WORDS:
+            return Constraint(mode, "", f"no grammar: the question has {words} words, more than the "
+                              f"{MAX_QUESTION_WORDS} a schema+values grammar takes; decoded unconstrained")
     try:
         schema = parse_schema(context)
     except DataError as e:
         return Constraint(mode, "", f"no grammar: the context is not a schema ({e.message}); decoded unconstrained")
-    return Constraint(mode, schema_grammar(schema, question if mode == "schema+values" else None))
+    names = {t.name for t in schema.tables} | {c.name for t in schema.tables for c in t.columns}
+    if len(names) > MAX_NAMES:
+        return Constraint(mode, "", f"no grammar: the schema has {len(names)} distinct table and column names, "
+                          f"more than the {MAX_NAMES} a grammar takes; decoded unconstrained")
+    grammar = schema_grammar(schema, question if mode == "schema+values" else None)
+    if len(grammar) > MAX_GRAMMAR_CHARS:
+        return Constraint(mode, "", f"no grammar: it would be {len(grammar)} characters, more than "
+                          f"{MAX_GRAMMAR_CHARS}; decoded unconstrained")
+    return Constraint(mode, grammar)
 
 
 def xgrammar() -> Any:
@@ -237,6 +261,19 @@ def mask_logits(logits: Any, matchers: Sequence[Any], compiler: Compiler,
                 row.copy_(narrowed)
                 break
     return logits
+
+
+def closing(matcher: Any, generated: int, limit: int) -> bool:
+    """Whether a constrained row that has generated `generated` tokens of its max_tokens `limit` goes
+    on to close its query: a query cut mid-way never parses, so a row that reaches max_tokens before
+    its grammar let it end takes up to CLOSE_TOKENS more, under the wind-down masks (which take EOS as
+    soon as the grammar allows it). The response says how many it took (`extra_tokens`)."""
+    return matcher is not None and not matcher.is_terminated() and generated < limit + CLOSE_TOKENS
+
+
+def token_budget(limit: int, constrained: bool) -> int:
+    """The most tokens a row with max_tokens `limit` can generate (see `closing`)."""
+    return limit + CLOSE_TOKENS if constrained else limit
 
 
 def wind_down_after(limit: int) -> int:

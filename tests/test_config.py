@@ -115,3 +115,56 @@ def test_config_show_marks_sources(capsys: pytest.CaptureFixture[str]) -> None:
     out = capsys.readouterr().out
     assert "lora_r: 32  # flag --lora-r" in out
     assert "lora_alpha: 16\n" in out
+
+
+@pytest.mark.parametrize(("text", "needle"), [
+    ("max_steps: 1.0e+23\n", "out of range"),  # was accepted as 99999999999999991611392 steps
+    ("lora_r: 8\nlora_r: 16\n", "`lora_r` appears twice"),  # PyYAML silently kept the last one
+])
+def test_huge_integers_and_duplicate_keys_are_refused(tmp_path: Path, text: str, needle: str) -> None:
+    with pytest.raises(ConfigError, match=needle):
+        load(["--config", write(tmp_path, text)], {})
+    with pytest.raises(ConfigError, match="out of range"):
+        load(["--max-steps", "100000000000000000000000"], {})
+
+
+# --- bad input on the command line: one error line and its fix, exit 2, no traceback, nothing created ---
+
+def _bad_bytes(tmp_path: Path, name: str, data: bytes) -> str:
+    p = tmp_path / name
+    p.write_bytes(data)
+    return str(p)
+
+
+@pytest.mark.parametrize(("args", "needle"), [
+    (["ask", "--database", "postgresql://u:pw@127.0.0.1:notaport/shop", "How many?"], "port is not a number"),
+    (["ask", "--database", "postgresql://u:pw@[::1:15432/shop", "How many?"], "port is not a number"),
+    (["eval", "--predictions", "{bad_utf8_jsonl}"], "line 2 is not UTF-8"),
+    (["config", "show", "--config", "{bad_utf8_yaml}"], "is not UTF-8"),
+    (["export", "gguf", "--model", "{tmp}", "--out", "/proc/x.gguf"], "cannot write in /proc"),
+    (["export", "gguf", "--model", "{tmp}", "--out", "/nonexistent-sqltune/dir/x.gguf"], "does not exist"),
+])
+def test_bad_command_line_input_is_one_error_and_exit_2(tmp_path: Path, args: list[str], needle: str) -> None:
+    from tests.conftest import run_sqltune
+
+    paths = {"bad_utf8_jsonl": _bad_bytes(tmp_path, "p.jsonl", b'{"predicted": "SELECT 1"}\n\xff\xfe\n'),
+             "bad_utf8_yaml": _bad_bytes(tmp_path, "c.yaml", b"lora_r: \xff\n"), "tmp": str(tmp_path)}
+    done = run_sqltune(*[a.format(**paths) for a in args], check=False, timeout=120)
+    assert done.returncode == 2, done.stderr[-2000:]
+    assert "Traceback" not in done.stderr and needle in done.stderr, done.stderr[-2000:]
+    assert "pw" not in done.stderr  # the password never shows
+    assert not Path("/nonexistent-sqltune").exists()
+
+
+def test_serve_listens_locally_unless_the_deployment_says_otherwise() -> None:
+    """The help says 127.0.0.1 keeps the server local, so that is the default; what runs in a container
+    (the serving image, every rendered manifest) asks for 0.0.0.0 explicitly."""
+    root = Path(__file__).parents[1]
+    assert load([], {})[0].serve_host == "127.0.0.1"
+    dockerfile = (root / "docker" / "Dockerfile.serve").read_text()
+    assert "SQLTUNE_SERVE_HOST=0.0.0.0" in dockerfile and '"--host", "0.0.0.0"' in dockerfile
+    manifests = sorted((root / "tests" / "golden").glob("*/*.yaml"))
+    serving = [m for m in manifests if "--serve-port" in m.read_text()]
+    assert serving, manifests
+    for manifest in serving:
+        assert "- --host\n" in manifest.read_text() and "- 0.0.0.0\n" in manifest.read_text(), manifest

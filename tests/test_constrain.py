@@ -57,6 +57,24 @@ def test_an_unreadable_context_falls_back_with_a_reason() -> None:
         constrain.check_mode("values")
 
 
+def test_what_goes_into_a_grammar_is_capped_before_it_is_built() -> None:
+    """A schema+values grammar has a rule per question word and compiles in time growing with their
+    square (6,000 words: 47 s); a schema of 4,096 distinct names takes 2.5 s. Past the caps the request
+    decodes unconstrained, with the reason, and nothing is built."""
+    huge = " ".join(f"w{i} Carlton" for i in range(10_000))
+    capped = constrain.build("schema+values", huge, HEAD)
+    assert not capped.constrained and f"{constrain.MAX_QUESTION_WORDS}" in capped.reason and "words" in capped.reason
+    assert constrain.build("schema", huge, HEAD).constrained  # the question is not in a schema grammar
+    within = constrain.build("schema+values", " ".join(huge.split()[:constrain.MAX_QUESTION_WORDS]), HEAD)
+    assert within.constrained
+    distinct = "; ".join(f"CREATE TABLE t{i} (" + ", ".join(f"c{i}_{j} INT" for j in range(16)) + ")"
+                         for i in range(256))
+    wide = constrain.build("schema", "q", distinct)
+    assert not wide.constrained and "distinct table and column names" in wide.reason
+    shared = "; ".join(f"CREATE TABLE t{i} (" + ", ".join(f"c{j} INT" for j in range(16)) + ")" for i in range(256))
+    assert constrain.build("schema", "q", shared).constrained  # 272 names: well inside
+
+
 def _sqlite_reads(context: str, sql: str) -> bool:
     """Whether SQLite itself can prepare the query against the context's tables (the referee)."""
     db = sqlite3.connect(":memory:")
@@ -168,6 +186,31 @@ def test_an_untrained_model_writes_valid_sql_only_when_constrained(untrained: tu
                                                            .grammar) for r in rows})
 
 
+def test_constrained_answers_always_close_on_a_short_budget(untrained: tuple[Path, list[dict]],
+                                                           shared_data: Path) -> None:
+    """An untrained model under --constrain schema on 40 shared rows with a budget shorter than any of
+    their queries (an artifact's max_new_tokens can be the longest answer it trained on): every answer
+    ends and parses, the rows that reached the budget mid-query having closed it past max_tokens."""
+    from sqltune.generation import choose_precision, from_folder
+    from sqltune.sql.schema import parse_sql
+
+    folder, _ = untrained
+    loaded = from_folder(folder, choose_precision("fp32"), "cpu")
+    rows = [json.loads(line) for line in shared_data.read_text().splitlines()]
+    rows = random.Random(2).sample(rows, 40)
+    texts = [loaded.template.build_prompt(r["question"], r["context"]) for r in rows]
+    grammars = [constrain.build("schema", r["question"], r["context"]).grammar for r in rows]
+    done = batch.generate(loaded, texts, 12, grammars=grammars)
+    unparsed = []
+    for c, r in zip(done, rows, strict=True):
+        sql = prompts.extract_sql(c.text, loaded.tokenizer.eos_token)
+        if c.finish_reason != "stop" or not parse_sql(sql, parse_schema(r["context"])).ok:
+            unparsed.append((c.finish_reason, sql))
+    assert unparsed == [], f"{len(unparsed)} of 40 do not parse: {unparsed[:3]}"
+    assert max(c.completion_tokens for c in done) > 12  # some had to close past the budget
+    assert max(c.completion_tokens for c in done) <= constrain.token_budget(12, True) + 1
+
+
 def test_v1_sql_constrains_in_the_transformers_engine(untrained: tuple[Path, list[dict]]) -> None:
     """The server (real uvicorn on 127.0.0.1, transformers engine) answers /v1/sql under the grammar
     when --constrain is set, falls back with a reason on an unreadable context, and takes the mode per
@@ -188,6 +231,10 @@ def test_v1_sql_constrains_in_the_transformers_engine(untrained: tuple[Path, lis
                 assert _known_names(body["sql"], r["context"]) == [], body
                 valid += 1
         assert valid >= 16
+        short = httpx.post(f"{url}/v1/sql", json={"question": rows[0]["question"], "context": rows[0]["context"],
+                                                  "max_tokens": 6}, timeout=120).json()
+        assert short["finish_reason"] == "stop" and short["extra_tokens"] > 0, short  # closed, and says so
+        assert _known_names(short["sql"], rows[0]["context"]) == [], short
         off = httpx.post(f"{url}/v1/sql", json={"question": "q?", "context": HEAD, "constrain": "off",
                                                 "max_tokens": 8}, timeout=60).json()
         assert off["constrained"] is False and off["reason"] is None

@@ -109,3 +109,38 @@ def test_shared_sql_create_context_loads_cleanly(shared_data: Path) -> None:
     assert splits.report.rows_read == 9710
     assert sum(splits.report.skipped.values()) == 0
     assert 0.03 < len(splits.eval) / 9710 < 0.07
+
+
+def _literal_cases() -> list[dict]:
+    return [json.loads(line) for line in (ASSETS / "literal_case.jsonl").read_text().splitlines() if line.strip()]
+
+
+@pytest.mark.parametrize("row", _literal_cases(), ids=lambda r: r["case"])
+def test_answer_literals_take_the_question_spelling(row):
+    from sqltune.data.literals import question_case
+
+    fixed, changed = question_case(row["question"], row["answer"], row["context"])
+    assert fixed == row["expected"]
+    assert (changed > 0) == (row["answer"] != row["expected"])
+
+
+def test_literal_case_is_applied_at_load_counted_and_can_be_turned_off(tmp_path):
+    rows = _literal_cases()
+    path = tmp_path / "rows.jsonl"
+    path.write_text("".join(json.dumps({k: r[k] for k in ("question", "context", "answer")}) + "\n" for r in rows))
+    on = loading.load_splits(str(path), eval_fraction=0.0)
+    assert [ex.answer for ex in on.train] == [r["expected"] for r in rows]
+    changed_rows = sum(r["answer"] != r["expected"] for r in rows)
+    assert on.report.to_dict()["literal_case_rows"] == changed_rows == 4
+    assert on.report.to_dict()["literal_case_literals"] == 5
+    off = loading.load_splits(str(path), eval_fraction=0.0, keep_literal_case=True)
+    assert [ex.answer for ex in off.train] == [r["answer"] for r in rows]
+    assert off.report.to_dict()["literal_case_rows"] is None
+
+
+def test_keep_literal_case_is_a_config_field():
+    from sqltune import config
+
+    cfg, _ = config.load(["--keep-literal-case"], {})
+    assert cfg.keep_literal_case is True
+    assert config.load([], {})[0].keep_literal_case is False

@@ -120,6 +120,44 @@ def test_no_statement_changes_postgresql(pg_server, superuser_db, tmp_path) -> N
     assert pg_server.checksum(superuser_db) == before
 
 
+SECRET_READS = [
+    "SELECT usename, passwd FROM pg_shadow",
+    "SELECT rolname, rolpassword FROM pg_catalog.pg_authid",
+    "SELECT name, setting FROM pg_settings",
+    "SELECT * FROM pg_file_settings",
+    "SELECT * FROM pg_hba_file_rules",
+    "SELECT * FROM pg_hba_file_rules()",
+    "SELECT * FROM pg_user_mappings",
+    "SELECT current_setting('config_file')",
+    "SELECT pg_catalog.current_setting('data_directory')",
+    "SELECT name FROM customers WHERE name IN (SELECT usename FROM PG_SHADOW)",
+    "WITH s AS (SELECT setting FROM pg_settings) SELECT * FROM s",
+    "SELECT query FROM pg_stat_activity",
+    "SELECT pg_read_file('PG_VERSION')",
+    "SELECT * FROM pg_show_all_settings()",
+]
+
+
+def test_secret_catalogs_and_settings_are_refused_for_a_superuser(pg_server, superuser_db) -> None:
+    """What READ ONLY lets a superuser read but the docs say is gated: password hashes, server
+    settings and file paths, other sessions' queries. The server answers each (the gate skipped),
+    so the gate is what keeps them out of an answer."""
+    url = pg_server.url(superuser_db)
+    cfg, _ = config.load(["--database", url, "--db-timeout", "2"], {})
+    db = connect.connect(url)
+    try:
+        with open_runner(db, timeout_s=2, row_cap=100) as runner:
+            assert runner.run("SELECT usename, passwd FROM pg_shadow").ok  # the danger is real
+            for sql in SECRET_READS:
+                gated = asking.ask(cfg, "", sql=sql, db=db)
+                assert not gated.ok and "not allowed on a real database" in gated.error, (sql, gated.error)
+                assert gated.result is None or not gated.result.rows, sql
+        plain = asking.ask(cfg, "", sql="SELECT name FROM customers ORDER BY name", db=db)
+        assert plain.ok, plain.error  # an ordinary read still runs
+    finally:
+        db.close()
+
+
 def test_slow_queries_are_stopped_at_the_time_limit(pg_server, superuser_db) -> None:
     url = pg_server.url(superuser_db)
     cfg, _ = config.load(["--database", url, "--db-timeout", "1"], {})
@@ -167,3 +205,25 @@ def test_no_statement_changes_a_sqlite_file(tmp_path) -> None:
     assert not other.exists()
     assert file_checksum(path) == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["shop.sqlite"]  # no journal, no -wal, no new file
+
+
+def test_reading_a_wal_mode_sqlite_file_leaves_its_folder_as_it_was(tmp_path) -> None:
+    """A WAL-mode file read with mode=ro alone gets -wal and -shm files beside it (a read-only mount
+    or a shared folder then fails, or shows files nobody wrote); it is opened immutable instead."""
+    import sqlite3
+
+    path = seed_sqlite(tmp_path / "shop.sqlite")
+    with sqlite3.connect(path) as conn:
+        assert conn.execute("PRAGMA journal_mode=WAL").fetchone() == ("wal",)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["shop.sqlite"]
+    before = file_checksum(path)
+    cfg, _ = config.load(["--database", str(path), "--db-timeout", "1"], {})
+    db = connect.connect(str(path))
+    try:
+        answer = asking.ask(cfg, "", sql="SELECT COUNT(*) FROM audit_log", db=db)
+        assert answer.ok and answer.result.rows == ((1,),), answer.error
+        assert not asking.ask(cfg, "", sql="DELETE FROM audit_log", db=db).ok
+    finally:
+        db.close()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["shop.sqlite"]
+    assert file_checksum(path) == before

@@ -120,3 +120,15 @@ def test_engines_sit_below_every_stage_that_generates() -> None:
               for m, deps in graph.items() if m.startswith("sqltune.engines")}
     assert {m: d for m, d in upward.items() if d} == {}
     assert any(d.startswith("sqltune.engines") for d in graph["sqltune.serve.app"])
+
+
+def test_every_batch_caller_generates_through_the_engines() -> None:
+    """Eval, ask and the job's held-out check drive `sqltune.engines` (through engines.batch), and no
+    module outside the engines runs a generation loop of its own (transformers' `.generate(`)."""
+    modules = _modules()
+    graph = {m: _imports(m, p, set(modules)) for m, p in modules.items()}
+    for caller in ("sqltune.evaluate.sources", "sqltune.ask.answer", "sqltune.finetune.heldout"):
+        assert "sqltune.engines.batch" in graph[caller], caller
+    loops = [m for m, p in modules.items() if not m.startswith("sqltune.engines") and ".generate(" in p.read_text()
+             and "model.generate(" in p.read_text()]
+    assert loops == []

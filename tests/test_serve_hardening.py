@@ -28,13 +28,43 @@ QUESTIONS = ["How many heads are older than 56?", "List all names", "What is the
 BATCH, QUEUE = 8, 8  # the server admits at most 16 sequences at once
 WIDE_SCHEMA = "CREATE TABLE t (" + ", ".join(f"c{i} INT" for i in range(8000)) + ")"  # 90 kB, 21 s of event loop before
 DEEP_SCHEMA = "CREATE TABLE t (a INT CHECK (" + "(" * 3000 + "1" + ")" * 3000 + "))"
+# 256 tables x 16 columns with the same names (56 kB): 14-32 s of database synthesis before
+SHARED_NAMES_SCHEMA = "; ".join(f"CREATE TABLE t{i} (" + ", ".join(f"c{j} INTEGER" for j in range(16)) + ")"
+                                for i in range(256))
+HUGE_QUESTION = " ".join(f"word{i % 97} Carlton {i}" for i in range(6667))  # 20,000 words, ~150 kB
+
+
+class HealthWatch:
+    """/health latency, sampled from a thread while a test's work runs (`with HealthWatch(server) as h`)."""
+
+    def __init__(self, server) -> None:
+        self.server, self.ms, self.done = server, [], threading.Event()
+        self.thread = threading.Thread(target=self._watch)
+
+    def _watch(self) -> None:
+        while not self.done.is_set():
+            started = time.perf_counter()
+            httpx.get(self.server.url + "/health", timeout=30)
+            self.ms.append((time.perf_counter() - started) * 1000)
+            time.sleep(0.02)
+
+    def __enter__(self) -> HealthWatch:
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.done.set()
+        self.thread.join()
+
+    def worst(self) -> float:
+        return max(self.ms, default=0.0)
 
 
 @pytest.fixture(scope="module")
 def server(tiny_model_dir):
     args = ["--model", str(tiny_model_dir), "--served-model-name", "tiny-sql", "--max-model-len", "256",
             "--max-tokens-limit", "64", "--default-max-tokens", "24", "--max-batch-size", str(BATCH),
-            "--max-queue", str(QUEUE), "--max-body-bytes", "200000", "--batch-wait-ms", "50"]
+            "--max-queue", str(QUEUE), "--max-body-bytes", "200000", "--batch-wait-ms", "50", "--body-timeout", "2"]
     with ServerProcess(args, env={"SQLTUNE_API_KEY": KEY}) as s:
         yield s
 
@@ -152,6 +182,70 @@ def test_a_huge_or_deep_schema_is_a_quick_400_and_never_stalls_other_routes(serv
     error = assert_openai_error(deep, 400, "nested too deeply")
     assert error["param"] == "schema" and error["code"] == "invalid_schema"
     assert max(health_ms) < 1000, f"/health took {max(health_ms):.0f} ms while schemas were read"
+
+
+def test_what_goes_into_a_grammar_is_limited_before_any_build(server, template):
+    """A 20,000-word `question` beside a short prompt took minutes of grammar build with no answer; a
+    3,000-word question on /v1/sql waited 7.5 s for the prompt-length 400. Both are quick 400s now."""
+    prompt = template.build_prompt(QUESTIONS[0], SCHEMA)
+    extra = {"constrain": "schema+values", "context": SCHEMA, "question": HUGE_QUESTION}
+    with HealthWatch(server) as health:
+        started = time.perf_counter()
+        completions = post(server, "/v1/completions", {"prompt": prompt, "max_tokens": 8, **extra})
+        chat = post(server, "/v1/chat/completions", {"messages": [{"role": "user", "content": QUESTIONS[0]}],
+                                                     "max_tokens": 8, **extra})
+        long_sql = post(server, "/v1/sql", {"question": " ".join(HUGE_QUESTION.split()[:3000]), "context": SCHEMA,
+                                            "constrain": "schema+values"})
+        elapsed = time.perf_counter() - started
+    for r in (completions, chat):
+        error = assert_openai_error(r, 400, "question is")
+        assert error["code"] == "context_length_exceeded" and error["param"] == "question"
+    assert assert_openai_error(long_sql, 400, "context")["code"] == "context_length_exceeded"
+    assert elapsed < 10, f"three refused requests took {elapsed:.1f}s"  # minutes before
+    assert health.worst() < 1000, f"/health took {health.worst():.0f} ms"
+    ordinary = post(server, "/v1/sql", {"question": QUESTIONS[0], "context": SCHEMA, "constrain": "schema+values"})
+    assert ordinary.status_code == 200 and ordinary.json()["constrained"] is True, ordinary.text
+
+
+def test_sql_run_on_a_schema_of_shared_names_is_quick(server):
+    """256 tables x 16 same-named columns: every column is a join key of 255 others. Four at once held
+    every run slot for 32 s (quadratic linking); now each is linear in the schema."""
+    body = {"context": SHARED_NAMES_SCHEMA, "sql": "SELECT t3.c1 FROM t3 JOIN t200 ON t3.c0 = t200.c0 WHERE t3.c2 > 5"}
+    with HealthWatch(server) as health:
+        started = time.perf_counter()
+        with ThreadPoolExecutor(4) as pool:
+            runs = list(pool.map(lambda _: post(server, "/v1/sql/run", body), range(4)))
+        elapsed = time.perf_counter() - started
+    for r in runs:
+        assert r.status_code == 200, r.text[:300]
+        assert r.json()["valid"] and r.json()["result"]["ok"], r.json()["result"]
+        assert len(r.json()["database"]) == 256
+    assert elapsed < 20, f"four runs took {elapsed:.1f}s"
+    assert health.worst() < 1000, f"/health took {health.worst():.0f} ms"
+
+
+def test_head_probes_answer_like_get(server):
+    for path in ("/health", "/ready", "/"):
+        r = httpx.head(server.url + path, timeout=10)
+        assert r.status_code == 200, (path, r.status_code)
+        assert r.content == b"" and int(r.headers["content-length"]) > 0
+
+
+def test_a_body_shorter_than_its_content_length_is_408_not_a_wait_forever(server):
+    import socket
+
+    with socket.create_connection(("127.0.0.1", server.port), timeout=20) as sock:
+        sock.sendall(f"POST /v1/sql HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {KEY}\r\n"
+                     "Content-Type: application/json\r\nContent-Length: 100\r\n\r\n{\"question\"".encode())
+        started = time.perf_counter()
+        reply = b""
+        while b"\r\n\r\n" not in reply or not reply.rstrip().endswith(b"}"):
+            chunk = sock.recv(65536)  # a socket.timeout here is the old wait-forever
+            if not chunk:
+                break
+            reply += chunk
+    assert reply.startswith(b"HTTP/1.1 408"), reply[:200]
+    assert b'"body_timeout"' in reply and time.perf_counter() - started < 15
 
 
 @pytest.mark.parametrize(("path", "body"), [
@@ -299,6 +393,10 @@ def test_ordinary_requests_are_untouched_by_hostile_neighbours(server, template)
         ("/v1/sql", {"question": "q", "context": DEEP_SCHEMA}),
         ("/predict", {"instances": ["x"] * (BATCH + QUEUE + 1)}),
         ("/v1/completions", chunked),
+        ("/v1/completions", {"prompt": prompts[0], "max_tokens": 8, "constrain": "schema+values", "context": SCHEMA,
+                             "question": HUGE_QUESTION}),
+        ("/v1/sql/run", {"context": SHARED_NAMES_SCHEMA, "sql": "SELECT c1 FROM t7 WHERE c2 > 3"}),
+        ("/v1/sql/run", {"context": SHARED_NAMES_SCHEMA, "sql": "SELECT t1.c0 FROM t1 JOIN t9 ON t1.c3 = t9.c3"}),
     ]
 
     def attack(item: tuple) -> int:
@@ -308,13 +406,15 @@ def test_ordinary_requests_are_untouched_by_hostile_neighbours(server, template)
         return post(server, path, body).status_code
 
     start = threading.Barrier(len(prompts) + len(hostile))
-    with ThreadPoolExecutor(len(prompts) + len(hostile)) as pool:
+    with HealthWatch(server) as health, ThreadPoolExecutor(len(prompts) + len(hostile)) as pool:
         together = [pool.submit(lambda i=i: (start.wait(), ordinary(i))[1]) for i in range(len(prompts))]
         attacks = [pool.submit(lambda h=h: (start.wait(), attack(h))[1]) for h in hostile]
         results = [f.result() for f in together]
         codes = [f.result() for f in attacks]
     assert results == alone
     assert all(400 <= c < 500 or c == 200 for c in codes), codes
+    assert codes[-3] == 400 and codes[-2:] == [200, 200], codes  # the huge question is refused, the runs answered
+    assert health.worst() < 1000, f"/health took {health.worst():.0f} ms among hostile neighbours"
     assert codes[2] == 200  # a seed at the top of the range wraps for sample j, it does not overflow
     assert httpx.get(server.url + "/health").status_code == 200
 
@@ -354,3 +454,71 @@ def test_fuzzed_requests_never_get_a_5xx_and_errors_have_openais_shape(server):
     print(f"fuzzed {sum(seen.values())} requests over {len(operations)} operations in "
           f"{time.perf_counter() - started:.1f}s: {dict(sorted(seen.items()))}")
     assert sum(seen.values()) >= 4 * len(operations)
+
+
+CONSTRAINED_EXAMPLES = 48  # ~1 s each on 2 cores, most of it the large schemas' parse and synthesis
+
+
+def _schema_text(tables: int, columns: int, shared: bool) -> str:
+    return "; ".join(f"CREATE TABLE t{i} (" + ", ".join(f"c{j if shared else f'{i}_{j}'} INTEGER"
+                                                         for j in range(columns)) + ")" for i in range(tables))
+
+
+def test_fuzzed_constrained_requests_and_large_sql_runs_never_stall_or_5xx(server, template):
+    """The constrained paths (`constrain`, `context`, `question` on every route that takes them) and
+    /v1/sql/run with schemas up to 256 x 16, fuzzed with hypothesis: no 5xx, errors in OpenAI's shape,
+    and /health under 1 s all the while."""
+    from hypothesis import HealthCheck, given, settings
+    from hypothesis import strategies as st
+
+    words = st.sampled_from([0, 1, 40, 300, 3000, 20_000]).map(lambda n: " ".join(HUGE_QUESTION.split()[:n]))
+    contexts = st.one_of(st.sampled_from([SCHEMA, "", "not a schema at all", DEEP_SCHEMA, SHARED_NAMES_SCHEMA]),
+                         st.builds(_schema_text, st.sampled_from([1, 8, 64, 256]), st.sampled_from([1, 4, 16]),
+                                   st.booleans()))
+    modes = st.sampled_from([None, "off", "schema", "schema+values", "regex", 7])
+    questions = st.one_of(words, st.text(max_size=60))
+
+    @st.composite
+    def request(draw) -> tuple[str, dict]:
+        path = draw(st.sampled_from(["/v1/sql", "/v1/completions", "/v1/chat/completions", "/predict",
+                                     "/v1/sql/run"]))
+        context, question, mode = draw(contexts), draw(questions), draw(modes)
+        extra = {k: v for k, v in (("constrain", mode), ("context", context), ("question", question)) if v is not None}
+        tokens = {"max_tokens": draw(st.sampled_from([1, 8, 24]))}
+        if path == "/v1/sql":
+            return path, {"question": question or "q", "context": context, "constrain": mode, **tokens}
+        if path == "/v1/completions":
+            return path, {"prompt": template.build_prompt(QUESTIONS[0], SCHEMA), **extra, **tokens}
+        if path == "/v1/chat/completions":
+            return path, {"messages": [{"role": "system", "content": SCHEMA},
+                                       {"role": "user", "content": draw(st.sampled_from(QUESTIONS))}], **extra, **tokens}
+        if path == "/predict":
+            return path, {"instances": [{"question": question or "q", "context": context}],
+                          "parameters": {"constrain": mode, **tokens}}
+        sql = draw(st.sampled_from(["SELECT * FROM t0", "SELECT c0 FROM t1 WHERE c0 > 3", "SELECT name FROM head",
+                                    "SELECT COUNT(*) FROM t0 JOIN t1 ON t0.c0 = t1.c0", "DROP TABLE t0"]))
+        return path, {"context": context or SCHEMA, "sql": sql, "question": question[:2000]}
+
+    seen: dict[int, int] = {}
+
+    @settings(max_examples=CONSTRAINED_EXAMPLES, deadline=None, database=None, suppress_health_check=list(HealthCheck))
+    @given(request())
+    def fuzz(item: tuple[str, dict]) -> None:
+        path, body = item
+        r = post(server, path, body)
+        seen[r.status_code] = seen.get(r.status_code, 0) + 1
+        where = f"{path}: {json.dumps(body)[:300]}"
+        assert r.status_code < 500, f"{where} -> {r.status_code} {r.text[:300]}"
+        if r.status_code >= 400:
+            error = r.json()["error"]
+            assert set(error) == {"message", "type", "param", "code"} and error["message"], where
+        elif path != "/v1/sql/run" and body.get("constrain") in ("schema", "schema+values"):
+            answer = r.json()["predictions"][0] if path == "/predict" else r.json()
+            assert answer["constrain"] == body["constrain"] and isinstance(answer["constrained"], bool), where
+            assert answer["constrained"] or answer["reason"], where  # never silently unconstrained
+
+    with HealthWatch(server) as health:
+        fuzz()
+    print(f"fuzzed {sum(seen.values())} constrained / sql-run requests: {dict(sorted(seen.items()))}")
+    assert seen.get(200, 0) >= 5, seen
+    assert health.worst() < 1000, f"/health took {health.worst():.0f} ms while the fuzzer ran"

@@ -111,3 +111,63 @@ def test_sigterm_cuts_what_is_still_running_after_the_grace_period(tiny_model_di
         client.join(30)
     assert exited < 10, f"took {exited:.1f}s to exit with a 0.5 s grace period"
     assert "[DONE]" not in events
+
+
+def test_sigterm_with_grammar_builds_in_flight_exits_within_the_grace(tiny_model_dir):
+    """schema+values requests whose grammar took minutes to build kept a SIGTERMed server alive at 100% CPU
+    (the interpreter joined the build threads) and answered with a CancelledError traceback. Now every
+    client gets JSON (its answer, a 400 or the shutdown 503) and the process is gone within the grace."""
+    template = load_template(tiny_model_dir)
+    schema = "CREATE TABLE head (age INTEGER, name VARCHAR)"
+    huge = " ".join(f"word{i % 89} Carlton {i}" for i in range(2000))  # 6,000 words
+    bodies = [("/v1/completions", {"prompt": template.build_prompt("How many heads?", schema), "max_tokens": 16,
+                                   "constrain": "schema+values", "context": schema, "question": huge})] * 3
+    bodies += [("/v1/sql", {"question": "How many heads are older than 56?", "context": schema,
+                            "constrain": "schema+values", "max_tokens": 300})] * 3
+    grace = 1.0
+    with ServerProcess(["--model", str(tiny_model_dir), "--shutdown-grace", str(grace)]) as server:
+        replies: list[httpx.Response | Exception] = []
+
+        def call(path: str, body: dict) -> None:
+            try:
+                replies.append(httpx.post(server.url + path, json=body, timeout=90))
+            except httpx.HTTPError as e:
+                replies.append(e)
+
+        clients = [threading.Thread(target=call, args=item) for item in bodies]
+        for c in clients:
+            c.start()
+        time.sleep(0.5)
+        signalled = time.monotonic()
+        server.terminate()
+        try:
+            code = server.proc.wait(30)
+        except subprocess.TimeoutExpired:
+            pytest.fail(f"still running 30 s after SIGTERM with a {grace:g} s grace")
+        exited = time.monotonic() - signalled
+        for c in clients:
+            c.join(30)
+        log = server.log()
+    assert code == 0 and exited < grace + 8, f"exited {code} after {exited:.1f}s"
+    assert "CancelledError" not in log and "Traceback" not in log, log[-3000:]
+    answered = [r for r in replies if isinstance(r, httpx.Response)]
+    assert answered, replies
+    for r in answered:
+        assert r.headers["content-type"].startswith("application/json"), r.text[:200]
+        assert r.status_code in (200, 400, 503), r.text[:200]
+        if r.status_code == 503:
+            assert "--shutdown-grace" in r.json()["error"]["message"]
+
+
+def test_work_left_after_the_grace_does_not_keep_the_process_alive():
+    """The backstop behind the grace: a thread Python cannot interrupt (a C++ compile, a generation step)
+    would be joined at exit for as long as it runs; the process exits at the grace's end instead."""
+    code = ("import threading, time\n"
+            "from sqltune.serve.cli import _exit_after\n"
+            "threading.Thread(target=time.sleep, args=(120,)).start()  # not a daemon: exit waits for it\n"
+            "_exit_after(0.5)\n")
+    started = time.monotonic()
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert time.monotonic() - started < 20
+    assert "work was still running after the shutdown grace" in done.stderr

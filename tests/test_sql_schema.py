@@ -123,6 +123,36 @@ def test_synthesis_is_seeded_and_typed() -> None:
     assert any(r[1] == 70 for r in rows), "the bound itself appears, so > and >= differ"
 
 
+def test_synthesis_of_many_same_named_columns_is_linear_and_capped() -> None:
+    """256 tables x 16 columns with the same names: every column joins its 255 namesakes. Linking every
+    pair took 14 s of make_plan (and 32 s in all with the union-find's long chains); one pass joins each
+    to its first namesake, so the classes are the same and an eval row or /v1/sql/run is not stalled.
+    Past its own time cap a schema is refused with a DataError rather than run for minutes."""
+    import time
+
+    from sqltune.errors import DataError
+    from sqltune.sql.synth_db import SynthesisTooSlow
+
+    ddl = "; ".join(f"CREATE TABLE t{i} (" + ", ".join(f"c{j} INTEGER" for j in range(16)) + ")" for i in range(256))
+    schema = parse_schema(ddl)
+    gold = parse_sql("SELECT t3.c1 FROM t3 JOIN t9 ON t3.c0 = t9.c0 WHERE t3.c2 > 5", schema).expression
+    started = time.process_time()
+    plan = make_plan(schema, gold, "")
+    rows = synthesise(plan, 1)
+    cpu = time.process_time() - started
+    assert len(set(plan.key_class.values())) == 16  # one join class per shared name
+    assert len(plan.key_class) == 256 * 16
+    with Sandbox(schema.ddl(), rows) as box:
+        joined = box.run("SELECT COUNT(*) FROM t3 JOIN t9 ON t3.c0 = t9.c0")
+    assert joined.ok and joined.rows[0][0] > 0  # the shared pool makes namesakes join
+    assert cpu < 10, f"{cpu:.1f} s of CPU for one database"  # 32 s before
+    with pytest.raises(SynthesisTooSlow) as refused:
+        make_plan(schema, gold, "", budget_s=0.0)
+    assert isinstance(refused.value, DataError) and "too large" in refused.value.message
+    with pytest.raises(SynthesisTooSlow):
+        synthesise(plan, 1, budget_s=0.0)
+
+
 def test_gold_self_check_on_shared_data(shared_data: Path) -> None:
     """Gold vs gold must be 100% EX; report the share of gold queries that run on their own context."""
     rows = [json.loads(line) for line in shared_data.open()]

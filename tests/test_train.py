@@ -195,7 +195,8 @@ def test_demo_command_runs(tmp_path: Path) -> None:
     env = {"SQLTUNE_MAX_STEPS": "30", "SQLTUNE_EVAL_GENERATE_LIMIT": "10", "SQLTUNE_OUTPUT": str(tmp_path / "demo"),
            "SQLTUNE_DATASET": "synthetic:600"}
     proc = run_sqltune("finetune", "--config", "configs/tiny-cpu.yaml", env=env)
-    assert "held-out: exact match" in proc.stdout and "predicted:" in proc.stdout
+    assert "questions never seen in training: execution accuracy" in proc.stdout and "predicted:" in proc.stdout
+    assert "single-table" in proc.stdout and "exact match" in proc.stdout
     manifests.verify(tmp_path / "demo")
     assert "sqltune finetune --config configs/tiny-cpu.yaml" in (ROOT / "Makefile").read_text()
 
@@ -274,3 +275,87 @@ def test_an_unwritable_output_is_a_one_line_error_at_once(tmp_path: Path, where:
     assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
     assert f"--output {output}" in proc.stderr and "fix:" in proc.stderr
     assert time.monotonic() - started < 8  # before any model or data is loaded
+
+
+def test_auto_dtype_trains_in_bf16_only_on_a_cpu_with_native_bf16(monkeypatch) -> None:
+    from sqltune.generation import cpu_bf16_support
+
+    amx = "processor\t: 0\nflags\t\t: fpu sse avx2 avx512f amx_bf16 amx_tile\n"
+    avx512 = "flags\t\t: fpu avx512f avx512_bf16\n"
+    plain = "flags\t\t: fpu sse avx2 avx512f\n"
+    assert cpu_bf16_support(amx, "AVX512") == "amx_bf16"
+    assert cpu_bf16_support(avx512, "AVX512") == "avx512_bf16"
+    assert cpu_bf16_support(plain, "AVX512") is None
+    assert cpu_bf16_support("", "AMX") == "AMX"  # torch's own capability where /proc/cpuinfo says nothing
+    if torch.cuda.is_available():
+        pytest.skip("CPU precision rules")
+    monkeypatch.setattr(generation, "cpu_bf16_support", lambda: "amx_bf16")
+    assert generation.choose_precision("auto", training=True).name == "bf16"
+    assert generation.choose_precision("auto").name == "fp32"  # serving and eval: the published fp32 model
+    monkeypatch.setattr(generation, "cpu_bf16_support", lambda: None)
+    assert generation.choose_precision("auto", training=True).name == "fp32"
+
+
+@pytest.mark.slow
+def test_bf16_lora_on_cpu_publishes_fp32_that_matches_fp32_base_plus_adapter(tmp_path: Path) -> None:
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from sqltune.export.merge import parity_prompts
+    from sqltune.prompts import DEFAULT_TEMPLATE, encode_prompt
+
+    out = tmp_path / "lora-bf16"
+    proc = run_sqltune("finetune", *QUICK, "--method", "lora", "--max-steps", "4", "--learning-rate", "0.01",
+                       "--dtype", "bf16", "--output", str(out))
+    meta = manifests.read_meta(out)
+    assert meta["train_dtype"] == "bf16" and meta["dtype"] == "fp32"
+    assert any(e.get("message") == "merge parity ok" and e["tolerance"] == 1e-4 for e in _events(proc.stderr))
+    assert all(t.dtype == torch.float32 for t in _weights(out).values())
+    tok = AutoTokenizer.from_pretrained(out)
+    with_adapter = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(out / ".tiny-base"), out / "adapter")
+    ids = {"input_ids": torch.tensor([encode_prompt(tok, parity_prompts(DEFAULT_TEMPLATE)[0])])}
+    with torch.inference_mode():
+        a, b = (m(**ids).logits for m in (with_adapter, AutoModelForCausalLM.from_pretrained(out)))
+    torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.slow
+def test_bf16_full_fine_tune_on_cpu_publishes_fp32(tmp_path: Path) -> None:
+    out = tmp_path / "full-bf16"
+    run_sqltune("finetune", *QUICK, "--method", "full", "--max-steps", "3", "--dtype", "bf16", "--output", str(out))
+    meta = manifests.read_meta(out)
+    assert meta["train_dtype"] == "bf16" and meta["dtype"] == "fp32"
+    assert all(t.dtype == torch.float32 for t in _weights(out).values())
+
+
+def test_a_run_cut_short_by_max_train_minutes_says_so_and_how_to_finish(tmp_path: Path) -> None:
+    out = tmp_path / "cut"
+    proc = run_sqltune("finetune", *QUICK, "--max-steps", "500", "--max-train-minutes", "0.001", "--output", str(out))
+    cut = manifests.read_meta(out)["metrics"]["cut_short"]
+    assert cut["planned_steps"] == 500 and 1 <= cut["steps_run"] < 500
+    assert f"after {cut['steps_run']} of 500 planned steps" in proc.stdout
+    assert "--max-train-minutes 0" in proc.stdout and f"step {cut['steps_run']}" in proc.stdout
+    finished = tmp_path / "whole"
+    proc = run_sqltune("finetune", *QUICK, "--max-steps", "2", "--output", str(finished))
+    assert "cut short" not in proc.stdout and "cut_short" not in manifests.read_meta(finished)["metrics"]
+
+
+def test_the_heldout_check_scores_by_execution_and_by_kind_of_question() -> None:
+    from sqltune.data.loading import Example
+    from sqltune.finetune.heldout import summarise
+
+    single = "CREATE TABLE table_name_1 (team VARCHAR, city VARCHAR)"
+    multi = "CREATE TABLE player (name VARCHAR, team_id INTEGER); CREATE TABLE team (id INTEGER, name VARCHAR)"
+    join = "SELECT T1.name FROM player AS T1 JOIN team AS T2 ON T1.team_id = T2.id WHERE T2.name = 'Celtics'"
+    examples = [Example("Which team is from Boston?", single, "SELECT team FROM table_name_1 WHERE city = 'Boston'"),
+                Example("Which team is from Paris?", single, "SELECT team FROM table_name_1 WHERE city = 'Paris'"),
+                Example("Who plays for the Celtics?", multi, join)]
+    predicted = ["SELECT team FROM table_name_1 WHERE 'Boston' = city",  # same result, not the same text
+                 "SELECT team FROM table_name_1 WHERE city = 'paris'",  # wrong case: selects nothing
+                 join]
+    result = summarise(examples, predicted)
+    assert result["ex"] == round(2 / 3, 4) and result["exact_match"] == round(2 / 3, 4)
+    assert result["by_kind"]["single_table"] == {"examples": 2, "ex": 0.5, "ex_scored": 2, "exact_match": 0.5,
+                                                 "parseable": 1.0}
+    assert result["by_kind"]["multi_table"]["ex"] == 1.0
+    assert [s["ex"] for s in result["samples"]] == [True, False, True]

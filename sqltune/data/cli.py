@@ -24,7 +24,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     synth.set_defaults(func=_run_synth)
     check = dsub.add_parser("check", help="Validate a dataset and print the counts by reason.")
     config.add_arguments(check, groups=[], fields={"dataset": "Hub id, local file, or synthetic:N.", "column_map": "",
-                                                   "dataset_split": "", "eval_fraction": ""})
+                                                   "dataset_split": "", "eval_fraction": "",
+                                                   "keep_literal_case": ""})
     check.set_defaults(func=_run_check)
 
 
@@ -42,6 +43,7 @@ def _run_check(args: argparse.Namespace) -> int:
     cfg, sources = config.from_namespace(args)
     if "dataset" not in sources:
         raise DataError("no dataset to check", "pass --dataset (a hub id, a local file or synthetic:N)")
-    splits = load_splits(cfg.dataset, split=cfg.dataset_split, columns=cfg.column_map, eval_fraction=cfg.eval_fraction)
+    splits = load_splits(cfg.dataset, split=cfg.dataset_split, columns=cfg.column_map, eval_fraction=cfg.eval_fraction,
+                         keep_literal_case=cfg.keep_literal_case)
     print(json.dumps(splits.report.to_dict(), indent=2))
     return 0

@@ -50,12 +50,17 @@ class DataReport:
     train: int = 0
     eval: int = 0
     fingerprint: str = ""
+    # rows whose answer had string literals respelled as the question spells them (data/literals.py),
+    # and how many literals; None when the rule is off (--keep-literal-case)
+    literal_case_rows: int | None = 0
+    literal_case_literals: int = 0
 
     def to_dict(self) -> dict[str, Any]:
         return {"source": self.source, "rows_read": self.rows_read, "skipped": dict(self.skipped),
                 "skipped_total": sum(self.skipped.values()), "duplicates": self.duplicates,
                 "limited_to": self.limited_to, "train": self.train, "eval": self.eval,
-                "fingerprint": self.fingerprint}
+                "fingerprint": self.fingerprint, "literal_case_rows": self.literal_case_rows,
+                "literal_case_literals": self.literal_case_literals}
 
 
 @dataclass
@@ -154,6 +159,16 @@ def validate(row: Any, mapping: dict[str, str]) -> Example | str:
     return Example(**values)
 
 
+_JOIN = re.compile(r"\bJOIN\b", re.IGNORECASE)
+
+
+def table_kind(context: str, answer: str) -> str:
+    """`multi_table` (Spider-style: several CREATE TABLEs in the context, or a JOIN in the answer) or
+    `single_table` (WikiSQL-style): the two behave very differently, so every EX figure is split by it."""
+    tables = sum(1 for s in context.split(";") if s.strip())
+    return "multi_table" if tables > 1 or _JOIN.search(answer) else "single_table"
+
+
 def normalise_question(question: str) -> str:
     return " ".join(re.sub(r"[^\w\s]", " ", question.lower()).split())
 
@@ -175,12 +190,25 @@ def select(examples: list[Example], split: str, fraction: float, limit: int, see
     return examples
 
 
-def clean(rows: Iterable[Any], mapping: dict[str, str], report: DataReport) -> list[Example]:
+def clean(rows: Iterable[Any], mapping: dict[str, str], report: DataReport,
+          keep_literal_case: bool = False) -> list[Example]:
+    """Validated, deduplicated examples; unless `keep_literal_case`, the answer's string literals take the
+    question's spelling (literals.question_case), counted in the report."""
+    from sqltune.data.literals import question_case
+
     seen: set[Example] = set()
     kept: list[Example] = []
+    if keep_literal_case:
+        report.literal_case_rows = None
     for row in rows:
         report.rows_read += 1
         result = validate(row, mapping)
+        if not isinstance(result, str) and not keep_literal_case:
+            answer, changed = question_case(result.question, result.answer, result.context)
+            if changed:
+                result = Example(result.question, result.context, answer)
+                report.literal_case_rows = (report.literal_case_rows or 0) + 1
+                report.literal_case_literals += changed
         if isinstance(result, str):
             report.skipped[result] += 1
         elif result in seen:
@@ -199,12 +227,12 @@ def fingerprint(examples: Iterable[Example]) -> str:
 
 
 def load_splits(source: str, *, split: str = "train", columns: str = "", limit: int = -1,
-                eval_fraction: float = 0.05, seed: int = 42) -> Splits:
-    """Read, validate, deduplicate, subsample (seeded) and split a dataset."""
+                eval_fraction: float = 0.05, seed: int = 42, keep_literal_case: bool = False) -> Splits:
+    """Read, validate, respell literals as the question does, deduplicate, subsample (seeded) and split."""
     if not 0.0 <= eval_fraction < 1.0:
         raise DataError(f"eval_fraction {eval_fraction} must be in [0, 1)", "use e.g. --eval-fraction 0.05")
     report = DataReport(source=source)
-    examples = clean(read_rows(source, split, seed), parse_columns(columns), report)
+    examples = clean(read_rows(source, split, seed), parse_columns(columns), report, keep_literal_case)
     if limit >= 0 and limit < len(examples):
         examples = random.Random(seed).sample(examples, limit)
         report.limited_to = limit

@@ -20,6 +20,7 @@ from typing import Any
 from sqltune import logs
 from sqltune.config import redact_url
 from sqltune.errors import SqltuneError
+from sqltune.sql.sandbox import read_only_uri
 
 log = logs.get("db")
 SUPPORTED = ("postgresql", "sqlite")
@@ -101,7 +102,7 @@ def _connect_sqlite(spec: str) -> Database:
 
     path = _sqlite_file(spec)
     # mode=ro: SQLite itself refuses every write on this connection, below sqltune's authorizer
-    url = f"sqlite:///{path.as_uri()}?mode=ro&uri=true"
+    url = f"sqlite:///{read_only_uri(path)}&uri=true"  # immutable when WAL: no -wal/-shm beside it
     engine = sa.create_engine(url, poolclass=sa.pool.NullPool)
     try:
         with engine.connect() as conn:
@@ -122,6 +123,9 @@ def _connect_postgres(spec: str, schema: str) -> Database:
     except sa.exc.ArgumentError:
         raise DatabaseError(f"--database {redact_url(spec)!r} is neither a database URL nor an existing SQLite file",
                             "pass postgresql://user@host:5432/dbname or the path of a SQLite file") from None
+    except ValueError:  # SQLAlchemy's int() of a port that is not a number (`host:notaport`, `[::1:5432`)
+        raise DatabaseError(f"--database {redact_url(spec)!r}: the port is not a number (or an IPv6 address "
+                            "lacks its closing `]`)", "write host:5432, or [::1]:5432 for an IPv6 address") from None
     password = url.password if isinstance(url.password, str) else None
     display = url.render_as_string(hide_password=True)
     backend = url.get_backend_name()

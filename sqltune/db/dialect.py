@@ -40,7 +40,18 @@ pg_try_advisory_lock_shared pg_try_advisory_xact_lock pg_try_advisory_xact_lock_
 dblink dblink_exec dblink_connect dblink_connect_u dblink_send_query pg_file_write pg_file_rename pg_file_unlink
 query_to_xml query_to_xmlschema query_to_xml_and_xmlschema cursor_to_xml cursor_to_xmlschema
 pg_logical_emit_message pg_replication_origin_create pg_create_logical_replication_slot
-pg_create_physical_replication_slot pg_drop_replication_slot""".split())
+pg_create_physical_replication_slot pg_drop_replication_slot
+current_setting pg_show_all_settings pg_show_all_file_settings pg_hba_file_rules pg_ident_file_mappings pg_config
+pg_settings_get_flags pg_current_logfile pg_stat_get_activity pg_stat_statements lo_get""".split())
+# Catalogs and views that hold secrets or the server's configuration rather than the database's data:
+# password hashes (pg_shadow, pg_authid), settings (file paths, keys, conninfo strings), other
+# sessions' queries, user mappings and subscriptions with their passwords, large objects read from
+# server files. A superuser reads them all inside READ ONLY, so the gate refuses them by name.
+PG_DENIED_RELATIONS = frozenset("""
+pg_shadow pg_authid pg_user_mapping pg_user_mappings user_mapping_options pg_settings pg_file_settings
+pg_hba_file_rules pg_ident_file_mappings pg_db_role_setting pg_config pg_stat_activity pg_stat_statements
+pg_stat_replication pg_stat_wal_receiver pg_stat_subscription pg_subscription pg_foreign_server
+foreign_server_options pg_largeobject pg_statistic""".split())
 DENIED = {"postgres": PG_DENIED_FUNCTIONS, "sqlite": sandbox.DENIED_FUNCTIONS}
 # SQLite functions sqlglot passes through unchanged although no other engine has them: a clear
 # transpile error beats the server's "function julianday(text) does not exist".
@@ -88,6 +99,12 @@ def gate(tree: exp.Expression, dialect: str) -> str:
     denied = sorted(_function_names(tree) & DENIED.get(dialect, frozenset()))
     if denied:
         return f"function {denied[0]}() is not allowed on a real database (it reaches beyond reading the tables)"
+    if dialect == "postgres":
+        # lower case: an unquoted name is folded to it, and a quoted "PG_SHADOW" is refused all the same
+        secret = sorted({t.name.lower() for t in tree.find_all(exp.Table)} & PG_DENIED_RELATIONS)
+        if secret:
+            return (f"{secret[0]} is not allowed on a real database (it holds passwords, server settings or "
+                    "other sessions' queries, not the database's data)")
     return ""
 
 

@@ -191,6 +191,7 @@ def serve_args(n: Names) -> list[str]:
     args = ["serve", "--model", n.model_url]
     if "serve_port" in config.FIELDS:
         args += ["--serve-port", str(SERVE_PORT)]
+    args += ["--host", "0.0.0.0"]  # the server binds 127.0.0.1 unless told; a pod must listen on all
     return args
 
 

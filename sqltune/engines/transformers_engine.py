@@ -24,6 +24,7 @@ from typing import Any
 
 from sqltune import logs
 from sqltune.config import Config
+from sqltune.constrain import closing
 from sqltune.engines.base import Delta, EngineBase, SamplingParams
 from sqltune.engines.text import TextStream
 from sqltune.prompts import PromptTemplate, encode_prompt
@@ -289,7 +290,8 @@ class TransformersEngine(EngineBase):
         if r.text.stopped:
             r.send(Delta(piece, n_prompt, generated, "stop", logprob=r.logprob))
             return False
-        if generated >= r.params.max_tokens or n_prompt + generated >= self.max_model_len:
+        if (generated >= r.params.max_tokens and not closing(r.matcher, generated, r.params.max_tokens)
+                or n_prompt + generated >= self.max_model_len):
             r.send(Delta(piece + r.text.flush(), n_prompt, generated, "length", logprob=r.logprob))
             return False
         if piece:

@@ -46,10 +46,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     config.add_arguments(p, groups=["eval", "buckets", "tracking"], fields={
         "model_name": "A finished model folder or bucket URL.",
         "dataset": "Examples with gold SQL: hub id, local file or synthetic:N; default: the model's training data.",
-        "dataset_split": "", "column_map": "",
+        "dataset_split": "", "column_map": "", "keep_literal_case": "",
         "eval_fraction": "Held-out share for --split eval; default: the model's own.",
         "seed": "Seed for --limit sampling and the databases.",
-        "eval_batch_size": "Sequences the engine generates together with --model.",
+        "eval_batch_size": "Sequences the engine generates together with --model; default: the server's "
+                           "--max-batch-size (16).",
         "serve_engine": "Engine that generates with --model, as in `sqltune serve`; auto = vllm when CUDA and "
                         "vllm are installed, else transformers.",
         "database": "Score on this real database (postgresql:// URL or SQLite file), read-only, instead of "
@@ -107,14 +108,15 @@ def load_examples(cfg: config.Config, sources: Mapping[str, str], meta: Mapping[
     fraction = cfg.eval_fraction if "eval_fraction" in sources else trained.get("eval_fraction", cfg.eval_fraction)
     report = loading.DataReport(source=source)
     rows = loading.read_rows(source, cfg.dataset_split, cfg.seed)
-    examples = loading.clean(rows, loading.parse_columns(cfg.column_map), report)
+    examples = loading.clean(rows, loading.parse_columns(cfg.column_map), report, cfg.keep_literal_case)
     examples = loading.select(examples, cfg.eval_split, fraction, cfg.eval_limit, cfg.seed)
     if not examples:
         raise DataError(f"no examples in split `{cfg.eval_split}` of {source}",
                         "use --split all, or a larger dataset / --eval-fraction")
     desc = {"source": source, "split": cfg.eval_split, "dataset_split": cfg.dataset_split, "eval_fraction": fraction,
             "limit": cfg.eval_limit, "examples": len(examples), "fingerprint": loading.fingerprint(examples),
-            "skipped": dict(report.skipped), "duplicates": report.duplicates}
+            "skipped": dict(report.skipped), "duplicates": report.duplicates,
+            "literal_case_rows": report.literal_case_rows}
     return examples, desc
 
 
@@ -219,6 +221,11 @@ def run(args: argparse.Namespace) -> int:
                    "fingerprint": loading.fingerprint(examples)}
     else:
         meta = _model_meta(cfg, mode)
+        if mode == "model" and "eval_batch_size" not in sources:
+            # the engine's own capacity (serve's --max-batch-size, 16) unless --batch-size says otherwise:
+            # 3.68 questions/s at 16 against 2.49 at 8 on the demo model, the same SQL
+            # (benchmarks/results/generation_speed.json)
+            cfg = dataclasses.replace(cfg, eval_batch_size=cfg.max_batch_size)
         if "eval_max_new_tokens" not in sources and meta.get("max_new_tokens"):
             # the longest answer the model was trained on, unless --eval-max-new-tokens says otherwise
             cfg = dataclasses.replace(cfg, eval_max_new_tokens=int(meta["max_new_tokens"]))

@@ -23,7 +23,7 @@ from sqltune.evaluate import metrics
 from sqltune.sql import check
 from sqltune.sql.sandbox import EMPTY, MULTIPLE, SYNTAX, ExecResult, Sandbox
 from sqltune.sql.schema import Parsed, Schema, parse_schema, parse_sql
-from sqltune.sql.synth_db import make_plan, synthesise
+from sqltune.sql.synth_db import SynthesisTooSlow, make_plan, synthesise
 
 
 @dataclass(frozen=True)
@@ -119,8 +119,11 @@ def score_example(item: Item, settings: Settings) -> dict[str, Any]:
     feats = metrics.features(gold_expr, item.gold)
     ordered = metrics.is_ordered(item.gold, gold_expr)
     common = {"source": metrics.source_of(schema), "features": feats, "categories": metrics.categories(feats)}
-    plan = make_plan(schema, gold_expr, item.question)
-    boxes, failed, kind = _gold_databases(item, schema, gold.sql(item.gold), plan, settings, ordered)
+    try:
+        plan = make_plan(schema, gold_expr, item.question)
+        boxes, failed, kind = _gold_databases(item, schema, gold.sql(item.gold), plan, settings, ordered)
+    except SynthesisTooSlow as e:  # a schema too large to fill in the time cap: this row, not the run
+        return _record(item, **common, gold_error_kind="schema", gold_error=e.message)
     if failed is not None:
         return _record(item, **common, gold_error_kind=kind, gold_error=failed.error or kind)
     try:

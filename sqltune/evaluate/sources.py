@@ -268,7 +268,13 @@ def read_predictions(path: str) -> list[dict[str, Any]]:
     if not p.is_file():
         raise DataError(f"predictions file {p} does not exist", "pass --predictions with a JSON-lines file")
     rows = []
-    for n, line in enumerate(p.read_text(encoding="utf-8").splitlines(), 1):
+    try:
+        text = p.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        line_no = p.read_bytes()[:e.start].count(b"\n") + 1
+        raise DataError(f"{p} line {line_no} is not UTF-8 text ({e.reason} at byte {e.start})",
+                        "write the predictions file as UTF-8 JSON lines") from None
+    for n, line in enumerate(text.splitlines(), 1):
         if not line.strip():
             continue
         try:

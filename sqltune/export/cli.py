@@ -49,9 +49,29 @@ def run(args: argparse.Namespace) -> int:
         raise ConfigError(f"--out {args.out}: a GGUF file name ends in .gguf", f"pass e.g. --out {out.with_suffix('.gguf')}")
     if out.is_dir():
         raise ConfigError(f"--out {args.out} is a folder", "pass a file name such as models/sql.Q8_0.gguf")
+    _check_writable(out, args.out)
     storage.configure(cfg)
     modelfile = None if args.modelfile == "none" else Path(args.modelfile or out.parent / "Modelfile")
     folder = registry.resolve_model(cfg.model_name)
     result = export_gguf(folder, out, args.quant, modelfile_path=modelfile)
     print(json.dumps(result.to_dict(), indent=2))
     return 0
+
+
+def _check_writable(out: Path, given: str) -> None:
+    """Refuse an --out that cannot be written before any work: its folder is made only below an existing
+    folder other than the filesystem root (`/nonexistent/dir/x.gguf` is a typo, not a request for
+    /nonexistent), and that folder must take a file (/proc does not)."""
+    import tempfile
+
+    folder = out.resolve().parent
+    existing = next(p for p in (folder, *folder.parents) if p.exists())
+    if existing != folder and existing == Path(existing.anchor):
+        raise ConfigError(f"--out {given}: folder {folder} does not exist",
+                          "create it first, or pass a path inside an existing folder")
+    try:
+        with tempfile.TemporaryFile(dir=existing):
+            pass
+    except OSError as e:
+        raise ConfigError(f"--out {given}: cannot write in {existing}: {e.strerror or e}",
+                          "pass a path in a folder you can write to") from None

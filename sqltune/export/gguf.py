@@ -1,14 +1,17 @@
 """A finished sqltune model as one GGUF file for llama.cpp and Ollama, with an Ollama Modelfile.
 
     sqltune export gguf --model models/smollm2-135m-sql --out smollm2-sql.Q8_0.gguf --quant q8_0
+    sqltune export gguf --model models/gemma3-270m-sql --out gemma-sql.f16.gguf --quant f16
 
-The weights go through the `gguf` package: its `TensorNameMap` names every tensor the way llama.cpp
-expects, its writer lays out the file and its quantizers make q8_0 (the k-quants of q4_k_m come from
-sqltune.export.kquants, checked against gguf's own dequantizers). The metadata carries what a
-runner needs to use the model as trained: the byte-level BPE tokenizer (vocabulary, merges, special
-ids, whether BOS is added), EOS, a chat template that builds the trained prompt (modelfile.py) and
-the raw template under `sqltune.*` keys. transformers reads the file back (`gguf_file=`), which the
-round-trip test uses to check greedy output against the source model.
+Architectures: llama (the tiny model, SmolLM2, Llama; q/k rows permuted to llama.cpp's rope layout)
+and Gemma 3 / Gemma (every RMSNorm weight + 1, as llama.cpp scales by w where Hugging Face scales by
+1 + w; head size from key/value length; tied embeddings, so no output tensor). The weights go through
+the `gguf` package: its `TensorNameMap` names every tensor the way llama.cpp expects, its writer lays
+out the file and its quantizers make q8_0 (the k-quants of q4_k_m come from sqltune.export.kquants,
+checked against gguf's own dequantizers). The tokenizer fields come from sqltune.export.vocab (copied
+from the base GGUF, or named by llama.cpp's check hash); the metadata also carries EOS, a chat
+template that builds the trained prompt (modelfile.py) and the raw template under `sqltune.*` keys.
+The round-trip tests load every export in llama.cpp itself (xllamacpp) and in transformers' reader.
 """
 
 from __future__ import annotations
@@ -28,8 +31,24 @@ from sqltune.export import modelfile
 log = logs.get("export.gguf")
 
 QUANTS = ("f16", "q8_0", "q4_k_m")
-# Hugging Face model_type -> (gguf architecture name, whether q/k rows are permuted for llama.cpp's rope layout)
-ARCHITECTURES = {"llama": ("LLAMA", True)}
+
+
+@dataclass(frozen=True)
+class Architecture:
+    """How one Hugging Face model_type is written for llama.cpp."""
+
+    gguf_name: str  # the gguf.MODEL_ARCH member
+    permute_qk: bool  # q/k rows reordered from rotate-half rope to llama.cpp's interleaved pairs
+    norm_shift: float  # added to every RMSNorm weight: Gemma's HF norms scale by (1 + w), llama.cpp's by w
+    family: str  # for the error message
+
+
+# Hugging Face model_type -> how it is written
+ARCHITECTURES = {
+    "llama": Architecture("LLAMA", True, 0.0, "the tiny model, SmolLM2, Llama"),
+    "gemma3_text": Architecture("GEMMA3", False, 1.0, "Gemma 3"),
+    "gemma": Architecture("GEMMA", False, 1.0, "Gemma (gemma-2b)"),
+}
 
 
 @dataclass
@@ -111,94 +130,62 @@ def _weights(folder: Path) -> Any:
                 yield name, fh.get_tensor(name).float().numpy()
 
 
-def _token_types(gguf: Any, tokenizer: Any, n_vocab: int) -> tuple[list[str], list[int]]:
-    T = gguf.TokenType
-    special = set(tokenizer.all_special_ids)
-    added = {i: tok for i, tok in tokenizer.added_tokens_decoder.items()}
-    tokens = tokenizer.convert_ids_to_tokens(list(range(len(tokenizer))))
-    types = []
-    for i, _tok in enumerate(tokens):
-        if i in special or (i in added and added[i].special):
-            types.append(int(T.CONTROL))
-        elif i in added:
-            types.append(int(T.USER_DEFINED))
-        else:
-            types.append(int(T.NORMAL))
-    if len(tokens) > n_vocab:
-        raise ModelError(f"the tokenizer has {len(tokens)} tokens but the model's embedding only {n_vocab} rows",
-                         "the model folder is inconsistent; re-export it with `sqltune finetune`")
-    for i in range(len(tokens), n_vocab):  # rows the model has and the tokenizer never produces
-        tokens.append(f"[PAD{i}]")
-        types.append(int(T.UNUSED))
-    return tokens, types
+def _rope(config: Any) -> tuple[dict[str, Any], dict[str, Any] | None]:
+    """(global rope parameters, sliding-window layers' rope parameters or None), across transformers'
+    spellings: `rope_parameters` (flat, or per layer type for Gemma 3), `rope_scaling`, `rope_theta`."""
+    rope = dict(getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None) or {})
+    local = None
+    if "full_attention" in rope:
+        local = rope.get("sliding_attention")
+        rope = dict(rope["full_attention"] or {})
+    if "rope_theta" not in rope and getattr(config, "rope_theta", None):
+        rope["rope_theta"] = config.rope_theta
+    return rope, local
 
 
-def _pre_tokenizer(spec: dict[str, Any]) -> str:
-    """llama.cpp's name for how this tokenizer splits text before BPE, read from tokenizer.json."""
-    pre = spec.get("pre_tokenizer") or {}
-    if pre.get("type") == "ByteLevel" and pre.get("use_regex", True):
-        return "gpt2"
-    if pre.get("type") == "Sequence":
-        steps = pre.get("pretokenizers", [])
-        if len(steps) == 2 and steps[0].get("type") == "Split" and steps[1].get("type") == "ByteLevel":
-            regex = (steps[0].get("pattern") or {}).get("Regex")
-            try:
-                from transformers.integrations.gguf.gguf_tokenizer_mapping import GGUF_PRE_TOKENIZER_SPLITS
-            except ImportError:
-                GGUF_PRE_TOKENIZER_SPLITS = {}  # noqa: N806
-            for name, known in GGUF_PRE_TOKENIZER_SPLITS.items():
-                if known == regex:
-                    return name
-    raise ModelError(f"the tokenizer's pre-tokenizer {json.dumps(pre)[:200]} has no llama.cpp equivalent",
-                     "GGUF export supports byte-level BPE tokenizers that split like GPT-2, Llama 3 or Qwen 2")
-
-
-def _add_tokenizer(writer: Any, gguf: Any, folder: Path, tokenizer: Any, n_vocab: int, eos_id: int) -> None:
-    spec = json.loads((folder / "tokenizer.json").read_text())
-    model = spec.get("model") or {}
-    if model.get("type") != "BPE" or (spec.get("decoder") or {}).get("type") != "ByteLevel":
-        raise ModelError(f"{folder}: tokenizer type {model.get('type')} is not byte-level BPE",
-                         "GGUF export writes byte-level BPE tokenizers (SmolLM2, Llama 3, Qwen, the tiny model) only")
-    writer.add_tokenizer_model("gpt2")
-    writer.add_tokenizer_pre(_pre_tokenizer(spec))
-    tokens, types = _token_types(gguf, tokenizer, n_vocab)
-    writer.add_token_list(tokens)
-    writer.add_token_types(types)
-    writer.add_token_merges([m if isinstance(m, str) else " ".join(m) for m in model.get("merges", [])])
-    if tokenizer.bos_token_id is not None:
-        writer.add_bos_token_id(tokenizer.bos_token_id)
-    writer.add_eos_token_id(eos_id)
-    if tokenizer.unk_token_id is not None:
-        writer.add_unk_token_id(tokenizer.unk_token_id)
-    if tokenizer.pad_token_id is not None:
-        writer.add_pad_token_id(tokenizer.pad_token_id)
-    # BOS exactly when encode_prompt adds it, so llama.cpp feeds the ids training saw
-    probe = prompts.encode_prompt(tokenizer, "x")
-    writer.add_add_bos_token(bool(probe) and probe[0] == tokenizer.bos_token_id)
-    writer.add_add_eos_token(False)
-    writer.add_add_space_prefix(False)
-
-
-def _architecture_metadata(writer: Any, config: Any, n_layers: int) -> None:
+def _architecture_metadata(writer: Any, config: Any, n_layers: int, model_type: str) -> None:
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-    rope = getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None) or {}
-    if rope.get("rope_type", rope.get("type", "default")) not in ("default", None):
-        raise ModelError(f"rope scaling {rope.get('rope_type') or rope.get('type')} is not exported to GGUF yet",
-                         "export a model with plain rope (SmolLM2, the tiny model)")
-    theta = getattr(config, "rope_theta", None) or rope.get("rope_theta") or 10000.0
+    rope, local = _rope(config)
+    kind = rope.get("rope_type", rope.get("type", "default"))
+    if kind not in ("default", None):
+        raise ModelError(f"rope scaling {kind} is not exported to GGUF yet",
+                         "export a model with plain rope (SmolLM2, the tiny model, Gemma-3-270M)")
     writer.add_context_length(int(config.max_position_embeddings))
     writer.add_embedding_length(int(config.hidden_size))
     writer.add_block_count(n_layers)
     writer.add_feed_forward_length(int(config.intermediate_size))
     writer.add_head_count(int(config.num_attention_heads))
     writer.add_head_count_kv(int(getattr(config, "num_key_value_heads", None) or config.num_attention_heads))
-    writer.add_rope_dimension_count(int(head_dim))
-    writer.add_rope_freq_base(float(theta))
+    writer.add_rope_freq_base(float(rope.get("rope_theta") or 10000.0))
     writer.add_layer_norm_rms_eps(float(config.rms_norm_eps))
-    writer.add_vocab_size(int(config.vocab_size))
-    if head_dim * config.num_attention_heads != config.hidden_size:
-        writer.add_key_length(int(head_dim))
-        writer.add_value_length(int(head_dim))
+    if model_type == "llama":
+        writer.add_rope_dimension_count(int(head_dim))
+        writer.add_vocab_size(int(config.vocab_size))
+        if head_dim * config.num_attention_heads != config.hidden_size:
+            writer.add_key_length(int(head_dim))
+            writer.add_value_length(int(head_dim))
+        return
+    # Gemma: head size is its own (256), never hidden / heads; llama.cpp reads it from key / value length
+    writer.add_key_length(int(head_dim))
+    writer.add_value_length(int(head_dim))
+    if model_type == "gemma3_text":
+        writer.add_sliding_window(int(config.sliding_window))
+        swa_theta = float((local or {}).get("rope_theta") or getattr(config, "rope_local_base_freq", 10000.0))
+        if swa_theta != 10000.0:  # llama.cpp's Gemma 3 runs its sliding layers at 10000, the released value
+            raise ModelError(f"sliding-window rope base {swa_theta} differs from Gemma 3's 10000",
+                             "export a released Gemma 3 configuration")
+        types = list(getattr(config, "layer_types", None) or [])
+        if types and types != ["full_attention" if (i + 1) % 6 == 0 else "sliding_attention" for i in range(n_layers)]:
+            raise ModelError("the layers alternate sliding and full attention other than every sixth layer full",
+                             "llama.cpp's gemma3 runs five sliding layers then one full; export a released Gemma 3")
+        scalar = float(getattr(config, "query_pre_attn_scalar", head_dim) or head_dim)
+        if scalar != head_dim:
+            raise ModelError(f"query_pre_attn_scalar {scalar} differs from head_dim {head_dim}",
+                             "llama.cpp scales Gemma 3 attention by head_dim; export a released Gemma 3 size")
+        for attr in ("final_logit_softcapping", "attn_logit_softcapping"):
+            if getattr(config, attr, None):
+                raise ModelError(f"{attr} is set, which llama.cpp's gemma3 does not apply",
+                                 "export a released Gemma 3 configuration")
 
 
 def export_gguf(model_dir: Path, out: Path, quant: str = "q8_0", *, modelfile_path: Path | None = None,
@@ -217,13 +204,15 @@ def export_gguf(model_dir: Path, out: Path, quant: str = "q8_0", *, modelfile_pa
     config = AutoConfig.from_pretrained(model_dir)
     if config.model_type not in ARCHITECTURES:
         raise ModelError(f"architecture `{config.model_type}` is not exported to GGUF yet",
-                         f"GGUF export supports: {', '.join(ARCHITECTURES)} (the tiny model, SmolLM2, Llama)")
-    arch_name, permute = ARCHITECTURES[config.model_type]
-    arch = getattr(gguf.MODEL_ARCH, arch_name)
+                         "GGUF export supports: " + "; ".join(f"{k} ({a.family})" for k, a in ARCHITECTURES.items()))
+    spec = ARCHITECTURES[config.model_type]
+    arch = getattr(gguf.MODEL_ARCH, spec.gguf_name)
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     gen = GenerationConfig.from_pretrained(model_dir) if (model_dir / "generation_config.json").is_file() else None
     eos = (gen.eos_token_id if gen is not None else None) or tokenizer.eos_token_id
     eos_id = int(eos[0] if isinstance(eos, list) else eos)
+    if meta.get("eos_token") in tokenizer.get_vocab():  # the token training ended every answer with
+        eos_id = int(tokenizer.convert_tokens_to_ids(meta["eos_token"]))
     n_layers = int(config.num_hidden_layers)
     name = name or meta.get("name") or model_dir.name
 
@@ -236,8 +225,10 @@ def export_gguf(model_dir: Path, out: Path, quant: str = "q8_0", *, modelfile_pa
     writer.add_file_type(int({"f16": gguf.LlamaFileType.MOSTLY_F16, "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0,
                               "q4_k_m": gguf.LlamaFileType.MOSTLY_Q4_K_M}[quant]))
     writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
-    _architecture_metadata(writer, config, n_layers)
-    _add_tokenizer(writer, gguf, model_dir, tokenizer, int(config.vocab_size), eos_id)
+    _architecture_metadata(writer, config, n_layers, config.model_type)
+    from sqltune.export import vocab
+
+    tokenizer_info = vocab.add_tokenizer(writer, gguf, model_dir, tokenizer, int(config.vocab_size), eos_id, meta)
     writer.add_chat_template(modelfile.jinja_chat_template(template))
     writer.add_string("sqltune.version", __version__)
     writer.add_string("sqltune.prompt_template", json.dumps(template.to_dict()))
@@ -251,7 +242,7 @@ def export_gguf(model_dir: Path, out: Path, quant: str = "q8_0", *, modelfile_pa
     n_head, n_kv = int(config.num_attention_heads), int(getattr(config, "num_key_value_heads", None) or config.num_attention_heads)
     counts: dict[str, int] = {}
     logs.event(log, "gguf export starting", model=str(model_dir), out=str(out), quant=quant,
-               architecture=config.model_type, layers=n_layers)
+               architecture=config.model_type, layers=n_layers, **tokenizer_info)
     try:
         for hf_name, array in _weights(model_dir):
             if hf_name.endswith("rotary_emb.inv_freq") or (tied and hf_name == "lm_head.weight"):
@@ -261,10 +252,14 @@ def export_gguf(model_dir: Path, out: Path, quant: str = "q8_0", *, modelfile_pa
                 raise ModelError(f"tensor {hf_name} has no GGUF name for architecture {config.model_type}",
                                  "the model has layers llama.cpp's llama architecture does not know")
             ttype, gguf_name = found
-            if permute and ttype in (gguf.MODEL_TENSOR.ATTN_Q, gguf.MODEL_TENSOR.ATTN_K):
+            if spec.norm_shift and gguf_name.endswith("norm.weight"):
+                array = array + spec.norm_shift
+            if spec.permute_qk and ttype in (gguf.MODEL_TENSOR.ATTN_Q, gguf.MODEL_TENSOR.ATTN_K):
                 array = permute_for_rope(array, n_head if ttype == gguf.MODEL_TENSOR.ATTN_Q else n_kv)
             layer = int(gguf_name.split(".")[1]) if gguf_name.startswith("blk.") else None
-            qtype = choose_type(gguf, quant, ttype, tuple(array.shape), layer, n_layers)
+            # tied: token_embd is the output head too, so it gets the head's type (as llama.cpp's quantizer does)
+            role = gguf.MODEL_TENSOR.OUTPUT if tied and ttype == gguf.MODEL_TENSOR.TOKEN_EMBD else ttype
+            qtype = choose_type(gguf, quant, role, tuple(array.shape), layer, n_layers)
             data = _quantize(gguf, array, qtype)
             # quantized data arrives as bytes; the writer derives the element shape from the type
             writer.add_tensor(gguf_name, data, raw_dtype=qtype if data.dtype.kind == "u" else None)

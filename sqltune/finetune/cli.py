@@ -52,8 +52,37 @@ def summary(meta: dict[str, Any], output: str) -> str:
     held = m.get("heldout")
     if held:
         for s in held["samples"]:
-            mark = "ok " if heldout.normalise(s["predicted"]) == heldout.normalise(s["gold"]) else "   "
-            lines += [f"\nQ: {s['question']}", f"{mark}predicted: {s['predicted']}", "   gold:      " + s["gold"]]
-        lines.append(f"\nheld-out: exact match {held['exact_match']:.1%}, parseable SQL {held['parseable']:.1%} "
-                     f"on {held['examples']} questions never seen in training")
+            ok = s["ex"] if "ex" in s else heldout.normalise(s["predicted"]) == heldout.normalise(s["gold"])
+            lines += [f"\nQ: {s['question']}", f"{'ok ' if ok else '   '}predicted: {s['predicted']}",
+                      "   gold:      " + s["gold"]]
+        lines.append("\n" + heldout_line(held))
+    cut = m.get("cut_short")
+    if cut:
+        lines.append(cut_short_note(cut, output))
     return "\n".join(lines)
+
+
+def _pct(value: Any) -> str:
+    return f"{value:.1%}" if isinstance(value, (int, float)) else "n/a"
+
+
+def heldout_line(held: dict[str, Any]) -> str:
+    """EX (executed on synthesised databases) first, per kind of question, then exact match and parse rate."""
+    line = f"held-out, {held['examples']} questions never seen in training: "
+    if "ex" in held:
+        kinds = held.get("by_kind", {})
+        parts = [f"{kind.replace('_', '-')} {_pct(k['ex'])} of {k['examples']}" for kind, k in kinds.items()
+                 if k["examples"]]
+        line += f"execution accuracy {_pct(held['ex'])} ({', '.join(parts)}), "
+    return line + f"exact match {_pct(held['exact_match'])}, parseable SQL {_pct(held['parseable'])}"
+
+
+def cut_short_note(cut: dict[str, Any], output: str) -> str:
+    """What a person needs when max_train_minutes ended training before the planned steps."""
+    run, planned = cut["steps_run"], cut["planned_steps"]
+    return (f"\nNOTE: training was cut short: max_train_minutes={cut['max_train_minutes']:g} ended it after {run} of "
+            f"{planned} planned steps ({run / planned:.0%}; the machine was slower than the recipe expects, often "
+            f"because other work shares its cores). The figures above are those of a model trained on {run / planned:.0%}"
+            f" of its plan and are lower than the recipe reaches. To finish the plan, rerun the same command with "
+            f"--max-train-minutes 0 (it resumes from the checkpoint at step {run} in {output}), or run it on a "
+            f"quieter machine.")

@@ -92,7 +92,7 @@ def finetune(cfg: Config, sources: dict[str, str] | None = None) -> Path:
     if not logs.show_progress():
         datasets.utils.logging.set_verbosity_error()
 
-    precision = generation.choose_precision(cfg.dtype)
+    precision = generation.choose_precision(cfg.dtype, training=True)
     method, why = base_models.choose_method(cfg.method, cfg.model_name)
     if not cfg.learning_rate:
         cfg = dataclasses.replace(cfg, learning_rate=base_models.default_learning_rate(method, cfg.model_name))
@@ -119,7 +119,7 @@ def finetune(cfg: Config, sources: dict[str, str] | None = None) -> Path:
     resume_from = find_resume_checkpoint(ckpt_root, cfg.resume)
 
     splits = loading.load_splits(cfg.dataset, split=cfg.dataset_split, columns=cfg.column_map, limit=cfg.dataset_limit,
-                              eval_fraction=cfg.eval_fraction, seed=cfg.seed)
+                              eval_fraction=cfg.eval_fraction, seed=cfg.seed, keep_literal_case=cfg.keep_literal_case)
     # the tiny model's tokenizer is trained on the plain template's text; a chat template needs a real tokenizer
     template = prompts.DEFAULT_TEMPLATE
     pairs = sft.build_pairs(splits.train, template)
@@ -146,7 +146,8 @@ def finetune(cfg: Config, sources: dict[str, str] | None = None) -> Path:
     else:
         base_name, base_info = base_models.resolve_source(cfg.model_name)
         tokenizer = base_models.load_tokenizer(base_name, cfg.trust_remote_code)
-        model = base_models.load_base(base_name, precision, quantize_4bit=method == "qlora",
+        model = base_models.load_base(base_name, base_models.weight_precision(precision, method),
+                                   quantize_4bit=method == "qlora",
                                    trust_remote_code=cfg.trust_remote_code,
                                    device_map=sft.device_map() if method == "qlora" else None)
         if method == "qlora":
@@ -202,6 +203,10 @@ def finetune(cfg: Config, sources: dict[str, str] | None = None) -> Path:
 
     metrics: dict[str, Any] = {"train_loss": train_loss, "steps": trainer.state.global_step,
                                "train_runtime_s": round(time.time() - started, 1)}
+    if stop.reason == "time" and trainer.state.global_step < trainer.state.max_steps:
+        # the summary says so: figures of a model trained on a fraction of the plan are not the recipe's
+        metrics["cut_short"] = {"reason": "max_train_minutes", "max_train_minutes": cfg.max_train_minutes,
+                                "steps_run": trainer.state.global_step, "planned_steps": trainer.state.max_steps}
     if eval_ds is not None:
         metrics.update({k: v for k, v in trainer.evaluate().items() if k == "eval_loss"})
     if not logs.is_rank0():

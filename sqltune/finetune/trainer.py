@@ -71,7 +71,8 @@ def limit_loss_tiles(tokens: int, vocab: int) -> dict[str, int]:
 
 
 def build_trainer(cfg: Config, method: str, precision: Any, model: Any, tokenizer: Any, train_ds: Any,
-                   eval_ds: Any, run_dir: Path, callbacks: list[Any]) -> Any:
+                   eval_ds: Any, run_dir: Path, callbacks: list[Any], extra_args: dict[str, Any] | None = None) -> Any:
+    """TRL's SFTTrainer for the Config; `extra_args` (SFTConfig fields) are for benchmarks measuring a change."""
     from transformers import PrinterCallback, ProgressCallback
     from trl import SFTConfig, SFTTrainer
 
@@ -80,7 +81,7 @@ def build_trainer(cfg: Config, method: str, precision: Any, model: Any, tokenize
 
     # Every value set from our Config: TRL/transformers defaults (bf16, gradient checkpointing, lr 2e-5)
     # change between releases and would silently change the recipe.
-    args = SFTConfig(
+    args = SFTConfig(**{**dict(
         output_dir=str(run_dir / manifests.CHECKPOINTS),
         learning_rate=cfg.learning_rate,
         lr_scheduler_type=cfg.lr_scheduler_type,
@@ -91,7 +92,7 @@ def build_trainer(cfg: Config, method: str, precision: Any, model: Any, tokenize
         per_device_train_batch_size=cfg.train_batch_size,
         per_device_eval_batch_size=cfg.eval_batch_size,
         gradient_accumulation_steps=cfg.gradient_accumulation_steps,
-        gradient_checkpointing=cfg.gradient_checkpointing,
+        activation_checkpointing=cfg.gradient_checkpointing,  # transformers 5 name; gradient_checkpointing warns
         bf16=precision.name == "bf16",
         fp16=precision.name == "fp16",
         use_cpu=precision.device == "cpu",
@@ -114,7 +115,7 @@ def build_trainer(cfg: Config, method: str, precision: Any, model: Any, tokenize
         disable_tqdm=not logs.show_progress(),
         dataloader_num_workers=0,
         ddp_find_unused_parameters=False,
-    )
+    ), **(extra_args or {})})
     peft_config = None
     if method in ("lora", "qlora"):
         from peft import LoraConfig

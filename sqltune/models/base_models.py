@@ -41,6 +41,15 @@ def default_learning_rate(method: str, model_name: str) -> float:
     return 2e-4 if method in ("lora", "qlora") else 2e-5
 
 
+def weight_precision(compute: Precision, method: str) -> Precision:
+    """The dtype the base's weights are loaded in for training with `compute`. A full fine-tune on a CPU keeps
+    fp32 master weights under bf16 autocast (AdamW updates in bf16 lose most of their bits); LoRA's frozen
+    base is stored in the compute dtype itself (half the memory, no cast per step; the adapters stay fp32)."""
+    if compute.device == "cpu" and compute.name != "fp32" and method == "full":
+        return Precision("fp32", "cpu", f"full fine-tune: fp32 master weights, {compute.name} autocast")
+    return compute
+
+
 def _has_bitsandbytes() -> bool:
     try:
         import bitsandbytes  # noqa: F401

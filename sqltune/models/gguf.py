@@ -236,6 +236,29 @@ def _is_complete(folder: Path, sha: str) -> bool:
         return False
 
 
+def exported_metadata(path: Path) -> tuple[Any, dict[str, Any]]:
+    """(prompt template, sqltune.json-like metadata) of a GGUF that `sqltune export gguf` wrote, read from
+    its `sqltune.*` keys; a GGUF from elsewhere has none and is refused with the fix."""
+    if importlib.util.find_spec("gguf") is None:
+        raise ModelError("reading a GGUF file needs the `gguf` package, which is not installed", "pip install gguf")
+    import gguf as gguf_pkg
+
+    from sqltune import prompts
+
+    fields = gguf_pkg.GGUFReader(str(path)).fields
+    if "sqltune.prompt_template" not in fields:
+        raise ModelError(f"{path} was not written by `sqltune export gguf` (no sqltune.prompt_template key)",
+                         "export the fine-tuned model folder with `sqltune export gguf`, or serve the folder")
+    template = prompts.PromptTemplate.from_dict(json.loads(fields["sqltune.prompt_template"].contents()))
+    eos = fields["tokenizer.ggml.eos_token_id"].contents()
+    tokens = fields["tokenizer.ggml.tokens"]
+    meta = {"name": str(fields["general.name"].contents()) if "general.name" in fields else path.stem,
+            "eos_token": str(tokens.contents(int(eos))),
+            "max_new_tokens": int(fields["sqltune.max_new_tokens"].contents()) if "sqltune.max_new_tokens" in fields
+            else 128, "config": {"new_model": path.stem}, "gguf": str(path)}
+    return template, meta
+
+
 if __name__ == "__main__":
     import sys
 

@@ -35,7 +35,7 @@ from sqltune.config import Config
 from sqltune.engines.base import Engine, SamplingParams, complete
 from sqltune.serve.metrics import Metrics
 from sqltune.serve.protocol import error_body
-from sqltune.serve.service import ApiError, Service
+from sqltune.serve.service import ApiError, Service, request_started
 
 log = logs.get("serve")
 access_log = logs.get("serve.access")
@@ -144,6 +144,9 @@ def _install_error_handlers(app: FastAPI) -> None:
         if isinstance(e.__cause__, _BodyTooLarge):  # FastAPI wraps errors raised while it reads the body
             body, headers = Gate.too_large(request.app.state.config.max_body_bytes)
             return SafeJSONResponse(body, 413, headers=headers)
+        if isinstance(e.__cause__, _BodyTimeout):
+            return SafeJSONResponse(Gate.body_timeout(request.app.state.config.body_timeout), 408,
+                                    headers={"Connection": "close"})
         kind = "not_found_error" if e.status_code == 404 else "invalid_request_error"
         return SafeJSONResponse(error_body(f"{request.method} {request.url.path}: {e.detail}", kind), e.status_code,
                                 headers=getattr(e, "headers", None))
@@ -157,21 +160,28 @@ class Gate:
         self.key = config.api_key.encode()
         self.open_paths = OPEN_PATHS | {config.health_route} - {""}
         self.max_body = config.max_body_bytes
+        self.body_seconds = config.body_timeout
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         started = time.perf_counter()
+        request_started.set(started)
         path = scope["path"]
         headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
         request_id = headers.get("x-request-id") or uuid.uuid4().hex
         status = {"code": 500, "bytes": 0, "started": 0}
+        method = scope["method"]
+        if method == "HEAD":  # load balancers probe with HEAD: a GET without its body (RFC 9110 9.3.2)
+            scope = dict(scope, method="GET")
 
         async def send_logged(message: Message) -> None:
             if message["type"] == "http.response.start":
                 status["code"], status["started"] = message["status"], 1
                 message.setdefault("headers", []).append((b"x-request-id", request_id.encode()))
             elif message["type"] == "http.response.body":
+                if method == "HEAD":
+                    message = {**message, "body": b""}
                 status["bytes"] += len(message.get("body", b""))
             await send(message)
 
@@ -188,6 +198,9 @@ class Gate:
         except _BodyTooLarge:
             if not status["started"]:
                 await _reply(send_logged, 413, *self.too_large(self.max_body))
+        except _BodyTimeout:
+            if not status["started"]:
+                await _reply(send_logged, 408, self.body_timeout(self.body_seconds), {"Connection": "close"})
         except asyncio.CancelledError:
             # uvicorn cancels what is still running when --shutdown-grace ends; say so in JSON
             if not status["started"]:
@@ -209,7 +222,7 @@ class Gate:
             self.metrics.requests.labels(route, str(status["code"])).inc()
             self.metrics.latency.labels(route).observe(seconds)
             client = scope.get("client") or ("", 0)
-            logs.event(access_log, f"{scope['method']} {path} {status['code']}", method=scope["method"], path=path,
+            logs.event(access_log, f"{method} {path} {status['code']}", method=method, path=path,
                        status=status["code"], ms=round(seconds * 1000, 1), bytes=status["bytes"],
                        client=client[0], request_id=request_id, user_agent=headers.get("user-agent", ""))
 
@@ -236,22 +249,40 @@ class Gate:
         return error_body(f"request body is larger than {limit} bytes (--max-body-bytes)",
                           "invalid_request_error", "body_too_large"), {}
 
+    @staticmethod
+    def body_timeout(seconds: float) -> dict[str, Any]:
+        return error_body(f"the request body stopped arriving for {seconds:g}s before its Content-Length was "
+                          "reached (--body-timeout)", "invalid_request_error", "body_timeout")
+
     def _limited(self, receive: Receive, send: Send, status: dict[str, int]) -> Receive:
         seen = 0
+        complete = False
 
         async def wrapped() -> Message:
-            nonlocal seen
-            message = await receive()
+            nonlocal seen, complete
+            if complete:  # the body is in: what is left to receive is the disconnect, which may take long
+                return await receive()
+            try:
+                message = await asyncio.wait_for(receive(), self.body_seconds)
+            except TimeoutError:
+                raise _BodyTimeout from None  # uvicorn would wait for the rest of the body forever
             if message["type"] == "http.request":
                 seen += len(message.get("body", b""))
                 if seen > self.max_body:
                     raise _BodyTooLarge
+                complete = not message.get("more_body", False)
+            else:
+                complete = True
             return message
 
         return wrapped
 
 
 class _BodyTooLarge(Exception):
+    pass
+
+
+class _BodyTimeout(Exception):
     pass
 
 

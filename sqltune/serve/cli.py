@@ -3,6 +3,8 @@
     sqltune serve --model ./models/sqltune-sql --port 8000
     sqltune serve --model gs://bucket/models/gemma-2b-sql --engine vllm --api-key "$KEY"
     .venv-vllm/bin/sqltune serve --model ./models/sqltune-sql --engine vllm    # CPU build of vLLM
+    sqltune serve --model ./models/sqltune-sql --engine llamacpp --gguf-quant q8_0   # llama.cpp, GGUF exported once
+    sqltune serve --model ./sql.Q8_0.gguf --engine llamacpp                          # a file `sqltune export` wrote
 
 SIGTERM (Cloud Run, Kubernetes) stops accepting connections, lets in-flight requests finish
 within --shutdown-grace seconds, then exits.
@@ -14,8 +16,10 @@ import argparse
 import dataclasses
 import ipaddress
 import logging
+import os
 import signal
 import sys
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -50,6 +54,12 @@ def run(args: argparse.Namespace) -> int:
     from sqltune.engines.factory import create_engine
     from sqltune.serve.app import create_app
 
+    if model_dir.is_file() and cfg.serve_engine != "llamacpp":
+        from sqltune.errors import ConfigError
+
+        raise ConfigError(f"--model {model_dir} is a GGUF file, which only llama.cpp serves",
+                          "add --engine llamacpp, or serve the fine-tuned model folder")
+
     engine = create_engine(cfg, model_dir, template, meta)
     app = create_app(cfg, engine)
     if not cfg.api_key and not _is_loopback(cfg.serve_host):
@@ -65,6 +75,10 @@ def resolve(url: str) -> tuple[Path, Any, dict[str, Any]]:
 
     if not manifests.is_remote(url):
         local = manifests.local_path(url)
+        if local.is_file() and local.suffix.lower() == ".gguf":  # --engine llamacpp on a file sqltune exported
+            from sqltune.models.gguf import exported_metadata
+
+            return (local, *exported_metadata(local))
         if not local.is_dir():
             from sqltune.errors import ArtifactError
 
@@ -92,6 +106,7 @@ def serve(app: Any, cfg: config.Config) -> int:
                 logs.event(log, "draining: no new connections; in-flight requests may finish",
                            signal=int(sig), in_flight=app.state.service.admission.in_flight,
                            grace_seconds=cfg.shutdown_grace)
+                _exit_after(cfg.shutdown_grace + EXIT_MARGIN_S)
             if sig == signal.SIGTERM:
                 self.should_exit = True  # a drained shutdown is a clean exit (0), not death by signal
             else:
@@ -112,6 +127,25 @@ def serve(app: Any, cfg: config.Config) -> int:
         logs.event(log, "exiting: the model could not be loaded", level=40, error=app.state.load_error)
         return 1
     return 0
+
+
+EXIT_MARGIN_S = 3.0  # after the grace: uvicorn's cut requests get their JSON 503, the engine closes
+
+
+def _exit_after(seconds: float) -> None:
+    """A shutdown that ends: once the grace is over and the cut requests were answered, whatever is
+    still running (a worker thread in a C++ grammar compile or a long generation step, which Python
+    cannot interrupt and would otherwise join at exit) must not keep the process alive."""
+
+    def force() -> None:
+        logs.event(log, "exiting: work was still running after the shutdown grace", level=30,
+                   grace_seconds=round(seconds - EXIT_MARGIN_S, 3))
+        logging.shutdown()
+        os._exit(0)
+
+    timer = threading.Timer(seconds, force)
+    timer.daemon = True
+    timer.start()
 
 
 def _is_loopback(host: str) -> bool:

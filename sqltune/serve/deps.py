@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
+import threading
 from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import Any
+from typing import Any, TypeVar
 
 from fastapi import Request
 from starlette.responses import StreamingResponse
@@ -21,6 +23,7 @@ from sqltune.engines.base import Delta
 from sqltune.serve.service import ApiError, Job, Service
 
 log = logs.get("serve")
+T = TypeVar("T")
 
 
 def require_ready(request: Request) -> Service:
@@ -64,6 +67,35 @@ async def cancel_on_disconnect(request: Request, work: Awaitable[Any]) -> Any:
         watcher.cancel()
         # cancelled from outside (the shutdown grace ended): the work must stop too, not run on unowned
         task.cancel()
+
+
+async def in_thread(fn: Callable[..., T], *args: Any) -> T:
+    """`fn(*args)` on a daemon thread. asyncio.to_thread's pool threads are joined when the
+    interpreter exits, so a schema or grammar still being built there kept a SIGTERMed server
+    alive at 100% CPU; a daemon thread is dropped at exit, and an awaiter that is cancelled (client
+    gone, deadline, shutdown) stops waiting at once while the bounded work ends by itself."""
+    loop = asyncio.get_running_loop()
+    future: asyncio.Future[T] = loop.create_future()
+    context = contextvars.copy_context()
+
+    def settle(value: Any, error: BaseException | None) -> None:
+        if future.done():
+            return
+        if error is not None:
+            future.set_exception(error)
+        else:
+            future.set_result(value)
+
+    def work() -> None:
+        try:
+            value, error = context.run(fn, *args), None
+        except BaseException as e:  # handed to the awaiter, which re-raises it
+            value, error = None, e
+        with contextlib.suppress(RuntimeError):  # the loop is already closed: nobody is waiting
+            loop.call_soon_threadsafe(settle, value, error)
+
+    threading.Thread(target=work, name=f"sqltune-{getattr(fn, '__name__', 'work')}", daemon=True).start()
+    return await future
 
 
 async def open_stream(service: Service, jobs: list[Job]) -> tuple[AsyncIterator[tuple[int, Delta]],

@@ -51,8 +51,10 @@ async def completions(body: CompletionRequest, request: Request, service: Servic
     if body.constrain and body.constrain != "off" and not (body.context or "").strip():
         raise ApiError(400, "constrain needs `context`: the CREATE TABLE statements the SQL is about",
                        param="context")
+    service.check_question(body.question)
+    jobs = [service.job(p, body) for p in prompts]  # the prompts' limits before any grammar is built
     constraint = await constrain_for(service, body.constrain or "off", body.question or "", body.context or "")
-    jobs = service.fan_out([service.job(p, body, grammar=constraint.grammar) for p in prompts], body.n)
+    jobs = service.fan_out([service.with_grammar(j, constraint.grammar) for j in jobs], body.n)
     echo = [prompts[i // body.n] if body.echo else "" for i in range(len(jobs))]
     rid, created, model = new_id("cmpl"), int(time.time()), service.engine.model_id
     if body.stream:
@@ -66,7 +68,8 @@ async def completions(body: CompletionRequest, request: Request, service: Servic
     choices = [{"index": i, "text": echo[i] + c.text, "logprobs": None, "finish_reason": c.finish_reason}
                for i, c in enumerate(results)]
     return {"id": rid, "object": "text_completion", "created": created, "model": model, "choices": choices,
-            "usage": _usage(results, body.n).model_dump(), **response_fields(constraint)}
+            "usage": _usage(results, body.n).model_dump(),
+            **response_fields(constraint, [c.completion_tokens for c in results], jobs[0].params.max_tokens)}
 
 
 @router.post("/v1/chat/completions")
@@ -76,9 +79,11 @@ async def chat(body: ChatCompletionRequest, request: Request, service: Service =
         raise ApiError(400, "logprobs is not supported by this server", code="unsupported", param="logprobs")
     prompt = chat_prompt(service, body)
     question, context = chat_parts(body)
+    service.check_question(body.question)
+    job = service.job(prompt, body, param="messages")  # the prompt's limits before any grammar is built
     constraint = await constrain_for(service, body.constrain or "off", body.question or question,
                                      body.context or context)
-    jobs = service.fan_out([service.job(prompt, body, param="messages", grammar=constraint.grammar)], body.n)
+    jobs = service.fan_out([service.with_grammar(job, constraint.grammar)], body.n)
     rid, created, model = new_id("chatcmpl"), int(time.time()), service.engine.model_id
     if body.stream:
         def chunk(i: int, delta: Delta) -> dict[str, Any]:
@@ -95,7 +100,8 @@ async def chat(body: ChatCompletionRequest, request: Request, service: Service =
     choices = [{"index": i, "message": {"role": "assistant", "content": c.text}, "logprobs": None,
                 "finish_reason": c.finish_reason} for i, c in enumerate(results)]
     return {"id": rid, "object": "chat.completion", "created": created, "model": model, "choices": choices,
-            "usage": _usage(results, body.n).model_dump(), **response_fields(constraint)}
+            "usage": _usage(results, body.n).model_dump(),
+            **response_fields(constraint, [c.completion_tokens for c in results], jobs[0].params.max_tokens)}
 
 
 def chat_parts(body: ChatCompletionRequest) -> tuple[str, str]:

@@ -89,7 +89,8 @@ async def sql_stream(body: SqlRequest, request: Request, service: Service = Depe
             else:
                 return
             await close()  # the slots are free before the check runs
-            answer = await finish_sql(service, [f for f in finals if f is not None], schema, constraint, body.question)
+            answer = await finish_sql(service, [f for f in finals if f is not None], schema, constraint, body.question,
+                                      jobs[0].params.max_tokens)
             yield _event({**answer.model_dump(), "done": True})
             yield "data: [DONE]\n\n"
         except ApiError as e:

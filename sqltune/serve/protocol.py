@@ -195,6 +195,7 @@ class SqlResponse(BaseModel):
     candidates: int = 1  # answers generated; above 1 each ran and the one most of them agree with is `sql`
     candidates_ran: int | None = None  # of those, how many passed the check and ran (None: one answer, not run)
     candidates_agreed: int | None = None  # how many returned the result of the chosen one (0: none ran)
+    extra_tokens: int = 0  # tokens past max_tokens that closing a constrained query took (sqltune.constrain)
 
 
 class PredictRequest(_Request):

@@ -101,7 +101,7 @@ async def sql(body: SqlRequest, request: Request, service: Service = Depends(req
 async def answer_sql(service: Service, body: SqlRequest) -> SqlResponse:
     jobs, schema, constraint = await prepare_sql(service, body)
     results = await service.complete(jobs, fail_on_error=len(jobs) == 1)
-    return await finish_sql(service, results, schema, constraint, body.question)
+    return await finish_sql(service, results, schema, constraint, body.question, jobs[0].params.max_tokens)
 
 
 async def prepare_sql(service: Service, body: SqlRequest, where: str = "") -> tuple[list[Job], Schema, Constraint]:
@@ -117,13 +117,14 @@ async def prepare_sql(service: Service, body: SqlRequest, where: str = "") -> tu
                        param=where + param) from None
     prompt = service.engine.template.build_prompt(body.question, ddl)
     sampling = Sampling(max_tokens=body.max_tokens, stop=list(service.engine.template.stops))
+    job = service.job(prompt, sampling, param=where + "question")  # the prompt's limits before any grammar
     constraint = await constrain_for(service, body.constrain or service.cfg.constrain, body.question, ddl)
-    job = service.job(prompt, sampling, param=where + "question", grammar=constraint.grammar)
+    job = service.with_grammar(job, constraint.grammar)
     return service.candidate_jobs(job, body.candidates or service.cfg.candidates), schema, constraint
 
 
 async def finish_sql(service: Service, results: Sequence[Completion], schema: Schema,
-                     constraint: Constraint | None = None, question: str = "") -> SqlResponse:
+                     constraint: Constraint | None = None, question: str = "", max_tokens: int = 0) -> SqlResponse:
     """The checked answer; with several candidates, the one whose result most of them share when run on
     databases synthesised from the schema and the question (sqltune.sql.vote)."""
     texts = [extract_sql(r.text, service.engine.eos_token, service.engine.template) for r in results]
@@ -146,7 +147,8 @@ async def finish_sql(service: Service, results: Sequence[Completion], schema: Sc
                        usage=usage, constrain=constraint.mode, constrained=constraint.constrained,
                        reason=constraint.reason or None, candidates=len(results),
                        candidates_ran=picked.ran if picked else None,
-                       candidates_agreed=picked.agreed if picked else None)
+                       candidates_agreed=picked.agreed if picked else None,
+                       extra_tokens=max(0, result.completion_tokens - max_tokens) if max_tokens else 0)
 
 
 @router.post("/predict")
@@ -197,6 +199,7 @@ async def _predict(service: Service, body: PredictRequest) -> dict[str, Any]:
                 raise ApiError(500, f"generation failed: {results[start].error}", "server_error", "engine_error")
             predictions.append(results[start].text)
         else:
-            answer = await finish_sql(service, results[start:end], schema, constraint, question)
+            answer = await finish_sql(service, results[start:end], schema, constraint, question,
+                                      jobs[start].params.max_tokens)
             predictions.append(answer.model_dump(exclude={"usage", "model"}))
     return {"predictions": predictions}

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import dataclasses
 import math
 import time
@@ -17,6 +18,16 @@ from sqltune.config import Config
 from sqltune.engines.base import Completion, Delta, Engine, SamplingParams
 from sqltune.serve.metrics import Metrics
 from sqltune.serve.protocol import Sampling
+
+# When the request began (set by the app's gate): its deadline covers everything it waits on (a
+# grammar build, then generation), not only the generation
+request_started: contextvars.ContextVar[float | None] = contextvars.ContextVar("request_started", default=None)
+
+
+def time_left(timeout: float) -> float:
+    """Seconds the current request has left of `timeout` (all of it outside a request)."""
+    started = request_started.get()
+    return timeout if started is None else max(0.0, started + timeout - time.perf_counter())
 
 
 class ApiError(Exception):
@@ -70,10 +81,14 @@ class Admission:
         self.metrics.queue_depth.set(max(0, self.in_flight - self.capacity))
 
 
+BUILDS_AT_ONCE = 2  # xgrammar compiles on 2 threads each: more at once only queue for the cores
+
+
 class Service:
     def __init__(self, cfg: Config, engine: Engine, metrics: Metrics) -> None:
         self.cfg, self.engine, self.metrics = cfg, engine, metrics
         self.admission = Admission(engine.capacity, cfg.max_queue, metrics)
+        self.builds = asyncio.Semaphore(BUILDS_AT_ONCE)  # grammar builds (sqltune.serve.constrained)
 
     # --- limits ---------------------------------------------------------------------------------
 
@@ -105,6 +120,27 @@ class Service:
                                 stop=sampling.stops(), seed=sampling.seed, min_tokens=sampling.min_tokens,
                                 grammar=grammar)
         return Job(ids, params)
+
+    @staticmethod
+    def with_grammar(job: Job, grammar: str) -> Job:
+        return Job(job.prompt_ids, dataclasses.replace(job.params, grammar=grammar)) if grammar else job
+
+    def check_question(self, question: str | None, param: str = "question") -> None:
+        """The OpenAI routes' `question` extra (the literals of a schema+values grammar) is held to the
+        context length like the prompt, so it cannot smuggle in what the token limit keeps out."""
+        limit = self.engine.max_model_len
+        if not question or len(question) < limit:  # fewer characters than the limit: fewer tokens too
+            return
+        # far past the limit it is refused by its length alone, without tokenizing 1 MB on the event loop
+        if len(question) > 16 * limit:
+            size = f"{len(question)} characters"
+        else:
+            tokens = len(self.engine.encode(question))
+            if tokens < limit:
+                return
+            size = f"{tokens} tokens"
+        raise ApiError(400, f"{param} is {size}; this model's context is {limit} tokens (max_model_len): "
+                       f"shorten the {param}", code="context_length_exceeded", param=param)
 
     @staticmethod
     def fan_out(jobs: Sequence[Job], n: int) -> list[Job]:
@@ -176,7 +212,7 @@ class Service:
 
     async def _merge(self, merged: asyncio.Queue[Any], pending: int, started: float,
                      first_token: bool) -> AsyncIterator[tuple[int, Delta]]:
-        deadline = started + self.cfg.request_timeout
+        deadline = min(started, request_started.get() or started) + self.cfg.request_timeout
         first = first_token  # time to first token means something only when tokens stream
         counted = [0] * pending  # completion tokens already added to the metric, per job
         while pending:

@@ -15,7 +15,6 @@ threads that every other route reads its schemas on.
 
 from __future__ import annotations
 
-import asyncio
 import math
 import sqlite3
 from typing import Any
@@ -24,12 +23,13 @@ from fastapi import APIRouter, Request
 from pydantic import BaseModel, Field, model_validator
 
 from sqltune.errors import DataError
+from sqltune.serve.deps import in_thread
 from sqltune.serve.protocol import Int, _Request
 from sqltune.serve.service import ApiError
 from sqltune.sql.check import check_sql
 from sqltune.sql.sandbox import ExecResult, Sandbox
 from sqltune.sql.schema import Schema, parse_schema, parse_sql
-from sqltune.sql.synth_db import make_plan, synthesise
+from sqltune.sql.synth_db import SynthesisTooSlow, make_plan, synthesise
 
 router = APIRouter()
 
@@ -100,8 +100,8 @@ async def run(body: SqlRunRequest, request: Request) -> SqlRunResponse:
                        "rate_limit_error", "queue_full", headers={"Retry-After": "1"})
     state.sql_runs = in_flight + 1
     try:
-        schema = await asyncio.to_thread(_schema, body)
-        return await asyncio.to_thread(run_on_synthesised, schema, body.sql, body.question, body.seed, body.max_rows)
+        schema = await in_thread(_schema, body)
+        return await in_thread(run_on_synthesised, schema, body.sql, body.question, body.seed, body.max_rows)
     finally:
         state.sql_runs -= 1
 
@@ -120,8 +120,11 @@ def run_on_synthesised(schema: Schema, sql: str, question: str = "", seed: int =
     """Check `sql` against `schema`, synthesise a database for it and run it there."""
     check = check_sql(sql, schema)
     parsed = parse_sql(sql, schema)
-    plan = make_plan(schema, parsed.expression if parsed.ok else None, question)
-    rows = synthesise(plan, seed)
+    try:
+        plan = make_plan(schema, parsed.expression if parsed.ok else None, question)
+        rows = synthesise(plan, seed)
+    except SynthesisTooSlow as e:
+        raise ApiError(400, f"context: {e.message}; {e.hint}", code="schema_too_large", param="context") from None
     try:
         box = Sandbox(schema.ddl(), rows, time_budget_s=TIME_BUDGET_S, row_cap=max_rows)
     except sqlite3.Error as e:  # a schema sqlglot reads but SQLite will not build

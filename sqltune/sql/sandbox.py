@@ -87,6 +87,19 @@ def _authorize(action: int, arg1: str | None, arg2: str | None, db: str | None, 
     return sqlite3.SQLITE_DENY
 
 
+def read_only_uri(path: str | Path) -> str:
+    """The `file:` URI that opens a SQLite file read-only and leaves its folder as it was. In WAL mode
+    even a mode=ro reader creates -wal and -shm files beside the database; when none are there (no
+    connection has the file open for writing), it is opened immutable, which needs neither."""
+    file = Path(path).resolve()
+    uri = f"{file.as_uri()}?mode=ro"
+    with file.open("rb") as fh:
+        wal = fh.read(20)[18:20] == b"\x02\x02"  # the header's read and write versions: 2 = WAL
+    if wal and not any(file.with_name(file.name + s).exists() for s in ("-wal", "-shm")):
+        uri += "&immutable=1"
+    return uri
+
+
 class Sandbox:
     """One in-memory database built from `ddl` and `rows`, then locked to reads."""
 
@@ -105,7 +118,7 @@ class Sandbox:
         # (sqltune.db) is opened mode=ro, so SQLite itself refuses writes below the authorizer, and never created.
         if database is not None and ddl:
             raise ValueError("a database file is read as it is: pass no ddl")
-        target = f"{Path(database).resolve().as_uri()}?mode=ro" if database is not None else ":memory:"
+        target = read_only_uri(database) if database is not None else ":memory:"
         self.conn = sqlite3.connect(target, uri=database is not None, isolation_level=None, check_same_thread=False)
         # the built-in printf, called by the bounded wrapper once it has checked the widths; it sees
         # only the wrapper's own statement and bound values, never the untrusted SQL

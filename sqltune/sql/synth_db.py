@@ -18,11 +18,13 @@ from __future__ import annotations
 
 import random
 import re
+import time
 from dataclasses import dataclass, field
 from typing import Any
 
 from sqlglot import exp
 
+from sqltune.errors import DataError
 from sqltune.sql.schema import Column, Schema, column_of, table_scope
 
 Value = Any  # str | int | float | None
@@ -32,6 +34,20 @@ _WORD = re.compile(r"[A-Za-z][\w'.-]{2,}")
 _OPS = {exp.EQ: "eq", exp.NEQ: "neq", exp.GT: "gt", exp.GTE: "gte", exp.LT: "lt", exp.LTE: "lte",
         exp.Like: "like", exp.ILike: "like"}
 _FLIP = {"gt": "lt", "gte": "lte", "lt": "gt", "lte": "gte"}
+# Planning and filling a database are linear in the schema (256 tables x 16 columns: ~0.2 s); these
+# caps stop a schema far past that before it holds a run slot or an eval row for long
+PLAN_BUDGET_S = 2.0
+SYNTH_BUDGET_S = 3.0
+
+
+class SynthesisTooSlow(DataError):
+    """The schema is too large to plan or fill a database for within the time cap."""
+
+
+def _check_budget(started: float, budget_s: float, what: str) -> None:
+    if time.perf_counter() - started > budget_s:
+        raise SynthesisTooSlow(f"the schema is too large to synthesise a database for: {what} took over "
+                               f"{budget_s:g}s", "give fewer tables or columns (only those the query needs)")
 
 
 @dataclass(frozen=True)
@@ -73,25 +89,37 @@ def _number(text: str) -> int | float | str:
     return int(value) if value.is_integer() and "." not in text and "e" not in text.lower() else value
 
 
-def make_plan(schema: Schema, gold: exp.Expression | None, question: str) -> Plan:
+def make_plan(schema: Schema, gold: exp.Expression | None, question: str,
+              budget_s: float = PLAN_BUDGET_S) -> Plan:
+    """What `gold` needs of a database over `schema`: linear in the schema (one pass links same-named
+    columns), and a DataError past `budget_s` rather than minutes on a schema no query needs."""
+    started = time.perf_counter()
     plan = Plan(schema)
     keys: dict[tuple[str, str], tuple[str, str]] = {}  # union-find over (table, column)
 
     def find(k: tuple[str, str]) -> tuple[str, str]:
-        while keys.get(k, k) != k:
-            k = keys[k]
-        return k
+        root = k
+        while keys.get(root, root) != root:
+            root = keys[root]
+        while k != root:  # path compression: a chain of 256 tables stays one hop deep
+            keys[k], k = root, keys[k]
+        return root
 
     def union(a: tuple[str, str], b: tuple[str, str]) -> None:
         keys.setdefault(a, a)
         keys.setdefault(b, b)
         keys[find(a)] = find(b)
 
-    for i, t in enumerate(schema.tables):  # same-named columns across tables are join keys
+    # same-named columns across tables are join keys: each links to the first table that has the name
+    # (linking every pair took 14 s on 256 tables x 16 shared names)
+    first: dict[str, tuple[str, str]] = {}
+    for t in schema.tables:
+        _check_budget(started, budget_s, "reading the schema")
         for c in t.columns:
-            for other in schema.tables[i + 1:]:
-                if other.column(c.name):
-                    union((t.name, c.name.lower()), (other.name, c.name.lower()))
+            key = (t.name, c.name.lower())
+            if c.name.lower() in first and first[c.name.lower()][0] != t.name:
+                union(key, first[c.name.lower()])
+            first.setdefault(c.name.lower(), key)
     if gold is not None:
         scope = table_scope(gold)
         for cond in _conditions(gold, scope, schema):
@@ -103,9 +131,9 @@ def make_plan(schema: Schema, gold: exp.Expression | None, question: str) -> Pla
                     union((a[0], a[1].lower()), (b[0], b[1].lower()))
         plan.numbers += [v for v in (_literal(n) for n in gold.find_all(exp.Literal))
                          if isinstance(v, (int, float))]
-    roots = sorted({find(k) for k in keys})
+    roots = {r: i for i, r in enumerate(sorted({find(k) for k in keys}))}
     for k in keys:
-        plan.key_class[k] = roots.index(find(k))
+        plan.key_class[k] = roots[find(k)]
     for (table, column), conds in plan.conditions.items():
         if (table, column) in plan.key_class:
             cls = plan.key_class[(table, column)]
@@ -252,7 +280,8 @@ def _store(value: Value, column: Column) -> Value:
     return str(value)
 
 
-def synthesise(plan: Plan, seed: int, *, plant: bool = True) -> dict[str, list[tuple[Value, ...]]]:
+def synthesise(plan: Plan, seed: int, *, plant: bool = True,
+               budget_s: float = SYNTH_BUDGET_S) -> dict[str, list[tuple[Value, ...]]]:
     """Rows for every table of the plan's schema, deterministic in `seed`.
 
     With `plant`, each table gets a row that satisfies all of its conditions, a twin of it (an
@@ -271,7 +300,9 @@ def synthesise(plan: Plan, seed: int, *, plant: bool = True) -> dict[str, list[t
     data: dict[str, list[tuple[Value, ...]]] = {}
     keyed = [t.name for t in plan.schema.tables for c in t.columns if (t.name, c.name.lower()) in plan.key_class]
     grouped = keyed[0] if keyed else plan.schema.tables[0].name
+    started = time.perf_counter()
     for table in plan.schema.tables:
+        _check_budget(started, budget_s, "filling its tables")
         domains = {c.name.lower(): _domain(c, plan, rng) for c in table.columns}
         # each table's random rows use part of each key pool, so some keys of one table are missing
         # from another (EXCEPT, NOT IN and LEFT JOIN then have something to find)
