@@ -12,6 +12,7 @@ import json
 import os
 import shutil
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -134,8 +135,10 @@ def check_finite(model: Any, metrics: dict[str, Any]) -> None:
 
 def export(trainer: Any, cfg: Config, *, method: str, precision: Any, base_name: str, run_dir: Path,
            template: PromptTemplate, data_report: dict[str, Any], metrics: dict[str, Any],
-           eval_examples: list[Any], base: dict[str, Any] | None = None, max_new_tokens: int = 128,
-           tracking: dict[str, Any] | None = None) -> Path:
+           check: Callable[[Path, Any], dict[str, Any]] | None = None, base: dict[str, Any] | None = None,
+           max_new_tokens: int = 128, tracking: dict[str, Any] | None = None) -> Path:
+    """Merge, check parity, stage and publish into `run_dir`. `check(stage, precision)`, when given, scores the
+    staged model before it is moved in (the job passes its held-out check: the job sits above the export)."""
     from transformers import AutoModelForCausalLM
 
     t0 = time.time()
@@ -184,11 +187,9 @@ def export(trainer: Any, cfg: Config, *, method: str, precision: Any, base_name:
     }
     (stage / manifests.SQLTUNE_META).write_text(json.dumps(meta, indent=2, default=str))
 
-    if cfg.eval_generate_limit and eval_examples:
-        from sqltune.finetune import heldout
-
-        result = heldout.score(stage, eval_examples[: cfg.eval_generate_limit], publish)
-        metrics["heldout"] = result
+    if check is not None:
+        metrics["heldout"] = check(stage, publish)
+        (stage / manifests.SQLTUNE_META).write_text(json.dumps(meta, indent=2, default=str))
         (stage / manifests.SQLTUNE_META).write_text(json.dumps(meta, indent=2, default=str))
 
     _move_in(stage, run_dir)

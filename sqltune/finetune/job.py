@@ -214,7 +214,7 @@ def finetune(cfg: Config, sources: dict[str, str] | None = None) -> Path:
     final = merge.export(trainer, cfg, method=method, precision=precision, base_name=base_name, run_dir=run_dir,
                          template=template, data_report=splits.report.to_dict(), metrics=metrics, base=base_info,
                          max_new_tokens=max(sum(m) for m in train_ds["completion_mask"]),
-                         eval_examples=splits.eval, tracking=tracking.describe(tracker))
+                         check=_heldout_check(cfg, splits.eval), tracking=tracking.describe(tracker))
     if tracker is not None:
         tracker.log_metrics({**metrics, **(metrics.get("heldout") or {})}, trainer.state.global_step, prefix="final/")
         tracker.close()
@@ -222,3 +222,12 @@ def finetune(cfg: Config, sources: dict[str, str] | None = None) -> Path:
     logs.event(log, "finetune finished", output=where, wall_s=round(time.time() - started, 1),
                **{k: v for k, v in metrics.items() if isinstance(v, (int, float))})
     return final
+
+
+def _heldout_check(cfg: Any, examples: list[Any]) -> Any:
+    """The held-out check the export runs on the staged model (None when eval_generate_limit is 0)."""
+    if not cfg.eval_generate_limit or not examples:
+        return None
+    from sqltune.finetune import heldout
+
+    return lambda stage, precision: heldout.score(stage, examples[: cfg.eval_generate_limit], precision)
