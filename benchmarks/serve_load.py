@@ -149,7 +149,7 @@ def measure_llamacpp(model: str, prompts: list[str], levels: list[int], args: ar
                                                           sys.executable, args.batch), prompts, levels, args)}
     out["sqltune-llamacpp"] = measure(sqltune_server(
         "sqltune-llamacpp", model, "llamacpp", sys.executable, args.batch, env={"SQLTUNE_CACHE": str(cache)},
-        extra=("--gguf-quant", args.gguf_quant)), prompts, levels, args)
+        extra=("--gguf-quant", args.gguf_quant, "--max-model-len", "1024")), prompts, levels, args)  # 1024 a slot, as below
     out["llamacpp-server"] = measure(llamacpp_own_server(str(gguf), args.batch, cpu_threads()), prompts, levels,
                                      args, extra={"ignore_eos": True})
     return out

@@ -50,8 +50,9 @@ def choose_engine(requested: str) -> str:
         raise ConfigError(f"--engine: {requested!r} is not an engine", f"use one of: {', '.join(ENGINES)}")
     if requested == "auto":
         # Without CUDA, auto stays on transformers although llama.cpp is the faster CPU engine (measured
-        # on the 2-core CPU with SmolLM2: llama.cpp's server 1.96x sqltune-transformers' tokens/s at 1
-        # client, 1.11x at 4 and 1.13x at 16, issue 21; benchmarks/serve_load.py --only-llamacpp): auto
+        # on the 2-core CPU with the demo SmolLM2, Q8_0, 32 tokens a request: --engine llamacpp 2.16x
+        # --engine transformers' tokens/s at 1 client, 1.32x at 4, 1.47x at 16;
+        # benchmarks/results/serve_load_llamacpp_run1.json, benchmarks/serve_load.py --only-llamacpp): auto
         # must answer with the folder's own weights, and llama.cpp serves a quantized export of them
         # whose greedy SQL differs on some prompts (benchmarks/gguf_round_trip.py). Ask for it by name.
         return "vllm" if cuda_available() and vllm_available() else "transformers"
