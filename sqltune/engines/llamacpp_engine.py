@@ -79,8 +79,9 @@ def open_server(path: Path, *, slots: int = 1, threads: int | None = None, n_ctx
 
 
 def tokenize(server: Any, text: str, add_special: bool = True) -> list[int]:
-    """llama.cpp's own tokenization of `text` (its /tokenize route)."""
-    body = json.dumps({"content": text, "add_special": add_special, "parse_special": False}).encode()
+    """llama.cpp's own tokenization of `text` (its /tokenize route). Special-token text (a chat template's
+    `<|im_start|>`) becomes the special token, as transformers' tokenizers (and so encode_prompt) read it."""
+    body = json.dumps({"content": text, "add_special": add_special, "parse_special": True}).encode()
     request = urllib.request.Request(server.listening_address + "/tokenize", data=body,
                                      headers={"Content-Type": "application/json"})
     with urllib.request.urlopen(request, timeout=60) as response:
