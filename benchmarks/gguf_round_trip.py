@@ -46,20 +46,6 @@ def held_out(n: int, fraction: float = 0.05) -> list[tuple[str, str]]:
     return [(r["question"], r["context"]) for r in synthetic.generate(n, seed=7)]
 
 
-def margin(source, text: str, a: str, b: str) -> float:
-    import torch
-
-    from sqltune import prompts
-
-    tok = source.tokenizer
-    ids_a, ids_b = tok(a, add_special_tokens=False)["input_ids"], tok(b, add_special_tokens=False)["input_ids"]
-    k = next((i for i, (x, y) in enumerate(zip(ids_a, ids_b, strict=False)) if x != y), min(len(ids_a), len(ids_b)))
-    ids = torch.tensor([prompts.encode_prompt(tok, text) + ids_a[:k]])
-    with torch.inference_mode():
-        top = torch.topk(torch.log_softmax(source.model(input_ids=ids).logits[0, -1].float(), -1), 2).values
-    return round(float(top[0] - top[1]), 4)
-
-
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", required=True, help="A finished sqltune model folder.")
@@ -73,7 +59,7 @@ def main() -> int:
     from sqltune import generation, prompts
     from sqltune.engines import batch
     from sqltune.engines import llamacpp_engine as llamacpp
-    from sqltune.export.gguf import export_gguf
+    from sqltune.export.gguf import export_gguf, parting_margin
 
     threads = min(2, os.cpu_count() or 1)
     torch.set_num_threads(threads)
@@ -106,7 +92,7 @@ def main() -> int:
             same = [a == b for a, b in zip(ref, got, strict=True)]
             first = sum(bool(a) and bool(b) and source.tokenizer(a, add_special_tokens=False)["input_ids"][:1]
                         == source.tokenizer(b, add_special_tokens=False)["input_ids"][:1] for a, b in zip(ref, got, strict=True))
-            parted = [{"source": a, "llama.cpp": b, "margin": margin(source, t, a, b)}
+            parted = [{"source": a, "llama.cpp": b, "margin": round(parting_margin(source, t, a, b), 4)}
                       for t, a, b, ok in zip(texts, ref, got, same, strict=True) if not ok]
             results["quants"][quant] = {
                 "bytes": info.bytes, "megabytes": round(info.bytes / 2**20, 2), "export_s": round(export_s, 2),

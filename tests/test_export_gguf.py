@@ -22,7 +22,7 @@ gguf = pytest.importorskip("gguf", reason="GGUF export writes through the `gguf`
 from sqltune import generation, prompts  # noqa: E402
 from sqltune.engines import batch  # noqa: E402
 from sqltune.export import modelfile  # noqa: E402
-from sqltune.export.gguf import read_back  # noqa: E402
+from sqltune.export.gguf import parting_margin, read_back  # noqa: E402
 from sqltune.export.merge import PARITY_QUESTIONS  # noqa: E402
 
 
@@ -35,20 +35,6 @@ def _prompt_set(n_synthetic: int) -> list[tuple[str, str]]:
 def _export(model: Path, out: Path, quant: str) -> dict:
     proc = run_sqltune("export", "gguf", "--model", str(model), "--out", str(out), "--quant", quant)
     return json.loads(proc.stdout)
-
-
-def _parting_margin(model: generation.Loaded, prompt: str, ours: str, theirs: str) -> float:
-    """The source's log-prob gap between its top two tokens where two completions first differ: near 0
-    is a tie that rounding the weights may flip, not a different answer."""
-    import torch
-
-    tok = model.tokenizer
-    a, b = tok(ours, add_special_tokens=False)["input_ids"], tok(theirs, add_special_tokens=False)["input_ids"]
-    k = next((i for i, (x, y) in enumerate(zip(a, b, strict=False)) if x != y), min(len(a), len(b)))
-    ids = torch.tensor([prompts.encode_prompt(tok, prompt) + a[:k]])
-    with torch.inference_mode():
-        top = torch.topk(torch.log_softmax(model.model(input_ids=ids).logits[0, -1].float(), -1), 2).values
-    return float(top[0] - top[1])
 
 
 def _through_llamacpp(path: Path, source: generation.Loaded, texts: list[str], reference: list[str],
@@ -68,7 +54,7 @@ def _through_llamacpp(path: Path, source: generation.Loaded, texts: list[str], r
     del server
     return {"agreement": sum(a == b for a, b in zip(reference, got, strict=True)) / len(texts),
             "pairs": list(zip(reference, got, strict=True)),
-            "margins": [_parting_margin(source, t, a, b) for t, a, b in zip(texts, reference, got, strict=True) if a != b]}
+            "margins": [parting_margin(source, t, a, b) for t, a, b in zip(texts, reference, got, strict=True) if a != b]}
 
 
 def _round_trip(src: Path, out_dir: Path, quants: tuple[str, ...], pairs: list[tuple[str, str]],
@@ -89,7 +75,7 @@ def _round_trip(src: Path, out_dir: Path, quants: tuple[str, ...], pairs: list[t
         got = [c.text for c in batch.generate(back, texts, max_new_tokens)]
         info["agreement"] = sum(a == b for a, b in zip(reference, got, strict=True)) / len(texts)
         info["pairs"] = list(zip(reference, got, strict=True))
-        info["margins"] = [_parting_margin(source, t, a, b) for t, a, b in zip(texts, reference, got, strict=True)
+        info["margins"] = [parting_margin(source, t, a, b) for t, a, b in zip(texts, reference, got, strict=True)
                            if a != b]
         info["llamacpp"] = _through_llamacpp(Path(info["path"]), source, texts, reference, max_new_tokens)
         results[quant] = info

@@ -317,3 +317,17 @@ def _ollama_name(name: str) -> str:
     """Ollama model names are lower-case letters, digits, `-`, `_` and `.`."""
     cleaned = "".join(c if c.isalnum() or c in "-_." else "-" for c in name.lower()).strip("-.")
     return cleaned or "sqltune-sql"
+
+
+def parting_margin(source: Any, prompt: str, ours: str, theirs: str) -> float:
+    """The source model's log-prob gap between its top two tokens where two completions first differ: near
+    0 is a tie that rounding the weights may flip, not a different answer (the round-trip checks report it)."""
+    import torch
+
+    tok = source.tokenizer
+    a, b = tok(ours, add_special_tokens=False)["input_ids"], tok(theirs, add_special_tokens=False)["input_ids"]
+    k = next((i for i, (x, y) in enumerate(zip(a, b, strict=False)) if x != y), min(len(a), len(b)))
+    ids = torch.tensor([prompts.encode_prompt(tok, prompt) + a[:k]])
+    with torch.inference_mode():
+        top = torch.topk(torch.log_softmax(source.model(input_ids=ids).logits[0, -1].float(), -1), 2).values
+    return float(top[0] - top[1])
