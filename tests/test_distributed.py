@@ -169,13 +169,25 @@ def test_restart_on_a_fresh_machine_resumes_every_rank_from_the_bucket(s3_bucket
 
     second = _launch(tmp_path, "second", output, tmp_path / "cache-second")  # an empty local disk
     try:
-        deadline = time.time() + 150
+        # generous: on a loaded 2-core machine the fresh start (tiny model, download, rendezvous) can take minutes
+        deadline = time.time() + 300
         while time.time() < deadline and second.poll() is None:
             if all(_probe(tmp_path, rank, "second") for rank in (0, 1)):
                 break  # each rank's first step is known: no need to wait for the end (or the hang)
             time.sleep(0.2)
         starts = [(_probe(tmp_path, rank, "second") or [{"step": None}])[0]["step"] for rank in (0, 1)]
+        exited = second.poll()
     finally:
         if second.poll() is None:
             _kill_tree(second)
-    assert starts == [SAVE_STEPS, SAVE_STEPS], f"after the restart the ranks started at steps {starts}"
+    assert starts == [SAVE_STEPS, SAVE_STEPS], (
+        f"after the restart the ranks started at steps {starts} (torchrun exit code {exited}):\n"
+        + _tails(tmp_path, "second"))
+
+
+def _tails(tmp: Path, run: str) -> str:
+    """The end of a launch's console and of each rank's log, for a failure message."""
+    parts = [f"--- console-{run}.log\n" + (tmp / f"console-{run}.log").read_text()[-2000:]]
+    for log in sorted((tmp / f"logs-{run}").glob("**/attempt_*/*/stderr.log")):
+        parts.append(f"--- {log.relative_to(tmp)}\n" + log.read_text()[-1500:])
+    return "\n".join(parts)
