@@ -80,6 +80,10 @@ class Config:
                                  "question's spelling (sql-create-context lowercases them), in training and "
                                  "evaluation alike.")
 
+    multi_table_repeat: int = _f(1, "Train on each multi-table (Spider-style) row this many times per epoch: they "
+                                 "are 6% of sql-create-context, and a model that seldom sees a JOIN seldom "
+                                 "writes one. 1 = as the data has them.", minimum=1)
+
     # --- training ---------------------------------------------------------------------------
     learning_rate: float = _f(0.0, "Peak learning rate; 0 = by method: 3e-3 for the from-scratch tiny model, "
                               "2e-4 for lora / qlora, 2e-5 for full fine-tuning of a pretrained model.", minimum=0.0)

@@ -144,3 +144,25 @@ def test_keep_literal_case_is_a_config_field():
     cfg, _ = config.load(["--keep-literal-case"], {})
     assert cfg.keep_literal_case is True
     assert config.load([], {})[0].keep_literal_case is False
+
+
+def test_multi_table_rows_are_repeated_and_single_table_rows_are_not():
+    single = loading.Example("How many?", "CREATE TABLE t (a VARCHAR)", "SELECT COUNT(*) FROM t")
+    by_context = loading.Example("Which a?", "CREATE TABLE t (a VARCHAR); CREATE TABLE u (a VARCHAR)",
+                                 "SELECT a FROM t EXCEPT SELECT a FROM u")
+    by_join = loading.Example("Which b?", "CREATE TABLE t (a VARCHAR, b VARCHAR)",
+                              "SELECT T1.b FROM t AS T1 JOIN t AS T2 ON T1.a = T2.a")
+    rows, added = loading.repeat_multi_table([single, by_context, by_join], 3)
+    assert added == 4
+    assert rows.count(single) == 1 and rows.count(by_context) == 3 and rows.count(by_join) == 3
+    assert loading.repeat_multi_table([single, by_context], 1) == ([single, by_context], 0)
+
+
+def test_multi_table_repeat_is_a_config_field_with_a_floor():
+    from sqltune import config
+    from sqltune.errors import ConfigError
+
+    assert config.load(["--multi-table-repeat", "3"], {})[0].multi_table_repeat == 3
+    assert config.load([], {})[0].multi_table_repeat == 1
+    with pytest.raises(ConfigError, match="--multi-table-repeat: 0 is below the minimum 1"):
+        config.load(["--multi-table-repeat", "0"], {})

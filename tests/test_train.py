@@ -359,3 +359,13 @@ def test_the_heldout_check_scores_by_execution_and_by_kind_of_question() -> None
                                                  "parseable": 1.0}
     assert result["by_kind"]["multi_table"]["ex"] == 1.0
     assert [s["ex"] for s in result["samples"]] == [True, False, True]
+
+
+def test_the_job_repeats_multi_table_rows_and_reports_how_many(tmp_path: Path) -> None:
+    once, thrice = tmp_path / "once", tmp_path / "thrice"
+    run_sqltune("finetune", *QUICK, "--max-steps", "1", "--output", str(once))
+    run_sqltune("finetune", *QUICK, "--max-steps", "1", "--multi-table-repeat", "3", "--output", str(thrice))
+    a, b = manifests.read_meta(once)["data"], manifests.read_meta(thrice)["data"]
+    assert a["multi_table_repeated"] == 0
+    assert b["multi_table_repeated"] > 0 and b["multi_table_repeated"] % 2 == 0
+    assert b["train"] == a["train"] + b["multi_table_repeated"]

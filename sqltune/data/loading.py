@@ -54,13 +54,16 @@ class DataReport:
     # and how many literals; None when the rule is off (--keep-literal-case)
     literal_case_rows: int | None = 0
     literal_case_literals: int = 0
+    # training rows added by repeating the multi-table ones (--multi-table-repeat)
+    multi_table_repeated: int = 0
 
     def to_dict(self) -> dict[str, Any]:
         return {"source": self.source, "rows_read": self.rows_read, "skipped": dict(self.skipped),
                 "skipped_total": sum(self.skipped.values()), "duplicates": self.duplicates,
                 "limited_to": self.limited_to, "train": self.train, "eval": self.eval,
                 "fingerprint": self.fingerprint, "literal_case_rows": self.literal_case_rows,
-                "literal_case_literals": self.literal_case_literals}
+                "literal_case_literals": self.literal_case_literals,
+                "multi_table_repeated": self.multi_table_repeated}
 
 
 @dataclass
@@ -167,6 +170,15 @@ def table_kind(context: str, answer: str) -> str:
     `single_table` (WikiSQL-style): the two behave very differently, so every EX figure is split by it."""
     tables = sum(1 for s in context.split(";") if s.strip())
     return "multi_table" if tables > 1 or _JOIN.search(answer) else "single_table"
+
+
+def repeat_multi_table(examples: list[Example], times: int) -> tuple[list[Example], int]:
+    """The training rows with every multi-table row `times` times, the copies spread through the list (a
+    seeded shuffle orders them anyway); returns the rows and how many copies were added."""
+    if times <= 1:
+        return examples, 0
+    multi = [ex for ex in examples if table_kind(ex.context, ex.answer) == "multi_table"]
+    return examples + multi * (times - 1), len(multi) * (times - 1)
 
 
 def normalise_question(question: str) -> str:

@@ -122,7 +122,8 @@ def finetune(cfg: Config, sources: dict[str, str] | None = None) -> Path:
                               eval_fraction=cfg.eval_fraction, seed=cfg.seed, keep_literal_case=cfg.keep_literal_case)
     # the tiny model's tokenizer is trained on the plain template's text; a chat template needs a real tokenizer
     template = prompts.DEFAULT_TEMPLATE
-    pairs = sft.build_pairs(splits.train, template)
+    train_rows, splits.report.multi_table_repeated = loading.repeat_multi_table(splits.train, cfg.multi_table_repeat)
+    pairs = sft.build_pairs(train_rows, template)
 
     base_info: dict[str, Any] = {"source": cfg.model_name}
     if cfg.model_name == base_models.TINY:
@@ -160,7 +161,7 @@ def finetune(cfg: Config, sources: dict[str, str] | None = None) -> Path:
         style = "chat" if getattr(tokenizer, "chat_template", None) else "plain"
     if style == "chat":
         template = prompts.chat_template(tokenizer)
-        pairs = sft.build_pairs(splits.train, template)
+        pairs = sft.build_pairs(train_rows, template)
     logs.event(log, "prompt template", style=style, requested=cfg.prompt_style, prompt=template.prompt,
                stops=list(template.stops))
 
