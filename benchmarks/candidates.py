@@ -10,9 +10,9 @@ the greedy request plus K-1 samples at --candidate-temperature / --candidate-top
 decode independently, so the largest K is generated once and each smaller K votes among its first K.
 The answers are voted by sqltune.sql.vote on databases synthesised from schema and question (never
 the gold) and scored by the scorer of `sqltune eval`; every candidate is scored too, for the oracle
-(some candidate is right). EX is split by kind of row: wikisql_like (one `table_name_N` table) and
-spider_like (named, often several tables). Time: each K generated on its own over the first
---timing-limit questions, one question after another (a user of /v1/sql or `sqltune ask`) and all at
+(some candidate is right). EX is split by kind of row as every EX figure is (data.loading.table_kind):
+single_table (WikiSQL-style) and multi_table (Spider-style: several CREATE TABLEs or a JOIN). Time: each
+K generated on its own over the first --timing-limit questions, one question after another (a user of /v1/sql or `sqltune ask`) and all at
 once (`sqltune eval`). Beam search (K beams from transformers' generate: the engines stream one
 sequence per request and have no beams) runs on the first --beam-limit questions, beside greedy
 generate on the same rows for its time ratio. Writes benchmarks/results/candidates.json.
@@ -72,8 +72,10 @@ def score(rows: list[Any], sqls: list[str]) -> list[dict[str, Any]]:
 def ex_block(records: list[dict[str, Any]], key: str = "ex") -> dict[str, Any]:
     scored = [r for r in records if r["gold_ok"]]
     out: dict[str, Any] = {"all": _rate(sum(bool(r[key]) for r in scored), len(scored))}
-    for kind in ("wikisql_like", "spider_like"):
-        mine = [r for r in scored if r["source"] == kind]
+    from sqltune.data.loading import table_kind
+
+    for kind in ("single_table", "multi_table"):
+        mine = [r for r in scored if table_kind(r["context"], r["gold"]) == kind]
         out[kind] = _rate(sum(bool(r[key]) for r in mine), len(mine))
     return out
 
