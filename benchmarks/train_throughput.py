@@ -15,11 +15,13 @@ the same rows in the same order, a fixed number of steps, each variant in its ow
 
     python benchmarks/train_throughput.py --variants fp32-ckpt,bf16-ckpt,bf16,bf16-padfree --steps 8
 
-  fp32-ckpt     the recipe as it was: fp32, gradient checkpointing, length-grouped padded batches
-  bf16-ckpt     bf16 compute (AMX / AVX512-BF16), checkpointing on
-  bf16          bf16, no checkpointing
-  bf16-padfree  bf16, no checkpointing, padding-free batches (one flattened row, position_ids mark the
+  fp32-ckpt     the recipe as it was: LoRA, fp32, gradient checkpointing, length-grouped padded batches
+  bf16-ckpt     LoRA, bf16 compute (AMX / AVX512-BF16), checkpointing on
+  bf16          LoRA, bf16, no checkpointing
+  bf16-padfree  LoRA, bf16, no checkpointing, padding-free batches (one flattened row, position_ids mark the
                 boundaries; transformers builds the block-diagonal mask from them)
+  bf16-full     bf16, no checkpointing, full fine-tune (every weight trained; the SmolLM2 demo recipe)
+  fp32-full     the same in fp32
   *-eval        any variant + the end-of-training eval-loss pass over the job's 256 eval rows, timed apart
 
 Reported per variant: input tokens/s and s/step over the steps after the first (warm-up), CPU-seconds of
@@ -99,9 +101,11 @@ def run_recipe(recipe: str, n: int, workdir: Path) -> dict:
             "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)}
 
 
-VARIANTS = {  # name -> (dtype, gradient checkpointing, padding-free)
-    "fp32-ckpt": ("fp32", True, False), "bf16-ckpt": ("bf16", True, False), "fp32": ("fp32", False, False),
-    "bf16": ("bf16", False, False), "bf16-padfree": ("bf16", False, True), "fp32-padfree": ("fp32", False, True),
+VARIANTS = {  # name -> (dtype, gradient checkpointing, padding-free, method)
+    "fp32-ckpt": ("fp32", True, False, "lora"), "bf16-ckpt": ("bf16", True, False, "lora"),
+    "fp32": ("fp32", False, False, "lora"), "bf16": ("bf16", False, False, "lora"),
+    "bf16-padfree": ("bf16", False, True, "lora"), "fp32-padfree": ("fp32", False, True, "lora"),
+    "bf16-full": ("bf16", False, False, "full"), "fp32-full": ("fp32", False, False, "full"),
 }
 
 
@@ -123,9 +127,9 @@ def run_variant(name: str, model_name: str, steps: int, workdir: Path) -> dict:
 
     torch.set_num_threads(int(os.environ.get("BENCH_THREADS", "2")))
     base_variant, with_eval = name.removesuffix("-eval"), name.endswith("-eval")
-    dtype, ckpt, padfree = VARIANTS[base_variant]
+    dtype, ckpt, padfree, method = VARIANTS[base_variant]
     yaml = ROOT / "configs" / f"{model_name}-cpu.yaml"
-    cfg, _ = config.resolve(str(yaml), {}, {"max_steps": str(steps), "gradient_checkpointing": ckpt,
+    cfg, _ = config.resolve(str(yaml), {}, {"max_steps": str(steps), "gradient_checkpointing": ckpt, "method": method,
                                             "save_steps": "100000", "logging_steps": "100000", "dataset": str(SHARED)})
     precision = generation.choose_precision(dtype, training=True)
     splits = loading.load_splits(str(SHARED), eval_fraction=cfg.eval_fraction, seed=cfg.seed)
@@ -150,7 +154,8 @@ def run_variant(name: str, model_name: str, steps: int, workdir: Path) -> dict:
     t0, c0 = time.perf_counter(), _cpu_s()
     trainer.train()
     (t1, c1, n1), (tn, cn, nn) = clock.marks[0], clock.marks[-1]
-    out = {"variant": name, "model": model_name, "dtype": precision.name, "gradient_checkpointing": ckpt,
+    out = {"variant": name, "model": model_name, "method": cfg.method, "dtype": precision.name,
+           "gradient_checkpointing": ckpt,
            "padding_free": padfree, "steps": len(clock.marks), "batch_size": cfg.train_batch_size,
            "s_per_step": round((tn - t1) / (len(clock.marks) - 1), 3),
            "cpu_s_per_step": round((cn - c1) / (len(clock.marks) - 1), 3),
@@ -171,14 +176,20 @@ def _save_variants(args: argparse.Namespace, results: list[dict]) -> None:
     for r in results:
         r["speedup_tokens_per_s"] = round(r["input_tokens_per_s"] / first["input_tokens_per_s"], 2)
         r["speedup_tokens_per_cpu_s"] = round(r["input_tokens_per_cpu_s"] / first["input_tokens_per_cpu_s"], 2)
-    summary = {"machine": {"cpus": os.cpu_count(), "platform": platform.platform()}, "model": args.model,
-               "steps": args.steps, "baseline": first["variant"], "variants": results,
-               "load_average_at_end": os.getloadavg()[0]}  # other work on the machine inflates both wall and CPU time
+    run = {"command": "python benchmarks/train_throughput.py " + " ".join(sys.argv[1:]), "created": args.created,
+           "machine": {"cpus": os.cpu_count(), "platform": platform.platform()}, "model": args.model,
+           "steps": args.steps, "baseline": first["variant"], "variants": results,
+           "load_average_at_end": os.getloadavg()[0]}  # other work on the machine inflates both wall and CPU time
+    # every run is kept beside the earlier ones (compare variants within one run: the machine is shared)
+    path = RESULTS / f"train_throughput_{args.model}.json"
+    runs = json.loads(path.read_text()).get("runs", []) if path.is_file() else []
+    runs = [r for r in runs if r.get("created") != args.created] + [run]
     RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / f"train_throughput_{args.model}.json").write_text(json.dumps(summary, indent=2) + "\n")
+    path.write_text(json.dumps({"runs": runs}, indent=2) + "\n")
 
 
 def run_variants(args: argparse.Namespace) -> int:
+    args.created = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
     results = []
     for name in args.variants.split(","):
         if name.removesuffix("-eval") not in VARIANTS:

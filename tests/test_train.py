@@ -217,6 +217,19 @@ def test_resume_path_must_be_a_complete_checkpoint(tmp_path: Path) -> None:
         find_resume_checkpoint(ckpts, str(ckpts / "checkpoint-10"))
 
 
+def test_a_checkpoint_of_another_method_is_refused_and_kept(tmp_path: Path) -> None:
+    """An output folder that holds a LoRA run's checkpoints, rerun as a full fine-tune (a changed recipe)."""
+    out = tmp_path / "model"
+    run_sqltune("finetune", *QUICK, "--method", "lora", "--max-steps", "2", "--save-steps", "1", "--output", str(out))
+    before = sorted(p.name for p in (out / manifests.CHECKPOINTS).glob("checkpoint-*"))
+    proc = run_sqltune("finetune", *QUICK, "--method", "full", "--max-steps", "4", "--output", str(out), check=False)
+    assert proc.returncode != 0
+    assert "holds a LoRA adapter, and this run's method is full" in proc.stderr
+    assert "pass a new --output" in proc.stderr and "Traceback" not in proc.stderr
+    assert sorted(p.name for p in (out / manifests.CHECKPOINTS).glob("checkpoint-*")) == before
+    manifests.verify(out)  # the published LoRA model is untouched
+
+
 def test_bad_dataset_fails_before_training(tmp_path: Path) -> None:
     proc = run_sqltune("finetune", *QUICK, "--dataset", str(tmp_path / "missing.jsonl"), "--output",
                        str(tmp_path / "m"), check=False)

@@ -42,6 +42,17 @@ def find_resume_checkpoint(root: Path, resume: str) -> Path | None:
     return None
 
 
+def check_resumable(checkpoint: Path, method: str, output: str) -> None:
+    """A checkpoint of another method cannot be resumed: a LoRA checkpoint holds an adapter, a full one the
+    whole model. Say so before loading anything (a folder that once held another recipe's run)."""
+    has_adapter = (checkpoint / "adapter_config.json").exists()
+    if has_adapter == (method in ("lora", "qlora")):
+        return
+    kind, other = ("a LoRA adapter", "full") if has_adapter else ("a fully fine-tuned model", method)
+    raise ConfigError(f"{checkpoint.name} in {output} holds {kind}, and this run's method is {other}: it cannot "
+                      "resume from it", f"pass a new --output, or delete {checkpoint.parent} to start over there")
+
+
 def _stop_reason_message(reason: str) -> str:
     return {"sigterm": "SIGTERM received: checkpoint saved, exiting so the retry resumes here",
             "time": "max_train_minutes reached: training stops here, then merge and publish"}[reason]
@@ -117,6 +128,8 @@ def finetune(cfg: Config, sources: dict[str, str] | None = None) -> Path:
     if cfg.resume == "auto" and int(os.environ.get("CLOUD_RUN_TASK_ATTEMPT", "0") or 0) > 0:
         logs.event(log, "retried task: resuming", attempt=os.environ["CLOUD_RUN_TASK_ATTEMPT"])
     resume_from = find_resume_checkpoint(ckpt_root, cfg.resume)
+    if resume_from is not None:
+        check_resumable(resume_from, method, cfg.output_dir)
 
     splits = loading.load_splits(cfg.dataset, split=cfg.dataset_split, columns=cfg.column_map, limit=cfg.dataset_limit,
                               eval_fraction=cfg.eval_fraction, seed=cfg.seed, keep_literal_case=cfg.keep_literal_case)
