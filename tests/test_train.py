@@ -382,3 +382,31 @@ def test_the_job_repeats_multi_table_rows_and_reports_how_many(tmp_path: Path) -
     assert a["multi_table_repeated"] == 0
     assert b["multi_table_repeated"] > 0 and b["multi_table_repeated"] % 2 == 0
     assert b["train"] == a["train"] + b["multi_table_repeated"]
+    assert manifests.read_meta(once)["metrics"]["peak_rss_train_mb"] > 100  # the training process's peak, recorded
+
+
+def test_the_optimizer_state_is_freed_before_the_export(tmp_path: Path) -> None:
+    """AdamW keeps twice the trained weights; the export loads more models, so the job lets it go first."""
+    import gc
+    import weakref
+
+    from sqltune import config
+    from sqltune.data import loading
+    from sqltune.finetune import trainer as sft
+    from sqltune.finetune.job import peak_rss_mb, release_training_state
+    from sqltune.prompts import DEFAULT_TEMPLATE
+
+    cfg, _ = config.resolve(None, {}, {"max_steps": "1", "train_batch_size": "4", "save_steps": "1000",
+                                       "logging_steps": "1000", "method": "full"})
+    pairs = sft.build_pairs(loading.load_splits("synthetic:40", eval_fraction=0.0).train, DEFAULT_TEMPLATE)
+    tok = base_models.train_tokenizer((p + c for p, c in pairs), 400)
+    model = base_models.build_tiny_model(tok, layers=1)
+    train_ds, _ = sft.to_dataset(pairs, tok, 256)
+    trainer = build_trainer(cfg, "full", generation.choose_precision("fp32", training=True), model, tok, train_ds,
+                            None, tmp_path, [])
+    trainer.train()
+    state = weakref.ref(next(iter(trainer.optimizer.optimizer.state.values()))["exp_avg"])
+    release_training_state(trainer)
+    gc.collect()
+    assert state() is None, "the optimizer's state outlived training"
+    assert trainer.model is not None and peak_rss_mb() > 0
