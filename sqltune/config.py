@@ -494,7 +494,8 @@ def add_arguments(parser: argparse.ArgumentParser, groups: Sequence[str] | None 
         section = sections.setdefault(group, parser.add_argument_group(f"{group} options"))
         kind = _TYPES[name]
         env = env_name(name)
-        help_text = f"{fields.get(name) or f.metadata['help']} [env {env}]"
+        # argparse %-formats help: a field's text is prose, so a "%" in it is a percent sign
+        help_text = f"{fields.get(name) or f.metadata['help']} [env {env}]".replace("%", "%%")
         names = [flag_name(name), *f.metadata["aliases"], *aliases.get(name, ())]
         if kind is bool:
             section.add_argument(*names, dest=name, default=argparse.SUPPRESS,

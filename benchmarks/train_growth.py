@@ -1,0 +1,96 @@
+"""Does a training run slow down or grow as it goes? Step time, tokens/s, RSS and page faults per window.
+
+    python benchmarks/train_growth.py --steps 60
+    MALLOC_MMAP_THRESHOLD_=1048576 python benchmarks/train_growth.py --steps 60 --label mmap1m   # glibc, fixed threshold
+
+The demo recipe (configs/<model>-cpu.yaml: SmolLM2's is a bf16 full fine-tune) on the shared rows, in this
+process, with a callback that samples the clock, resident memory, minor page faults and system CPU time at
+the end of every step. Each window of --window steps is one row. Appends to
+benchmarks/results/train_growth_<model>.json; figures are reported, never asserted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+SHARED = ROOT.parent / "shared" / "data" / "sql-create-context" / "train.jsonl"
+RESULTS = ROOT / "benchmarks" / "results"
+
+
+def run(model_name: str, steps: int, workdir: Path) -> list[tuple[float, float, int, int, float]]:
+    import psutil
+    from transformers import TrainerCallback
+
+    from sqltune import config, generation
+    from sqltune.data import loading
+    from sqltune.finetune import trainer as sft
+    from sqltune.models import base_models
+    from sqltune.prompts import DEFAULT_TEMPLATE
+
+    cfg, _ = config.resolve(str(ROOT / "configs" / f"{model_name}-cpu.yaml"), {},
+                            {"max_steps": str(steps), "save_steps": "100000", "logging_steps": "100000",
+                             "dataset": str(SHARED)})
+    precision = generation.choose_precision(cfg.dtype, training=True)
+    splits = loading.load_splits(str(SHARED), eval_fraction=cfg.eval_fraction, seed=cfg.seed)
+    base_name, _ = base_models.resolve_source(model_name)
+    tok = base_models.load_tokenizer(base_name)
+    model = base_models.load_base(base_name, base_models.weight_precision(precision, cfg.method))
+    model.config.use_cache = False
+    train_ds, _ = sft.to_dataset(sft.build_pairs(splits.train, DEFAULT_TEMPLATE), tok, cfg.max_seq_length)
+    proc = psutil.Process()
+    marks: list[tuple[float, float, int, int, float]] = []
+
+    class Probe(TrainerCallback):
+        def on_step_end(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
+            usage = resource.getrusage(resource.RUSAGE_SELF)
+            marks.append((time.perf_counter(), proc.memory_info().rss / 2**20, usage.ru_minflt,
+                          int(state.num_input_tokens_seen), usage.ru_stime))
+
+    trainer = sft.build_trainer(cfg, cfg.method, precision, model, tok, train_ds, None, workdir, [Probe()])
+    trainer.train()
+    return marks
+
+
+def windows(marks: list[tuple[float, float, int, int, float]], size: int) -> list[dict[str, Any]]:
+    rows = []
+    for a in range(0, len(marks) - size, size):
+        (t0, _, f0, n0, s0), (t1, rss, f1, n1, s1) = marks[a], marks[a + size]
+        rows.append({"steps": f"{a + 2}-{a + size + 1}", "s_per_step": round((t1 - t0) / size, 2),
+                     "tokens_per_s": round((n1 - n0) / (t1 - t0)), "rss_mb": round(rss),
+                     "minor_faults_per_step": (f1 - f0) // size, "sys_s_per_step": round((s1 - s0) / size, 2)})
+    return rows
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="smollm2-135m", choices=["smollm2-135m", "gemma3-270m"])
+    parser.add_argument("--steps", type=int, default=60)
+    parser.add_argument("--window", type=int, default=10)
+    parser.add_argument("--label", default="default")
+    parser.add_argument("--workdir", default="/tmp/sqltune-bench-growth")
+    args = parser.parse_args()
+    if not SHARED.is_file():
+        print(f"no data at {SHARED}", file=sys.stderr)
+        return 1
+    rows = windows(run(args.model, args.steps, Path(args.workdir) / args.label), args.window)
+    path = RESULTS / f"train_growth_{args.model}.json"
+    runs = json.loads(path.read_text())["runs"] if path.is_file() else []
+    runs.append({"label": args.label, "command": "python benchmarks/train_growth.py " + " ".join(sys.argv[1:]),
+                 "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "windows": rows})
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({"runs": runs}, indent=2) + "\n")
+    for r in rows:
+        print(json.dumps(r))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
