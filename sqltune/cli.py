@@ -10,7 +10,7 @@ import sys
 from collections.abc import Sequence
 
 from sqltune import __version__, logs
-from sqltune.errors import SqltuneError
+from sqltune.errors import SqltuneError, disk_full
 
 # command modules, one `cli.py` per stage, in the order `sqltune --help` lists them
 COMMAND_MODULES = (
@@ -73,6 +73,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("sqltune: interrupted", file=sys.stderr)
         return 130
+    except Exception as e:
+        if not disk_full(e):
+            raise
+        print(f"sqltune: error: the disk filled up ({e})\n  fix: free space on that disk and rerun; a fine-tuning "
+              "job resumes from its last complete checkpoint", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

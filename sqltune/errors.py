@@ -3,6 +3,8 @@ the problem and the fix; the CLI prints it without a traceback and exits 2."""
 
 from __future__ import annotations
 
+import errno
+
 
 class SqltuneError(Exception):
     """Root of every user-facing sqltune failure."""
@@ -53,3 +55,12 @@ class AttemptEnded(SqltuneError):
 
 class DeployError(SqltuneError):
     """A deployment that cannot be rendered or a cloud step that failed."""
+
+
+def disk_full(exc: BaseException) -> bool:
+    """A full disk, as the OS reports it, or as safetensors does (its own error type, the OS error in the text)."""
+    return getattr(exc, "errno", None) == errno.ENOSPC or "os error 28" in str(exc)
+
+
+DISK_FULL_FIX = ("free space on that disk and rerun with the same --output: the checkpoints are kept, and the "
+                 "rerun resumes from the last complete one (a half-written one is skipped)")

@@ -11,9 +11,11 @@ import importlib.metadata
 import json
 import multiprocessing
 import os
+import shutil
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -38,8 +40,10 @@ needs_gemma = pytest.mark.skipif(not _installed("gemma3-270m"), reason=gguf.EMBE
 
 
 @pytest.fixture(scope="module")
-def smol_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return tmp_path_factory.mktemp("gguf-cache")
+def smol_cache(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    folder = tmp_path_factory.mktemp("gguf-cache")
+    yield folder
+    shutil.rmtree(folder, ignore_errors=True)  # half a GB of converted weights
 
 
 @pytest.fixture(scope="module")

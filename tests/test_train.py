@@ -410,3 +410,34 @@ def test_the_optimizer_state_is_freed_before_the_export(tmp_path: Path) -> None:
     gc.collect()
     assert state() is None, "the optimizer's state outlived training"
     assert trainer.model is not None and peak_rss_mb() > 0
+
+
+def test_a_full_disk_stops_the_job_clearly_and_the_rerun_publishes(tmp_path: Path) -> None:
+    """A real small disk (tmpfs): no room for the checkpoint, then none for the merged model, then room."""
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=5m", "tmpfs", str(disk)], capture_output=True).returncode:
+        pytest.skip("mounting a tmpfs needs root (CAP_SYS_ADMIN)")
+    try:
+        out = disk / "model"
+        job = ("finetune", "--model", "tiny", "--dataset", "synthetic:50", "--method", "lora", "--max-steps", "2",
+               "--output", str(out))
+        proc = run_sqltune(*job, check=False)
+        assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+        assert "sqltune: error: checkpoint-2 needs about" in proc.stderr and "MB is free on that disk" in proc.stderr
+        assert "rerun with the same --output" in proc.stderr
+        assert not list((out / "checkpoints").glob("checkpoint-*"))  # refused before a byte of it was written
+
+        subprocess.run(["mount", "-o", "remount,size=10m", str(disk)], check=True)
+        proc = run_sqltune(*job, check=False)
+        assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+        assert "the merged model needs about" in proc.stderr and f"in {out}," in proc.stderr
+        assert (out / "checkpoints" / "checkpoint-2" / manifests.MANIFEST).is_file()  # the training is kept
+        assert not (out / manifests.MANIFEST).exists() and not list(out.glob(".export-*"))
+
+        subprocess.run(["mount", "-o", "remount,size=64m", str(disk)], check=True)
+        proc = run_sqltune(*job)
+        assert "publishing without training" in proc.stderr
+        manifests.verify(out)
+    finally:
+        subprocess.run(["umount", "-l", str(disk)], capture_output=True)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import shutil
 import threading
 import time
 from collections.abc import Callable, Iterable, Sequence
@@ -20,9 +21,22 @@ from pathlib import Path
 from typing import Any
 
 from sqltune import logs
-from sqltune.errors import ArtifactError
+from sqltune.errors import DISK_FULL_FIX, ArtifactError
 
 log = logs.get("storage")
+
+
+def ensure_space(folder: Path, needed: int, what: str) -> None:
+    """Refuse to start writing `needed` bytes into local `folder` when its disk has less free: a model or a
+    checkpoint cut off by a full disk is lost, and the disk is left full for every other process on it."""
+    free = shutil.disk_usage(folder).free
+    if free < needed:
+        raise ArtifactError(f"{what} needs about {_size(needed)} in {folder}, and {_size(free)} is free on that disk",
+                            DISK_FULL_FIX)
+
+
+def _size(n: int) -> str:
+    return f"{n / 1e9:.2f} GB" if n >= 1e9 else f"{n / 1e6:.1f} MB"
 
 # Ranged GETs and multipart PUTs of this size keep many requests in flight for one large shard
 # while bounding memory to about workers * CHUNK.

@@ -18,8 +18,9 @@ from typing import Any
 
 from sqltune import __version__, logs
 from sqltune.artifacts import manifests
+from sqltune.artifacts.storage import ensure_space
 from sqltune.config import Config
-from sqltune.errors import ModelError
+from sqltune.errors import DISK_FULL_FIX, ArtifactError, ModelError, disk_full
 from sqltune.prompts import TEMPLATE_KEY, PromptTemplate
 
 log = logs.get("export")
@@ -133,6 +134,16 @@ def check_finite(model: Any, metrics: dict[str, Any]) -> None:
                              "lower --learning-rate and rerun; the checkpoints are kept for inspection")
 
 
+def _model_bytes(model: Any) -> int:
+    # the weights as saved (shared tensors once), plus room for the tokenizer and the small files
+    seen, total = set(), 0
+    for param in model.state_dict().values():
+        if param.data_ptr() not in seen:
+            seen.add(param.data_ptr())
+            total += param.numel() * param.element_size()
+    return int(total * 1.02) + 16 * 2**20
+
+
 def export(trainer: Any, cfg: Config, *, method: str, precision: Any, base_name: str, run_dir: Path,
            template: PromptTemplate, data_report: dict[str, Any], metrics: dict[str, Any],
            check: Callable[[Path, Any], dict[str, Any]] | None = None, base: dict[str, Any] | None = None,
@@ -157,8 +168,15 @@ def export(trainer: Any, cfg: Config, *, method: str, precision: Any, base_name:
     for attr in ("temperature", "top_p", "top_k"):
         if hasattr(gen, attr):
             setattr(gen, attr, None)
-    merged.save_pretrained(stage)
-    tokenizer.save_pretrained(stage)
+    try:
+        ensure_space(run_dir, _model_bytes(merged), "the merged model")
+        merged.save_pretrained(stage)
+        tokenizer.save_pretrained(stage)
+    except Exception as e:
+        shutil.rmtree(stage, ignore_errors=True)
+        if isinstance(e, ArtifactError) or not disk_full(e):
+            raise
+        raise ArtifactError(f"the disk of {run_dir} filled up while the model was written ({e})", DISK_FULL_FIX) from e
 
     reloaded = AutoModelForCausalLM.from_pretrained(stage, dtype=publish.torch_dtype).to(publish.device)
     worst = check_parity(reference, _logits(reloaded, tokenizer, template), tolerance)
@@ -189,7 +207,6 @@ def export(trainer: Any, cfg: Config, *, method: str, precision: Any, base_name:
 
     if check is not None:
         metrics["heldout"] = check(stage, publish)
-        (stage / manifests.SQLTUNE_META).write_text(json.dumps(meta, indent=2, default=str))
         (stage / manifests.SQLTUNE_META).write_text(json.dumps(meta, indent=2, default=str))
 
     _move_in(stage, run_dir)

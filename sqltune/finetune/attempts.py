@@ -22,7 +22,7 @@ from typing import Any
 from transformers import TrainerCallback
 
 from sqltune import logs
-from sqltune.errors import AttemptEnded, ConfigError
+from sqltune.errors import DISK_FULL_FIX, ArtifactError, AttemptEnded, ConfigError, disk_full
 from sqltune.finetune.budget import Projection, must_stop, project, reserve_s
 
 log = logs.get("attempts")
@@ -277,7 +277,13 @@ def train(trainer: Any, resume_from: Path | None, budget: AttemptBudget) -> floa
             logs.event(log, "the checkpoint holds every planned step: publishing without training",
                        step=saved["global_step"], checkpoint=str(resume_from))
             return sum(losses) / len(losses) if losses else 0.0
-    result = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from is not None else None)
+    try:
+        result = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from is not None else None)
+    except Exception as e:
+        if not disk_full(e):
+            raise
+        raise ArtifactError(f"the disk of {trainer.args.output_dir} filled up while a checkpoint was written ({e})",
+                            DISK_FULL_FIX) from e
     return float(result.training_loss)
 
 

@@ -12,7 +12,8 @@ from typing import Any
 from transformers import TrainerCallback
 
 from sqltune import logs
-from sqltune.artifacts import manifests
+from sqltune.artifacts import checkpoints, manifests
+from sqltune.artifacts.storage import ensure_space
 
 log = logs.get("train")
 
@@ -66,6 +67,30 @@ class CheckpointManifest(TrainerCallback):
         if folder.is_dir():
             manifests.write_manifest(folder, exclude=(), step=state.global_step)
             logs.event(log, "checkpoint saved", step=state.global_step, path=str(folder))
+
+
+class DiskSpaceCheck(TrainerCallback):
+    """Before a checkpoint is written, check that its disk has room for it (the size of the last one, or an
+    estimate from the model before the first): a full disk then stops the job with a clear error, between
+    steps, with every earlier checkpoint intact. Goes after every callback that may ask for a save."""
+
+    def on_step_end(self, args: Any, state: Any, control: Any, model: Any = None, **kw: Any) -> None:
+        if control.should_save and state.is_world_process_zero:
+            root = Path(args.output_dir)
+            root.mkdir(parents=True, exist_ok=True)
+            ensure_space(root, checkpoint_bytes(model, root), f"checkpoint-{state.global_step}")
+
+
+def checkpoint_bytes(model: Any, root: Path) -> int:
+    done = sorted((int(m.group(1)), p) for p in root.iterdir()
+                  if (m := checkpoints.NAME.match(p.name)) and (p / manifests.MANIFEST).is_file())
+    if done:
+        return sum(f.stat().st_size for f in done[-1][1].rglob("*") if f.is_file())
+    params = list(model.parameters()) if model is not None else []
+    trainable = [p for p in params if p.requires_grad]
+    weights = trainable if hasattr(model, "peft_config") else params  # an adapter, or the whole model
+    # the weights, AdamW's two moments per trained value in fp32, and the small files
+    return sum(p.numel() * p.element_size() for p in weights) + 8 * sum(p.numel() for p in trainable) + 2**20
 
 
 class StopControl(TrainerCallback):

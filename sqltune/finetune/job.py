@@ -89,7 +89,7 @@ def finetune(cfg: Config, sources: dict[str, str] | None = None) -> Path:
     from sqltune.export import merge
     from sqltune.finetune import attempts
     from sqltune.finetune import trainer as sft
-    from sqltune.finetune.callbacks import CheckpointManifest, JsonLogs, StopControl
+    from sqltune.finetune.callbacks import CheckpointManifest, DiskSpaceCheck, JsonLogs, StopControl
     from sqltune.models import base_models
 
     started = time.time()
@@ -200,7 +200,7 @@ def finetune(cfg: Config, sources: dict[str, str] | None = None) -> Path:
     tracker = tracking.for_finetune(cfg, ckpt_root, resuming=resume_from is not None)
     trainer = sft.build_trainer(cfg, method, precision, model, tokenizer, train_ds, eval_ds, run_dir,
                              callbacks=[JsonLogs(tracker), CheckpointManifest(), stop, budget,
-                                        attempts.EpochSeededOrder()])
+                                        attempts.EpochSeededOrder(), DiskSpaceCheck()])
     remote_cb = checkpoints.callback(cfg.output_dir, ckpt_root, cfg.save_total_limit)
     if remote_cb is not None and logs.is_rank0():
         trainer.add_callback(remote_cb)
