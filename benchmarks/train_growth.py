@@ -2,6 +2,7 @@
 
     python benchmarks/train_growth.py --steps 60
     MALLOC_MMAP_THRESHOLD_=1048576 python benchmarks/train_growth.py --steps 60 --label mmap1m   # glibc, fixed threshold
+    python benchmarks/train_growth.py --steps 60 --trim-every 1 --label trim1    # glibc malloc_trim(0) after each step
 
 The demo recipe (configs/<model>-cpu.yaml: SmolLM2's is a bf16 full fine-tune) on the shared rows, in this
 process, with a callback that samples the clock, resident memory, minor page faults and system CPU time at
@@ -25,31 +26,25 @@ SHARED = ROOT.parent / "shared" / "data" / "sql-create-context" / "train.jsonl"
 RESULTS = ROOT / "benchmarks" / "results"
 
 
-def run(model_name: str, steps: int, workdir: Path) -> list[tuple[float, float, int, int, float]]:
+def run(model_name: str, steps: int, workdir: Path, trim_every: int = 0) -> list[tuple[float, float, int, int, float]]:
+    import ctypes
+
     import psutil
+    from train_throughput import load_recipe
     from transformers import TrainerCallback
 
-    from sqltune import config, generation
-    from sqltune.data import loading
     from sqltune.finetune import trainer as sft
-    from sqltune.models import base_models
-    from sqltune.prompts import DEFAULT_TEMPLATE
 
-    cfg, _ = config.resolve(str(ROOT / "configs" / f"{model_name}-cpu.yaml"), {},
-                            {"max_steps": str(steps), "save_steps": "100000", "logging_steps": "100000",
-                             "dataset": str(SHARED)})
-    precision = generation.choose_precision(cfg.dtype, training=True)
-    splits = loading.load_splits(str(SHARED), eval_fraction=cfg.eval_fraction, seed=cfg.seed)
-    base_name, _ = base_models.resolve_source(model_name)
-    tok = base_models.load_tokenizer(base_name)
-    model = base_models.load_base(base_name, base_models.weight_precision(precision, cfg.method))
-    model.config.use_cache = False
-    train_ds, _ = sft.to_dataset(sft.build_pairs(splits.train, DEFAULT_TEMPLATE), tok, cfg.max_seq_length)
+    cfg, precision, _, tok, model, train_ds = load_recipe(model_name, {"max_steps": str(steps)})
     proc = psutil.Process()
     marks: list[tuple[float, float, int, int, float]] = []
 
+    libc = ctypes.CDLL("libc.so.6") if trim_every else None
+
     class Probe(TrainerCallback):
         def on_step_end(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
+            if libc is not None and state.global_step % trim_every == 0:
+                libc.malloc_trim(0)  # hand the heap's free pages back to the kernel
             usage = resource.getrusage(resource.RUSAGE_SELF)
             marks.append((time.perf_counter(), proc.memory_info().rss / 2**20, usage.ru_minflt,
                           int(state.num_input_tokens_seen), usage.ru_stime))
@@ -74,13 +69,14 @@ def main() -> int:
     parser.add_argument("--model", default="smollm2-135m", choices=["smollm2-135m", "gemma3-270m"])
     parser.add_argument("--steps", type=int, default=60)
     parser.add_argument("--window", type=int, default=10)
+    parser.add_argument("--trim-every", type=int, default=0, help="call glibc's malloc_trim(0) every N steps")
     parser.add_argument("--label", default="default")
     parser.add_argument("--workdir", default="/tmp/sqltune-bench-growth")
     args = parser.parse_args()
     if not SHARED.is_file():
         print(f"no data at {SHARED}", file=sys.stderr)
         return 1
-    rows = windows(run(args.model, args.steps, Path(args.workdir) / args.label), args.window)
+    rows = windows(run(args.model, args.steps, Path(args.workdir) / args.label, args.trim_every), args.window)
     path = RESULTS / f"train_growth_{args.model}.json"
     runs = json.loads(path.read_text())["runs"] if path.is_file() else []
     runs.append({"label": args.label, "command": "python benchmarks/train_growth.py " + " ".join(sys.argv[1:]),

@@ -40,6 +40,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared" / "data" / "sql-create-context" / "train.jsonl"
@@ -114,30 +115,40 @@ def _cpu_s() -> float:
     return r.ru_utime + r.ru_stime
 
 
-def run_variant(name: str, model_name: str, steps: int, workdir: Path) -> dict:
-    """One variant of the demo recipe for `steps` steps; per-step times from a callback."""
-    import torch
-    from transformers import TrainerCallback
-
+def load_recipe(model_name: str, overrides: dict[str, Any], dtype: str | None = None) -> tuple[Any, ...]:
+    """configs/<model>-cpu.yaml with `overrides` (no saves, no logging) on the shared rows: (config, precision,
+    splits, tokenizer, model, train dataset), as the job builds them."""
     from sqltune import config, generation
     from sqltune.data import loading
     from sqltune.finetune import trainer as sft
     from sqltune.models import base_models
     from sqltune.prompts import DEFAULT_TEMPLATE
 
-    torch.set_num_threads(int(os.environ.get("BENCH_THREADS", "2")))
-    base_variant, with_eval = name.removesuffix("-eval"), name.endswith("-eval")
-    dtype, ckpt, padfree, method = VARIANTS[base_variant]
-    yaml = ROOT / "configs" / f"{model_name}-cpu.yaml"
-    cfg, _ = config.resolve(str(yaml), {}, {"max_steps": str(steps), "gradient_checkpointing": ckpt, "method": method,
-                                            "save_steps": "100000", "logging_steps": "100000", "dataset": str(SHARED)})
-    precision = generation.choose_precision(dtype, training=True)
+    cfg, _ = config.resolve(str(ROOT / "configs" / f"{model_name}-cpu.yaml"), {},
+                            {"save_steps": "100000", "logging_steps": "100000", **overrides, "dataset": str(SHARED)})
+    precision = generation.choose_precision(dtype or cfg.dtype, training=True)
     splits = loading.load_splits(str(SHARED), eval_fraction=cfg.eval_fraction, seed=cfg.seed)
     base_name, _ = base_models.resolve_source(model_name)
     tok = base_models.load_tokenizer(base_name)
     model = base_models.load_base(base_name, base_models.weight_precision(precision, cfg.method))
     model.config.use_cache = False
     train_ds, _ = sft.to_dataset(sft.build_pairs(splits.train, DEFAULT_TEMPLATE), tok, cfg.max_seq_length)
+    return cfg, precision, splits, tok, model, train_ds
+
+
+def run_variant(name: str, model_name: str, steps: int, workdir: Path) -> dict:
+    """One variant of the demo recipe for `steps` steps; per-step times from a callback."""
+    import torch
+    from transformers import TrainerCallback
+
+    from sqltune.finetune import trainer as sft
+    from sqltune.prompts import DEFAULT_TEMPLATE
+
+    torch.set_num_threads(int(os.environ.get("BENCH_THREADS", "2")))
+    base_variant, with_eval = name.removesuffix("-eval"), name.endswith("-eval")
+    dtype, ckpt, padfree, method = VARIANTS[base_variant]
+    cfg, precision, splits, tok, model, train_ds = load_recipe(
+        model_name, {"max_steps": str(steps), "gradient_checkpointing": ckpt, "method": method}, dtype)
     eval_ds, _ = sft.to_dataset(sft.build_pairs(splits.eval, DEFAULT_TEMPLATE), tok, cfg.max_seq_length)
     eval_ds = eval_ds.shuffle(seed=cfg.seed).select(range(min(256, len(eval_ds))))
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import signal
 import time
 from collections.abc import Iterator
@@ -67,6 +68,25 @@ class CheckpointManifest(TrainerCallback):
         if folder.is_dir():
             manifests.write_manifest(folder, exclude=(), step=state.global_step)
             logs.event(log, "checkpoint saved", step=state.global_step, path=str(folder))
+
+
+def trim_heap() -> None:
+    """Hand the heap's free pages back to the kernel (glibc's malloc_trim; nothing elsewhere). glibc keeps what
+    a long batch freed: measured on the SmolLM2 demo, resident memory jumps from 4.2 to 6.0 GB at one batch of
+    long rows and stays there, while what training uses is under 3 GB (benchmarks/train_growth.py)."""
+    try:
+        trim = ctypes.CDLL("libc.so.6").malloc_trim
+    except (OSError, AttributeError):
+        return
+    trim(0)
+
+
+class HeapTrim(TrainerCallback):
+    """trim_heap after each checkpoint: often enough to keep resident memory near what is in use, rare enough
+    that refaulting the pages costs nothing measurable (after every step it costs 20% of the step time)."""
+
+    def on_save(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
+        trim_heap()
 
 
 class DiskSpaceCheck(TrainerCallback):

@@ -89,7 +89,7 @@ def finetune(cfg: Config, sources: dict[str, str] | None = None) -> Path:
     from sqltune.export import merge
     from sqltune.finetune import attempts
     from sqltune.finetune import trainer as sft
-    from sqltune.finetune.callbacks import CheckpointManifest, DiskSpaceCheck, JsonLogs, StopControl
+    from sqltune.finetune.callbacks import CheckpointManifest, DiskSpaceCheck, HeapTrim, JsonLogs, StopControl
     from sqltune.models import base_models
 
     started = time.time()
@@ -200,7 +200,7 @@ def finetune(cfg: Config, sources: dict[str, str] | None = None) -> Path:
     tracker = tracking.for_finetune(cfg, ckpt_root, resuming=resume_from is not None)
     trainer = sft.build_trainer(cfg, method, precision, model, tokenizer, train_ds, eval_ds, run_dir,
                              callbacks=[JsonLogs(tracker), CheckpointManifest(), stop, budget,
-                                        attempts.EpochSeededOrder(), DiskSpaceCheck()])
+                                        attempts.EpochSeededOrder(), HeapTrim(), DiskSpaceCheck()])
     remote_cb = checkpoints.callback(cfg.output_dir, ckpt_root, cfg.save_total_limit)
     if remote_cb is not None and logs.is_rank0():
         trainer.add_callback(remote_cb)
@@ -254,6 +254,9 @@ def release_training_state(trainer: Any) -> None:
     trainer.optimizer = trainer.lr_scheduler = None
     trainer.callback_handler.optimizer = trainer.callback_handler.lr_scheduler = None
     trainer.accelerator.free_memory()
+    from sqltune.finetune.callbacks import trim_heap
+
+    trim_heap()  # what was freed leaves the resident set, not only the Python heap
 
 
 def _heldout_check(cfg: Any, examples: list[Any]) -> Any:
