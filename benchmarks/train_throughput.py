@@ -22,6 +22,7 @@ the same rows in the same order, a fixed number of steps, each variant in its ow
                 boundaries; transformers builds the block-diagonal mask from them)
   bf16-full     bf16, no checkpointing, full fine-tune (every weight trained; the SmolLM2 demo recipe)
   fp32-full     the same in fp32
+  *-bN          any variant at batch size N (the demo's is 8), e.g. bf16-full-b16
   *-eval        any variant + the end-of-training eval-loss pass over the job's 256 eval rows, timed apart
 
 Reported per variant: input tokens/s and s/step over the steps after the first (warm-up), CPU-seconds of
@@ -35,6 +36,7 @@ import argparse
 import json
 import os
 import platform
+import re
 import resource
 import subprocess
 import sys
@@ -108,6 +110,7 @@ VARIANTS = {  # name -> (dtype, gradient checkpointing, padding-free, method)
     "bf16-padfree": ("bf16", False, True, "lora"), "fp32-padfree": ("fp32", False, True, "lora"),
     "bf16-full": ("bf16", False, False, "full"), "fp32-full": ("fp32", False, False, "full"),
 }
+BATCH_SUFFIX = re.compile(r"-b(\d+)$")  # any variant at another batch size: bf16-full-b16
 
 
 def _cpu_s() -> float:
@@ -146,9 +149,11 @@ def run_variant(name: str, model_name: str, steps: int, workdir: Path) -> dict:
 
     torch.set_num_threads(int(os.environ.get("BENCH_THREADS", "2")))
     base_variant, with_eval = name.removesuffix("-eval"), name.endswith("-eval")
-    dtype, ckpt, padfree, method = VARIANTS[base_variant]
+    batch = BATCH_SUFFIX.search(base_variant)
+    dtype, ckpt, padfree, method = VARIANTS[BATCH_SUFFIX.sub("", base_variant)]
     cfg, precision, splits, tok, model, train_ds = load_recipe(
-        model_name, {"max_steps": str(steps), "gradient_checkpointing": ckpt, "method": method}, dtype)
+        model_name, {"max_steps": str(steps), "gradient_checkpointing": ckpt, "method": method,
+                     **({"train_batch_size": batch.group(1)} if batch else {})}, dtype)
     eval_ds, _ = sft.to_dataset(sft.build_pairs(splits.eval, DEFAULT_TEMPLATE), tok, cfg.max_seq_length)
     eval_ds = eval_ds.shuffle(seed=cfg.seed).select(range(min(256, len(eval_ds))))
 
@@ -203,8 +208,9 @@ def run_variants(args: argparse.Namespace) -> int:
     args.created = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
     results = []
     for name in args.variants.split(","):
-        if name.removesuffix("-eval") not in VARIANTS:
-            raise SystemExit(f"unknown variant {name}; known: {', '.join(VARIANTS)} (each optionally with -eval)")
+        if BATCH_SUFFIX.sub("", name.removesuffix("-eval")) not in VARIANTS:
+            raise SystemExit(f"unknown variant {name}; known: {', '.join(VARIANTS)} (each optionally with -bN, "
+                             "then -eval)")
         out = subprocess.run([sys.executable, __file__, "--variant", name, "--model", args.model, "--steps",
                               str(args.steps), "--workdir", args.workdir], capture_output=True, text=True,
                              env={**os.environ, "SQLTUNE_NO_PROGRESS": "1"})
