@@ -23,6 +23,7 @@ the same rows in the same order, a fixed number of steps, each variant in its ow
   bf16-full     bf16, no checkpointing, full fine-tune (every weight trained; the SmolLM2 demo recipe)
   fp32-full     the same in fp32
   *-bN          any variant at batch size N (the demo's is 8), e.g. bf16-full-b16
+  *-gaN         any variant accumulating the gradients of N batches per optimizer step, e.g. bf16-full-ga2
   *-eval        any variant + the end-of-training eval-loss pass over the job's 256 eval rows, timed apart
 
 Reported per variant: input tokens/s and s/step over the steps after the first (warm-up), CPU-seconds of
@@ -110,7 +111,8 @@ VARIANTS = {  # name -> (dtype, gradient checkpointing, padding-free, method)
     "bf16-padfree": ("bf16", False, True, "lora"), "fp32-padfree": ("fp32", False, True, "lora"),
     "bf16-full": ("bf16", False, False, "full"), "fp32-full": ("fp32", False, False, "full"),
 }
-BATCH_SUFFIX = re.compile(r"-b(\d+)$")  # any variant at another batch size: bf16-full-b16
+# any variant at another batch size or with gradient accumulation: bf16-full-b16, bf16-full-ga2
+BATCH_SUFFIX = re.compile(r"-(b|ga)(\d+)$")
 
 
 def _cpu_s() -> float:
@@ -153,7 +155,8 @@ def run_variant(name: str, model_name: str, steps: int, workdir: Path) -> dict:
     dtype, ckpt, padfree, method = VARIANTS[BATCH_SUFFIX.sub("", base_variant)]
     cfg, precision, splits, tok, model, train_ds = load_recipe(
         model_name, {"max_steps": str(steps), "gradient_checkpointing": ckpt, "method": method,
-                     **({"train_batch_size": batch.group(1)} if batch else {})}, dtype)
+                     **({{"b": "train_batch_size", "ga": "gradient_accumulation_steps"}[batch.group(1)]: batch.group(2)}
+                        if batch else {})}, dtype)
     eval_ds, _ = sft.to_dataset(sft.build_pairs(splits.eval, DEFAULT_TEMPLATE), tok, cfg.max_seq_length)
     eval_ds = eval_ds.shuffle(seed=cfg.seed).select(range(min(256, len(eval_ds))))
 
@@ -173,6 +176,7 @@ def run_variant(name: str, model_name: str, steps: int, workdir: Path) -> dict:
     out = {"variant": name, "model": model_name, "method": cfg.method, "dtype": precision.name,
            "gradient_checkpointing": ckpt,
            "padding_free": padfree, "steps": len(clock.marks), "batch_size": cfg.train_batch_size,
+           "gradient_accumulation_steps": cfg.gradient_accumulation_steps,
            "s_per_step": round((tn - t1) / (len(clock.marks) - 1), 3),
            "cpu_s_per_step": round((cn - c1) / (len(clock.marks) - 1), 3),
            "input_tokens_per_s": round((nn - n1) / (tn - t1), 1),
