@@ -37,10 +37,15 @@ def remote(output: str) -> list[tuple[int, str, bool]]:
     return sorted(found)
 
 
+def newest_complete(local: Path) -> tuple[int, Path] | None:
+    """(step, folder) of the newest complete checkpoint-<step> in the local folder, or None."""
+    found = [(int(m.group(1)), p) for p in local.iterdir() if (m := NAME.match(p.name))] if local.is_dir() else []
+    return next(((step, p) for step, p in sorted(found, reverse=True) if manifests.is_complete(p)), None)
+
+
 def _local_newest(local: Path) -> int:
-    steps = [int(m.group(1)) for p in local.iterdir() if (m := NAME.match(p.name)) and manifests.is_complete(p)] \
-        if local.is_dir() else []
-    return max(steps, default=-1)
+    newest = newest_complete(local)
+    return newest[0] if newest else -1
 
 
 def upload(output: str, folder: Path) -> bool:

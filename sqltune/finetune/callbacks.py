@@ -102,10 +102,9 @@ class DiskSpaceCheck(TrainerCallback):
 
 
 def checkpoint_bytes(model: Any, root: Path) -> int:
-    done = sorted((int(m.group(1)), p) for p in root.iterdir()
-                  if (m := checkpoints.NAME.match(p.name)) and (p / manifests.MANIFEST).is_file())
-    if done:
-        return sum(f.stat().st_size for f in done[-1][1].rglob("*") if f.is_file())
+    newest = checkpoints.newest_complete(root)
+    if newest is not None:
+        return sum(f.stat().st_size for f in newest[1].rglob("*") if f.is_file())
     params = list(model.parameters()) if model is not None else []
     trainable = [p for p in params if p.requires_grad]
     weights = trainable if hasattr(model, "peft_config") else params  # an adapter, or the whole model
