@@ -33,9 +33,16 @@ class Example:
     question: str
     context: str
     answer: str
+    # a row of a real database (the Spider / BIRD layout, or --database): its id, and the SQLite file or URL the
+    # gold SQL runs on; "" for rows whose databases are synthesised from the context
+    db_id: str = ""
+    database: str = ""
+    hint: str = ""  # BIRD's `evidence`: domain knowledge the question needs, given to the model with the question
 
     def to_dict(self) -> dict[str, str]:
-        return {"question": self.question, "context": self.context, "answer": self.answer}
+        row = {"question": self.question, "context": self.context, "answer": self.answer}
+        row.update({k: v for k, v in (("db_id", self.db_id), ("database", self.database), ("hint", self.hint)) if v})
+        return row
 
 
 @dataclass
