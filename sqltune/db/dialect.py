@@ -52,7 +52,23 @@ pg_shadow pg_authid pg_user_mapping pg_user_mappings user_mapping_options pg_set
 pg_hba_file_rules pg_ident_file_mappings pg_db_role_setting pg_config pg_stat_activity pg_stat_statements
 pg_stat_replication pg_stat_wal_receiver pg_stat_subscription pg_subscription pg_foreign_server
 foreign_server_options pg_largeobject pg_statistic""".split())
-DENIED = {"postgres": PG_DENIED_FUNCTIONS, "sqlite": sandbox.DENIED_FUNCTIONS}
+# PostgreSQL functions with a side effect on the server that READ ONLY lets through and the rollback
+# does not undo: txid_current() assigns the transaction a real id (each call consumes one, and enough
+# of them force an anti-wraparound vacuum), statistics resets wipe what monitoring reads, WAL records,
+# replication slots and origins move, collations are imported into the catalog, locks are released.
+PG_SIDE_EFFECT_FUNCTIONS = frozenset("""
+txid_current pg_current_xact_id pg_export_snapshot pg_log_standby_snapshot
+pg_stat_reset pg_stat_reset_shared pg_stat_reset_single_table_counters pg_stat_reset_single_function_counters
+pg_stat_reset_slru pg_stat_reset_replication_slot pg_stat_reset_subscription_stats pg_stat_reset_backend_stats
+pg_stat_statements_reset pg_stat_force_next_flush
+pg_logical_slot_get_changes pg_logical_slot_get_binary_changes pg_replication_slot_advance
+pg_copy_logical_replication_slot pg_copy_physical_replication_slot pg_sync_replication_slots
+pg_replication_origin_advance pg_replication_origin_drop pg_replication_origin_session_setup
+pg_replication_origin_session_reset pg_replication_origin_xact_setup pg_replication_origin_xact_reset
+pg_wal_replay_pause pg_wal_replay_resume pg_start_backup pg_stop_backup pg_import_system_collations
+pg_advisory_unlock pg_advisory_unlock_shared pg_advisory_unlock_all pg_file_sync pg_prewarm
+setval nextval""".split())
+DENIED = {"postgres": PG_DENIED_FUNCTIONS | PG_SIDE_EFFECT_FUNCTIONS, "sqlite": sandbox.DENIED_FUNCTIONS}
 # SQLite functions sqlglot passes through unchanged although no other engine has them: a clear
 # transpile error beats the server's "function julianday(text) does not exist".
 SQLITE_ONLY_FUNCTIONS = frozenset({"julianday", "total", "randomblob", "zeroblob", "typeof", "changes", "total_changes",
@@ -98,7 +114,9 @@ def gate(tree: exp.Expression, dialect: str) -> str:
         return "not a read-only query: SELECT ... FOR UPDATE / FOR SHARE takes locks"
     denied = sorted(_function_names(tree) & DENIED.get(dialect, frozenset()))
     if denied:
-        return f"function {denied[0]}() is not allowed on a real database (it reaches beyond reading the tables)"
+        why = ("it changes the server's state, which a rollback does not undo" if denied[0] in PG_SIDE_EFFECT_FUNCTIONS
+               else "it reaches beyond reading the tables")
+        return f"function {denied[0]}() is not allowed on a real database ({why})"
     if dialect == "postgres":
         # lower case: an unquoted name is folded to it, and a quoted "PG_SHADOW" is refused all the same
         secret = sorted({t.name.lower() for t in tree.find_all(exp.Table)} & PG_DENIED_RELATIONS)
