@@ -137,7 +137,8 @@ def _install_error_handlers(app: FastAPI) -> None:
         msg = f"{where}: {first.get('msg', 'invalid value')}"
         if len(errors) > 1:
             msg += f" (and {len(errors) - 1} more problem{'s' if len(errors) > 2 else ''})"
-        return SafeJSONResponse(error_body(msg, "invalid_request_error", "invalid_value", where), 400)
+        code = "unsupported" if first.get("type") == "unsupported" else "invalid_value"  # protocol.UNSUPPORTED_*
+        return SafeJSONResponse(error_body(msg, "invalid_request_error", code, where), 400)
 
     @app.exception_handler(HTTPException)
     async def http_error(request: Request, e: HTTPException) -> JSONResponse:

@@ -1,7 +1,11 @@
 """Request and response models of every route, in the shapes existing clients already speak:
 OpenAI's completions and chat completions, vLLM's demo /generate, Vertex AI's /predict, and
 sqltune's own /v1/sql. Unknown fields are ignored (clients send extras such as `user`); a field of
-the wrong type is a 400 naming the field.
+the wrong type is a 400 naming the field. A parameter of OpenAI's API (or vLLM's extensions) that
+sqltune does not implement is a 400 naming it too, unless it holds its no-op value (`best_of: 1`,
+`tools: []`, `response_format: {"type": "text"}`): answering 200 while ignoring `tools` or
+`response_format: json_object` hands the client text it did not ask for. JSON output is refused
+rather than honoured because the only grammar sqltune decodes under is SQL's (`constrain`).
 
 Everything a request could use to hurt the batch it shares is refused here, before any work:
 integers are strict (`max_tokens: true` is not 1), a temperature between 0 and 0.01 (its logits
@@ -10,11 +14,13 @@ surrogate ("\ud800", legal in JSON, not encodable as UTF-8) is a 400 wherever it
 
 from __future__ import annotations
 
+import json
 import time
 import uuid
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
+from pydantic_core import PydanticCustomError
 
 from sqltune.sql.vote import MAX_CANDIDATES
 
@@ -60,6 +66,40 @@ class _Request(BaseModel):
         return data
 
 
+# Parameters sqltune does not implement, each with the values that ask for nothing (accepted as no-ops)
+_OFF: tuple[Any, ...] = (None,)
+UNSUPPORTED_SAMPLING: dict[str, tuple[Any, ...]] = {
+    "best_of": (*_OFF, 1), "frequency_penalty": (*_OFF, 0), "presence_penalty": (*_OFF, 0),
+    "logit_bias": (*_OFF, {}), "use_beam_search": (*_OFF, False), "top_k": (*_OFF, 0, -1), "min_p": (*_OFF, 0),
+    "repetition_penalty": (*_OFF, 1), "length_penalty": (*_OFF, 1), "stop_token_ids": (*_OFF, []),
+    "bad_words": (*_OFF, []), "ignore_eos": (*_OFF, False), "prompt_logprobs": _OFF, "logits_processors": _OFF,
+    "guided_json": _OFF, "guided_regex": _OFF, "guided_choice": _OFF, "guided_grammar": _OFF,
+    "structured_outputs": _OFF, "truncate_prompt_tokens": _OFF,
+}
+UNSUPPORTED_COMPLETION: dict[str, tuple[Any, ...]] = {"suffix": (*_OFF, "")}
+UNSUPPORTED_CHAT: dict[str, tuple[Any, ...]] = {
+    "tools": (*_OFF, []), "tool_choice": (*_OFF, "none"), "functions": (*_OFF, []), "function_call": (*_OFF, "none"),
+    "response_format": (*_OFF, {"type": "text"}), "top_logprobs": (*_OFF, 0), "audio": _OFF,
+    "modalities": (*_OFF, ["text"]), "prediction": _OFF, "web_search_options": _OFF, "reasoning_effort": _OFF,
+}
+_WHY = {
+    "response_format": "sqltune decodes under SQL's grammar only (see `constrain`), so it cannot promise JSON",
+    "tools": "sqltune writes SQL and never calls tools", "tool_choice": "sqltune writes SQL and never calls tools",
+    "functions": "sqltune writes SQL and never calls functions",
+    "function_call": "sqltune writes SQL and never calls functions",
+}
+
+
+def _refuse_unsupported(value: Any, info: ValidationInfo, off: dict[str, tuple[Any, ...]]) -> Any:
+    allowed = off[info.field_name or ""]
+    # True == 1 in Python, but `best_of: true` is not `best_of: 1`
+    if any(value == v and isinstance(value, bool) == isinstance(v, bool) for v in allowed):
+        return value
+    why = _WHY.get(info.field_name or "", "sqltune does not implement it")
+    shown = " or ".join(json.dumps(v) for v in allowed)
+    raise PydanticCustomError("unsupported", "{why}; leave it out or send {shown}", {"why": why, "shown": shown})
+
+
 class Sampling(_Request):
     """Sampling fields shared by every generating route."""
 
@@ -70,6 +110,32 @@ class Sampling(_Request):
     stop: str | list[str] | None = None
     seed: Int | None = Field(None, ge=0, lt=MAX_SEED)
     min_tokens: Int = Field(0, ge=0)  # vLLM's extension: no EOS or stop string before this many tokens
+    # not implemented: a 400 naming the field unless it is left out or holds its no-op value
+    best_of: Any = None
+    frequency_penalty: Any = None
+    presence_penalty: Any = None
+    logit_bias: Any = None
+    use_beam_search: Any = None
+    top_k: Any = None
+    min_p: Any = None
+    repetition_penalty: Any = None
+    length_penalty: Any = None
+    stop_token_ids: Any = None
+    bad_words: Any = None
+    ignore_eos: Any = None
+    prompt_logprobs: Any = None
+    logits_processors: Any = None
+    guided_json: Any = None
+    guided_regex: Any = None
+    guided_choice: Any = None
+    guided_grammar: Any = None
+    structured_outputs: Any = None
+    truncate_prompt_tokens: Any = None
+
+    @field_validator(*UNSUPPORTED_SAMPLING, mode="before")
+    @classmethod
+    def _unsupported(cls, value: Any, info: ValidationInfo) -> Any:
+        return _refuse_unsupported(value, info, UNSUPPORTED_SAMPLING)
 
     @field_validator("temperature")
     @classmethod
@@ -114,6 +180,12 @@ class CompletionRequest(Sampling, Constrained):
     stream_options: StreamOptions | None = None
     echo: bool = False
     logprobs: Int | None = None
+    suffix: Any = None
+
+    @field_validator(*UNSUPPORTED_COMPLETION, mode="before")
+    @classmethod
+    def _unsupported_completion(cls, value: Any, info: ValidationInfo) -> Any:
+        return _refuse_unsupported(value, info, UNSUPPORTED_COMPLETION)
 
     def prompts(self) -> list[str]:
         return [self.prompt] if isinstance(self.prompt, str) else list(self.prompt)
@@ -141,6 +213,22 @@ class ChatCompletionRequest(Sampling, Constrained):
     stream: bool = False
     stream_options: StreamOptions | None = None
     logprobs: bool | None = None
+    tools: Any = None
+    tool_choice: Any = None
+    functions: Any = None
+    function_call: Any = None
+    response_format: Any = None
+    top_logprobs: Any = None
+    audio: Any = None
+    modalities: Any = None
+    prediction: Any = None
+    web_search_options: Any = None
+    reasoning_effort: Any = None
+
+    @field_validator(*UNSUPPORTED_CHAT, mode="before")
+    @classmethod
+    def _unsupported_chat(cls, value: Any, info: ValidationInfo) -> Any:
+        return _refuse_unsupported(value, info, UNSUPPORTED_CHAT)
 
     @model_validator(mode="after")
     def _max_completion(self) -> ChatCompletionRequest:
