@@ -34,7 +34,9 @@ class JsonFormatter(logging.Formatter):
 # Hugging Face hub through the optional `kernels` package and warns when it cannot; it then uses its
 # own kernel. On a machine without `kernels` (every CPU install) that line is noise before anything
 # sqltune says, and the hub is often unreachable anyway; a real bitsandbytes failure is an error.
-_QUIET_LOGGERS = ("bitsandbytes.backends.cpu.ops",)
+# transformers (5.25+) installs `kernels`, whose hub lookups then warn in offline mode (HF_HUB_OFFLINE) for
+# the same optional kernel: its logger is kept at ERROR as well.
+_QUIET_LOGGERS = ("bitsandbytes.backends.cpu.ops", "kernels")
 
 
 # Deprecations raised inside a library by another library, which no change of ours can avoid: peft

@@ -21,7 +21,7 @@ from sqltune.serve.process import ServerProcess
 
 KEY = "s3cret-key"
 AUTH = {"Authorization": f"Bearer {KEY}"}
-TIMEOUT = 1.0  # seconds; a 950-token answer takes longer than this, a 20-token one far less
+TIMEOUT = 1.0  # seconds; a 20-token answer takes far less
 PROMPT_QUESTION = ("How many heads are older than 56?", "CREATE TABLE head (age INTEGER, name VARCHAR)")
 
 
@@ -96,13 +96,28 @@ def test_overload_gets_429_with_retry_after_and_the_server_stays_healthy(server,
     assert metric(server, "sqltune_sequences_in_flight") == 0
 
 
-def test_a_request_past_its_timeout_gets_504_and_stops_generating(server, prompt):
+# The shortest timeout the server takes, against 950 tokens: decoding is one forward pass and one sampling
+# step per token, which no CPU or GPU runs 9,500 times a second in this engine, so the deadline always
+# comes first (a guess about the machine's speed, as "950 tokens take more than 1 s" was, failed on a fast CPU).
+SHORT_TIMEOUT = 0.1
+
+
+@pytest.fixture(scope="module")
+def hurried_server(tiny_model_dir):
+    args = ["--model", str(tiny_model_dir), "--max-batch-size", "2", "--request-timeout", str(SHORT_TIMEOUT),
+            "--max-tokens-limit", "1000"]
+    with ServerProcess(args, env={"SQLTUNE_API_KEY": KEY}) as s:
+        yield s
+
+
+def test_a_request_past_its_timeout_gets_504_and_stops_generating(hurried_server, prompt):
+    server = hurried_server
     body = {"prompt": prompt, "max_tokens": 950, "min_tokens": 950}
     started = time.monotonic()
     r = httpx.post(server.url + "/v1/completions", headers=AUTH, json=body, timeout=30)
     assert r.status_code == 504, r.text
     assert "--request-timeout" in r.json()["error"]["message"]
-    assert time.monotonic() - started < TIMEOUT + 2
+    assert time.monotonic() - started < SHORT_TIMEOUT + 2
 
     with httpx.stream("POST", server.url + "/v1/completions", headers=AUTH, json={**body, "stream": True},
                       timeout=30) as s:
