@@ -27,8 +27,10 @@ from typing import Any
 from sqltune import logs
 from sqltune.artifacts import manifests
 from sqltune.errors import ModelError
+from sqltune.models import gguf_file
 
 log = logs.get("gguf")
+
 
 @dataclass(frozen=True)
 class EmbeddedModel:
@@ -141,6 +143,7 @@ def resolve(model: str, cache_root: Path) -> tuple[Path, dict[str, Any]]:
         if not gguf.is_file():
             raise ModelError(f"GGUF file {gguf} does not exist",
                              f"give an existing .gguf path or one of: {', '.join(sorted(EMBEDDED))}")
+        gguf_file.check(gguf)  # not a GGUF, or cut short: say so before a reader fails inside numpy
     sha = manifests.sha256_file(gguf)
     expected = EMBEDDED[model].sha256 if model in EMBEDDED else None
     if expected and sha != expected:
@@ -245,6 +248,7 @@ def exported_metadata(path: Path) -> tuple[Any, dict[str, Any]]:
 
     from sqltune import prompts
 
+    gguf_file.check(path)  # not a GGUF, or cut short: say so before GGUFReader fails inside numpy
     fields = gguf_pkg.GGUFReader(str(path)).fields
     if "sqltune.prompt_template" not in fields:
         raise ModelError(f"{path} was not written by `sqltune export gguf` (no sqltune.prompt_template key)",
