@@ -11,17 +11,18 @@ from __future__ import annotations
 
 import fnmatch
 import json
-import os
 import re
-import shutil
 import sqlite3
 import time
 from pathlib import Path
 
 import httpx
 import pytest
+from fixtures_browser import browser_fixture, by_id, result_table, shown, wait  # noqa: F401
 
+from sqltune.serve.lint import lint
 from sqltune.serve.process import ServerProcess
+from sqltune.sql.schema import parse_schema
 
 ROOT = Path(__file__).resolve().parents[1]
 SCREENSHOT = ROOT / "reports" / "playground.png"
@@ -58,7 +59,7 @@ def test_the_page_is_served_without_the_key_and_loads_nothing_from_elsewhere(ser
     assert r.status_code == 200 and r.headers["content-type"].startswith("text/html")
     html = r.text
     print(f"playground page: {len(r.content)} bytes")
-    assert len(r.content) < 40_000, "one small page, no bundled framework"
+    assert len(r.content) < 60_000, "one small page, no bundled framework"
     assert not re.findall(r"""(?:src|href|url)\s*[=(]\s*["']?\s*(?:https?:)?//""", html, re.I), "an external resource"
     csp = r.headers["content-security-policy"]
     assert "default-src 'none'" in csp and "connect-src 'self'" in csp
@@ -156,6 +157,8 @@ def test_stream_sends_tokens_as_they_come_then_the_same_answer_as_v1_sql(server)
     tokens, (answer,) = events[:-1], events[-1:]
     assert len(tokens) > 3 and all(set(e) == {"text"} for e in tokens), "one event per token, not one lump"
     assert answer.pop("done") is True
+    hints = answer.pop("lint")
+    assert hints == (lint(whole["sql"], parse_schema(SCHEMA), QUESTION) if whole["valid"] else [])
     assert answer == whole
     completion = whole["usage"]["completion_tokens"]  # the EOS token has no text, so one event fewer
     assert completion - 1 <= len(tokens) <= completion
@@ -171,112 +174,66 @@ def test_stream_refuses_a_bad_schema_before_it_starts(server):
 # --- in headless Chromium ----------------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def browser(tmp_path_factory):
-    chromium, driver = shutil.which("chromium"), shutil.which("chromedriver")
-    if not chromium or not driver:
-        why = "needs Debian's chromium and chromium-driver: apt-get install chromium chromium-driver"
-        if os.environ.get("CI"):
-            pytest.fail(why + " (.ci/run installs them)")
-        pytest.skip(why)
-    webdriver = pytest.importorskip("selenium.webdriver", reason="pip install selenium (the dev extra)")
-    from selenium.webdriver.chrome.service import Service
-
-    options = webdriver.ChromeOptions()
-    options.binary_location = chromium
-    for arg in ("--headless=new", "--disable-gpu", "--disable-dev-shm-usage", "--window-size=1280,960",
-                f"--user-data-dir={tmp_path_factory.mktemp('chromium')}"):
-        options.add_argument(arg)
-    if os.geteuid() == 0:
-        options.add_argument("--no-sandbox")  # Chromium refuses to run as root with its sandbox on
-    options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
-    # the Service path skips Selenium Manager, which would try to download a driver
-    chrome = webdriver.Chrome(service=Service(executable_path=driver), options=options)
-    chrome.set_page_load_timeout(30)
-    yield chrome
-    chrome.quit()
-
-
-def _wait(browser, condition, timeout: float = 60):
-    from selenium.webdriver.support.ui import WebDriverWait
-
-    return WebDriverWait(browser, timeout, poll_frequency=0.05).until(condition)
-
-
-def _by_id(browser, name: str):
-    from selenium.webdriver.common.by import By
-
-    return browser.find_element(By.ID, name)
-
-
 def _ask(browser, asked_before: int) -> None:
-    _by_id(browser, "ask").click()
-    _wait(browser, lambda b: _by_id(b, "key-form").is_displayed() or
+    by_id(browser, "ask").click()
+    wait(browser, lambda b: by_id(b, "key-form").is_displayed() or
           b.find_element("tag name", "body").get_attribute("data-asked") == str(asked_before + 1))
-
-
-def _result_table(browser) -> tuple[list[str], list[list[str]]]:
-    table = _by_id(browser, "result")
-    header = [th.text for th in table.find_elements("css selector", "thead th")]
-    rows = [[td.text for td in tr.find_elements("css selector", "td")]
-            for tr in table.find_elements("css selector", "tbody tr")]
-    return header, rows
-
-
-def _shown(rows: list[list]) -> list[list[str]]:
-    return [["NULL" if v is None else str(v) for v in row] for row in rows]
 
 
 def test_the_page_asks_for_the_key_once_then_streams_the_sql_its_check_and_its_rows(server, browser):
     started = time.perf_counter()
     browser.get(server.url + "/")
     # the page's first request gets a 401: it asks for the key; a wrong one is refused with the reason
-    _wait(browser, lambda b: _by_id(b, "key-form").is_displayed())
-    _by_id(browser, "key").send_keys("not-the-key")
-    _by_id(browser, "key-save").click()
-    _wait(browser, lambda b: "wrong API key" in _by_id(b, "key-note").text)
-    _by_id(browser, "key").send_keys(KEY)
-    _by_id(browser, "key-save").click()
-    _wait(browser, lambda b: _by_id(b, "model").text == "model: tiny-sql")
-    assert not _by_id(browser, "key-form").is_displayed()
+    wait(browser, lambda b: by_id(b, "key-form").is_displayed())
+    by_id(browser, "key").send_keys("not-the-key")
+    by_id(browser, "key-save").click()
+    wait(browser, lambda b: "wrong API key" in by_id(b, "key-note").text)
+    by_id(browser, "key").send_keys(KEY)
+    by_id(browser, "key-save").click()
+    wait(browser, lambda b: by_id(b, "model").text == "model: tiny-sql")
+    assert not by_id(browser, "key-form").is_displayed()
 
     # the first example is filled in; ask it: the page shows what /v1/sql and /v1/sql/run say, streamed
-    assert _by_id(browser, "schema").get_attribute("value") == SCHEMA
-    assert _by_id(browser, "question").get_attribute("value") == QUESTION
+    assert by_id(browser, "schema").get_attribute("value") == SCHEMA
+    assert by_id(browser, "question").get_attribute("value") == QUESTION
     _ask(browser, 0)
-    assert not _by_id(browser, "error").is_displayed(), _by_id(browser, "error").text
+    assert not by_id(browser, "error").is_displayed(), by_id(browser, "error").text
     expected = post(server, "/v1/sql", {"context": SCHEMA, "question": QUESTION}).json()
-    sql = _by_id(browser, "sql")
+    sql = by_id(browser, "sql")
     assert sql.text == expected["sql"] != ""
     completion = expected["usage"]["completion_tokens"]  # the EOS token has no text, so one event fewer
     assert completion - 1 <= int(sql.get_attribute("data-tokens")) <= completion and completion > 3, "streamed"
     assert sql.find_elements("css selector", "span.kw"), "highlighted"
-    badge = _by_id(browser, "valid-badge").text
-    assert badge == ("valid against the schema" if expected["valid"] else f"not valid: {expected['error']}")
+    badge = by_id(browser, "valid-badge").text
+    hints = lint(expected["sql"], parse_schema(SCHEMA), QUESTION) if expected["valid"] else []
+    warned = f" · {len(hints)} warning{'s' if len(hints) > 1 else ''}" if hints else ""
+    assert badge == ("runs safely on this schema" + warned if expected["valid"] else f"refused: {expected['error']}")
+    assert [li.text for li in browser.find_elements("css selector", "#lint li")] == [f"warning: {h}" for h in hints]
     run = post(server, "/v1/sql/run", {"context": SCHEMA, "sql": expected["sql"], "question": QUESTION,
                                        "max_rows": 100}).json()["result"]
     if run["ok"]:
-        assert _result_table(browser) == (run["columns"], _shown(run["rows"]))
+        assert result_table(browser) == (run["columns"], shown(run["rows"]))
     else:  # the tiny model's SQL often does not run: the page says why, as the sandbox did
-        assert _by_id(browser, "result-note").text == f"It did not run ({run['error_kind']}): {run['error']}"
+        assert by_id(browser, "result-note").text == f"It did not run ({run['error_kind']}): {run['error']}"
 
     # edit the SQL and run it: its check and its rows on the synthesised database
-    _by_id(browser, "edit").click()
-    editor = _by_id(browser, "sql-edit")
+    by_id(browser, "edit").click()
+    editor = by_id(browser, "sql-edit")
     assert editor.get_attribute("value") == expected["sql"]
     mine = "SELECT name, salary FROM employee WHERE department = 'Sales' ORDER BY salary DESC"
     editor.clear()
     editor.send_keys(mine)
-    _by_id(browser, "run").click()
-    _wait(browser, lambda b: b.find_element("tag name", "body").get_attribute("data-ran") == "1")
-    assert not _by_id(browser, "error").is_displayed(), _by_id(browser, "error").text
+    by_id(browser, "run").click()
+    wait(browser, lambda b: b.find_element("tag name", "body").get_attribute("data-ran") == "1")
+    assert not by_id(browser, "error").is_displayed(), by_id(browser, "error").text
     assert [s.text for s in sql.find_elements("css selector", "span.kw")] == ["SELECT", "FROM", "WHERE", "ORDER", "BY",
                                                                              "DESC"]
     assert sql.find_element("css selector", "span.str").text == "'Sales'"
-    assert _by_id(browser, "valid-badge").text == "valid against the schema"
+    assert by_id(browser, "valid-badge").text == "runs safely on this schema"
+    assert "ok" in by_id(browser, "valid-badge").get_attribute("class")
     ran = post(server, "/v1/sql/run", {"context": SCHEMA, "sql": mine, "question": QUESTION, "max_rows": 100}).json()
     assert ran["result"]["rows"], ran
-    assert _result_table(browser) == (["name", "salary"], _shown(ran["result"]["rows"]))
+    assert result_table(browser) == (["name", "salary"], shown(ran["result"]["rows"]))
     SCREENSHOT.parent.mkdir(exist_ok=True)
     browser.save_screenshot(str(SCREENSHOT))
     print(f"screenshot: {SCREENSHOT} ({SCREENSHOT.stat().st_size} bytes); "
@@ -285,8 +242,8 @@ def test_the_page_asks_for_the_key_once_then_streams_the_sql_its_check_and_its_r
 
     # a reload keeps the key for this tab: no second prompt
     browser.refresh()
-    _wait(browser, lambda b: _by_id(b, "model").text == "model: tiny-sql")
-    assert not _by_id(browser, "key-form").is_displayed()
+    wait(browser, lambda b: by_id(b, "model").text == "model: tiny-sql")
+    assert not by_id(browser, "key-form").is_displayed()
     problems = [e["message"] for e in browser.get_log("browser")
                 if "Content Security Policy" in e["message"] or "Uncaught" in e["message"]]
     assert problems == []
@@ -296,24 +253,24 @@ def test_a_bad_schema_shows_the_servers_error_on_the_page(server, browser):
     browser.get(server.url + "/")
     browser.execute_script("sessionStorage.setItem('sqltune.apiKey', arguments[0])", KEY)  # as the form keeps it
     browser.refresh()
-    _wait(browser, lambda b: _by_id(b, "model").text == "model: tiny-sql")
-    schema = _by_id(browser, "schema")
+    wait(browser, lambda b: by_id(b, "model").text == "model: tiny-sql")
+    schema = by_id(browser, "schema")
     schema.clear()
     schema.send_keys(BAD_SCHEMA)
-    assert _by_id(browser, "example").get_attribute("value") == "own"
+    assert by_id(browser, "example").get_attribute("value") == "own"
     _ask(browser, 0)
-    error = _by_id(browser, "error")
+    error = by_id(browser, "error")
     assert error.is_displayed() and "context is not valid CREATE TABLE SQL" in error.text, error.text
-    assert _by_id(browser, "sql").text == "" and _by_id(browser, "rows").text == ""
+    assert by_id(browser, "sql").text == "" and by_id(browser, "rows").text == ""
 
     # and an empty question is refused on the page, before any request
     from selenium.webdriver.support.ui import Select
 
-    Select(_by_id(browser, "example")).select_by_index(1)  # picking an example fills both fields again
-    assert "CREATE TABLE player" in _by_id(browser, "schema").get_attribute("value")
-    _by_id(browser, "question").clear()
+    Select(by_id(browser, "example")).select_by_index(1)  # picking an example fills both fields again
+    assert "CREATE TABLE player" in by_id(browser, "schema").get_attribute("value")
+    by_id(browser, "question").clear()
     _ask(browser, 1)
-    assert _by_id(browser, "error").text == "Type a question."
+    assert by_id(browser, "error").text == "Type a question."
 
 
 def test_the_highlighter_tokenizes_sql_without_losing_a_character(server, browser):
@@ -326,3 +283,49 @@ def test_the_highlighter_tokenizes_sql_without_losing_a_character(server, browse
     assert kinds["count"] == "fn" and kinds['"odd col"'] == "ident" and kinds["'O''Brien'"] == "str"
     assert kinds["1.5e3"] == "num" and kinds["-- note"] == "com" and kinds["/* c */"] == "com"
     assert ("", "name") in [tuple(t) for t in got]  # a plain column name is left as it is
+
+
+ELECTION = ("CREATE TABLE people (people_id INTEGER, first_name VARCHAR, last_name VARCHAR); "
+            "CREATE TABLE candidates (candidate_id INTEGER, people_id INTEGER, support_rate REAL)")
+
+
+def test_the_badge_says_what_was_checked_and_warnings_stand_apart(server, browser):
+    """A wrong answer that runs (a bare column under GROUP BY, the question's table never read) gets
+    "runs safely" with warnings beside it, never a green badge a person reads as "correct"."""
+    browser.get(server.url + "/")
+    browser.execute_script("sessionStorage.setItem('sqltune.apiKey', arguments[0])", KEY)
+    browser.refresh()
+    wait(browser, lambda b: by_id(b, "model").text == "model: tiny-sql")
+    schema = by_id(browser, "schema")
+    schema.clear()
+    schema.send_keys(ELECTION)
+    question = by_id(browser, "question")
+    question.clear()
+    question.send_keys("Show the first and last names of people who are candidates")
+
+    def run(sql: str, n: int) -> None:
+        if not by_id(browser, "sql-edit").is_displayed():
+            by_id(browser, "edit").click()
+        by_id(browser, "sql-edit").clear()
+        by_id(browser, "sql-edit").send_keys(sql)
+        by_id(browser, "run").click()
+        wait(browser, lambda b: b.find_element("tag name", "body").get_attribute("data-ran") == str(n))
+
+    run("SELECT first_name, last_name FROM people GROUP BY first_name", 1)
+    badge = by_id(browser, "valid-badge")
+    assert badge.text == "runs safely on this schema · 2 warnings"
+    assert "warn" in badge.get_attribute("class") and "ok" not in badge.get_attribute("class").split()
+    assert "does not say the SQL answers the question" in badge.get_attribute("title")
+    warnings = [li.text for li in browser.find_elements("css selector", "#lint li")]
+    assert warnings == [
+        "warning: `last_name` is neither grouped nor aggregated (under GROUP BY): SQLite takes a value from an "
+        "arbitrary row of each group, PostgreSQL refuses the query",
+        "warning: the question names `candidates` but the SQL never reads that table"]
+
+    run("SELECT p.first_name, p.last_name FROM people AS p JOIN candidates AS c ON p.people_id = c.people_id", 2)
+    assert by_id(browser, "valid-badge").text == "runs safely on this schema"
+    assert "ok" in by_id(browser, "valid-badge").get_attribute("class").split()
+    assert browser.find_elements("css selector", "#lint li") == []
+
+    run("DELETE FROM people", 3)
+    assert by_id(browser, "valid-badge").text.startswith("refused: not a read-only query")

@@ -42,11 +42,12 @@ access_log = logs.get("serve.access")
 
 OPEN_PATHS = frozenset({"/health", "/ready", "/"})  # `/` is the playground page, which holds no data
 ROUTES = frozenset({"/generate", "/v1/completions", "/v1/chat/completions", "/v1/models", "/v1/sql", "/predict",
-                    "/health", "/ready", "/metrics", "/openapi.json", "/docs", "/", "/v1/sql/stream", "/v1/sql/run"})
+                    "/health", "/ready", "/metrics", "/openapi.json", "/docs", "/", "/v1/sql/stream", "/v1/sql/run",
+                    "/v1/ask", "/v1/database"})
 
 
 def create_app(config: Config, engine: Engine) -> FastAPI:
-    from sqltune.serve import openai_routes, playground, routes, sql_run
+    from sqltune.serve import ask_routes, openai_routes, playground, routes, sql_run
 
     metrics = Metrics()
 
@@ -60,6 +61,8 @@ def create_app(config: Config, engine: Engine) -> FastAPI:
             with contextlib.suppress(BaseException):
                 await loader
             await engine.close()
+            if app.state.database is not None:
+                app.state.database.close()
             logs.event(log, "stopped")
 
     app = FastAPI(title="sqltune", version=__version__, lifespan=lifespan, default_response_class=SafeJSONResponse,
@@ -72,10 +75,13 @@ def create_app(config: Config, engine: Engine) -> FastAPI:
     app.state.draining = False
     app.state.load_error = None
     app.state.on_fatal = None  # the CLI sets this to stop the server when the model cannot load
+    # --database: connected and its schema read now, so a bad URL stops the server before the model loads
+    app.state.database = ask_routes.open_database(config) if config.database else None
     app.include_router(openai_routes.router)
     app.include_router(routes.router)
     app.include_router(playground.router)
     app.include_router(sql_run.router)
+    app.include_router(ask_routes.router)
     _install_error_handlers(app)
     app.add_middleware(Gate, config=config, metrics=metrics)
     # Vertex AI sends predictions and health checks to the routes it names in AIP_PREDICT_ROUTE / AIP_HEALTH_ROUTE

@@ -5,6 +5,7 @@
     .venv-vllm/bin/sqltune serve --model ./models/sqltune-sql --engine vllm    # CPU build of vLLM
     sqltune serve --model ./models/sqltune-sql --engine llamacpp --gguf-quant q8_0   # llama.cpp, GGUF exported once
     sqltune serve --model ./sql.Q8_0.gguf --engine llamacpp                          # a file `sqltune export` wrote
+    sqltune serve --model ./models/sqltune-sql --database ./shop.sqlite              # the playground asks this database
 
 SIGTERM (Cloud Run, Kubernetes) stops accepting connections, lets in-flight requests finish
 within --shutdown-grace seconds, then exits.
@@ -31,10 +32,13 @@ log = logs.get("serve")
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("serve", help="Serve a finished model: OpenAI-compatible API, /v1/sql, /generate, /predict.")
-    config.add_arguments(p, groups=["serve", "buckets"], fields={
+    config.add_arguments(p, groups=["serve", "buckets", "db"], fields={
         "model_name": "The model to serve: a folder written by `sqltune finetune`, or its gs:// / s3:// URL. "
                       "Default: the finetune output (models/<new_model>).",
-        "dtype": ""})
+        "dtype": "",
+        "database": "A real database the playground and POST /v1/ask answer on, read-only as `sqltune ask` reads "
+                    "it: postgresql://user@host/db (password from the URL or PGPASSWORD, never shown) or a SQLite "
+                    "file. Without it the playground runs SQL on databases synthesised from a pasted schema."})
     factory.engine_choices(p)
     p.set_defaults(func=run)
 
@@ -121,7 +125,8 @@ def serve(app: Any, cfg: config.Config) -> int:
 
     app.state.on_fatal = fatal
     logs.event(log, "listening", host=cfg.serve_host, port=cfg.serve_port, engine=app.state.engine.name,
-               model=app.state.engine.model_id, auth=bool(cfg.api_key))
+               model=app.state.engine.model_id, auth=bool(cfg.api_key),
+               database=app.state.database.db.display if app.state.database else None)
     server.run()
     if app.state.load_error:
         logs.event(log, "exiting: the model could not be loaded", level=40, error=app.state.load_error)

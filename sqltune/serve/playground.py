@@ -28,8 +28,9 @@ from typing import Any
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import HTMLResponse
 
-from sqltune.engines.base import Completion
-from sqltune.serve.deps import ClosingStream, check_model, open_stream, require_ready
+from sqltune.engines.base import Completion, Delta
+from sqltune.serve.deps import ClosingStream, check_model, in_thread, open_stream, require_ready
+from sqltune.serve.lint import lint
 from sqltune.serve.protocol import SqlRequest, error_body
 from sqltune.serve.routes import finish_sql, prepare_sql
 from sqltune.serve.service import ApiError, Service
@@ -70,36 +71,56 @@ async def sql_stream(body: SqlRequest, request: Request, service: Service = Depe
     deltas, close = await open_stream(service, jobs)
 
     async def events() -> AsyncIterator[str]:
-        # the first (greedy) candidate streams; the others generate beside it and join the vote at the end
-        parts: list[list[str]] = [[] for _ in jobs]
-        finals: list[Completion | None] = [None] * len(jobs)
+        streamed = Streamed(len(jobs))
         try:
-            async for i, delta in deltas:
-                if delta.finish_reason == "error" and len(jobs) == 1:
-                    yield _event(error_body(f"generation failed: {delta.error}", "server_error", "engine_error"))
-                    return
-                parts[i].append(delta.text)
-                if delta.text and i == 0:
-                    yield _event({"text": delta.text})
-                if delta.finish_reason:
-                    finals[i] = Completion("".join(parts[i]), delta.prompt_tokens, delta.completion_tokens,
-                                           delta.finish_reason, delta.error, parts[i])
-                    if all(f is not None for f in finals):
-                        break
-            else:
+            async for text in streamed.texts(deltas):
+                yield event({"text": text})
+            if not streamed.complete:
                 return
             await close()  # the slots are free before the check runs
-            answer = await finish_sql(service, [f for f in finals if f is not None], schema, constraint, body.question,
+            answer = await finish_sql(service, streamed.completions, schema, constraint, body.question,
                                       jobs[0].params.max_tokens)
-            yield _event({**answer.model_dump(), "done": True})
+            hints = await in_thread(lint, answer.sql, schema, body.question) if answer.valid else []
+            yield event({**answer.model_dump(), "lint": hints, "done": True})
             yield "data: [DONE]\n\n"
         except ApiError as e:
-            yield _event(error_body(e.message, e.kind, e.code))
+            yield event(error_body(e.message, e.kind, e.code))
         finally:
             await close()
 
     return ClosingStream(events(), close, media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
 
 
-def _event(data: dict[str, Any]) -> str:
-    return f"data: {json.dumps(data)}\n\n"
+class Streamed:
+    """The first (greedy) candidate's text as it comes; the others generate beside it. `completions` holds
+    every candidate once `complete`; a failed generation of a lone candidate is an ApiError."""
+
+    def __init__(self, n: int) -> None:
+        self.parts: list[list[str]] = [[] for _ in range(n)]
+        self.finals: list[Completion | None] = [None] * n
+
+    async def texts(self, deltas: AsyncIterator[tuple[int, Delta]]) -> AsyncIterator[str]:
+        async for i, delta in deltas:
+            if delta.finish_reason == "error" and len(self.finals) == 1:
+                raise ApiError(500, f"generation failed: {delta.error}", "server_error", "engine_error")
+            self.parts[i].append(delta.text)
+            if delta.text and i == 0:
+                yield delta.text
+            if delta.finish_reason:
+                self.finals[i] = Completion("".join(self.parts[i]), delta.prompt_tokens, delta.completion_tokens,
+                                            delta.finish_reason, delta.error, self.parts[i])
+                if self.complete:
+                    return
+
+    @property
+    def complete(self) -> bool:
+        return all(f is not None for f in self.finals)
+
+    @property
+    def completions(self) -> list[Completion]:
+        return [f for f in self.finals if f is not None]
+
+
+def event(data: dict[str, Any]) -> str:
+    """One server-sent event; values JSON cannot carry (a date from PostgreSQL) as their text."""
+    return f"data: {json.dumps(data, default=str)}\n\n"

@@ -15,6 +15,7 @@ threads that every other route reads its schemas on.
 
 from __future__ import annotations
 
+import datetime
 import math
 import sqlite3
 from typing import Any
@@ -24,6 +25,7 @@ from pydantic import BaseModel, Field, model_validator
 
 from sqltune.errors import DataError
 from sqltune.serve.deps import in_thread
+from sqltune.serve.lint import lint
 from sqltune.serve.protocol import Int, _Request
 from sqltune.serve.service import ApiError
 from sqltune.sql.check import check_sql
@@ -85,6 +87,7 @@ class SqlRunResponse(BaseModel):
     error: str | None = Field(description="Why it is not valid.")
     tables: list[str]
     columns: list[str]
+    lint: list[str] = Field(description="What a reader should check although it runs (sqltune.serve.lint).")
     result: RunResult
     database: list[SynthTable] = Field(description="The synthesised tables it ran on.")
     seed: int
@@ -133,11 +136,12 @@ def run_on_synthesised(schema: Schema, sql: str, question: str = "", seed: int =
     with box:
         # a query whose numbers were rewritten for numeric columns runs as SQLite would read it
         result = box.run(parsed.sql(sql) if parsed.ok else sql)
-    out_rows, cut = _cells(result.rows)
-    database = [SynthTable(name=t.name, columns=[c.name for c in t.columns], rows=_cells(rows[t.name])[0])
+    out_rows, cut = json_rows(result.rows)
+    database = [SynthTable(name=t.name, columns=[c.name for c in t.columns], rows=json_rows(rows[t.name])[0])
                 for t in schema.tables]
     return SqlRunResponse(sql=sql, valid=check.valid, error=check.error, tables=check.tables, columns=check.columns,
-                          result=_result(result, out_rows, cut), database=database, seed=seed)
+                          lint=lint(sql, schema, question) if check.valid else [], result=_result(result, out_rows, cut),
+                          database=database, seed=seed)
 
 
 def _result(result: ExecResult, rows: list[list[Any]], cut: bool) -> RunResult:
@@ -146,16 +150,20 @@ def _result(result: ExecResult, rows: list[list[Any]], cut: bool) -> RunResult:
                      elapsed_ms=round(result.elapsed_ms, 3))
 
 
-def _cells(rows: Any) -> tuple[list[list[Any]], bool]:
+def json_rows(rows: Any) -> tuple[list[list[Any]], bool]:
     """Rows as JSON can carry them: blobs as hex (x'00ff', SQLite's literal), inf and nan as
-    text, long text cut to MAX_CELL_CHARS."""
+    text, dates and times (PostgreSQL's) in ISO 8601, long text cut to MAX_CELL_CHARS."""
     cut = False
     out = []
     for row in rows:
         cells: list[Any] = []
         for v in row:
-            if isinstance(v, bytes):
-                v = "x'" + v.hex() + "'"
+            if isinstance(v, (bytes, bytearray, memoryview)):
+                v = "x'" + bytes(v).hex() + "'"
+            elif isinstance(v, (datetime.date, datetime.time)):
+                v = v.isoformat(sep=" ") if isinstance(v, datetime.datetime) else v.isoformat()
+            elif not isinstance(v, (str, int, float, type(None))):  # Decimal, timedelta, UUID, ...
+                v = str(v)
             elif isinstance(v, float) and not math.isfinite(v):
                 v = str(v)
             if isinstance(v, str) and len(v) > MAX_CELL_CHARS:
