@@ -16,17 +16,17 @@ import csv
 import io
 import json
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 from sqltune import config, logs
 from sqltune.db import dialect, introspect
 from sqltune.db.connect import Database, connect, warn_if_writable
-from sqltune.db.execute import open_runner
+from sqltune.db.execute import Runner, open_runner
 from sqltune.errors import ConfigError
 from sqltune.sql import vote
-from sqltune.sql.sandbox import ROW_LIMIT, ExecResult
+from sqltune.sql.sandbox import ROW_LIMIT, TIMEOUT, ExecResult
 
 log = logs.get("db")
 MAX_CELL = 60  # characters of one value shown in the terminal table (JSON and CSV carry it whole)
@@ -150,14 +150,70 @@ class Writer:
                                else "", c.logprob, c.error) for c in done]
 
 
-def choose_on_database(cfg: config.Config, db: Database, schema: Any, candidates: list[vote.Candidate]) -> vote.Vote:
-    """The candidate whose rows on the database most candidates share, each translated, gated and run read-only."""
-    with open_runner(db, timeout_s=cfg.db_timeout, row_cap=cfg.db_row_cap) as runner:
-        def run(sql: str) -> ExecResult:
-            t = dialect.translate(sql, schema, source=cfg.db_dialect, target=db.dialect)
-            return runner.run(t.sql) if t.ok else ExecResult(ok=False, error_kind=t.error_kind, error=t.error)
+class Deadline:
+    """One question's time on the database: --db-timeout, shared by all its candidates. They run one
+    after another, so K slow ones with a limit each took K times the limit; now each distinct candidate
+    gets an equal share of what is left when its turn comes (a fast one leaves its unused share to the
+    ones after it), and a question costs at most --db-timeout whatever K is."""
 
-        return vote.choose(candidates, schema, vote.on_runner(run))
+    MIN_RUN_S = 0.01  # less than this left: the query is not started, it could only time out
+
+    def __init__(self, seconds: float, candidates: int = 1) -> None:
+        self.seconds, self.candidates = seconds, candidates
+        self.ends = time.monotonic() + seconds
+
+    def left(self) -> float:
+        return max(0.0, self.ends - time.monotonic())
+
+    def spent(self) -> ExecResult:
+        shared = f", shared by its {self.candidates} candidates" if self.candidates > 1 else ""
+        return ExecResult(ok=False, error_kind=TIMEOUT, timed_out=True,
+                          error=f"not run: the question's {self.seconds:g} s on the database (--db-timeout{shared}) "
+                                "was spent")
+
+    def run(self, runner: Runner, sql: str, waiting: int = 1) -> ExecResult:
+        """Run `sql` within its share of what is left, `waiting` queries (itself included) still to come."""
+        share = self.left() / max(1, waiting)
+        return runner.run(sql, timeout_s=share) if share >= self.MIN_RUN_S else self.spent()
+
+
+def choose_on_database(cfg: config.Config, db: Database, schema: Any, candidates: list[vote.Candidate],
+                       deadline: Deadline | None = None) -> vote.Vote:
+    """The candidate whose rows on the database most candidates share, each translated, gated and run read-only,
+    all within one deadline (a fresh --db-timeout unless `deadline` is given)."""
+    deadline = deadline or Deadline(cfg.db_timeout, len(candidates))
+    with open_runner(db, timeout_s=cfg.db_timeout, row_cap=cfg.db_row_cap) as runner:
+        def run(sql: str, waiting: int) -> ExecResult:
+            t = dialect.translate(sql, schema, source=cfg.db_dialect, target=db.dialect)
+            if not t.ok:
+                return ExecResult(ok=False, error_kind=t.error_kind, error=t.error)
+            return deadline.run(runner, t.sql, waiting)
+
+        def execute(checked: Sequence[vote.Checked]) -> list[tuple[ExecResult, ...]]:
+            return [(run(c.sql, len(checked) - i),) for i, c in enumerate(checked)]
+
+        return vote.choose(candidates, schema, execute)
+
+
+def answer_candidates(cfg: config.Config, db: Database, schema: Any, candidates: list[vote.Candidate]
+                      ) -> tuple[vote.Vote, dialect.Translation, ExecResult]:
+    """The vote, the chosen SQL as translated for the database, and its result, all within one --db-timeout.
+    The chosen candidate already ran in the vote (or timed out there): its result is the answer, never a
+    second run, so a fallback to a candidate that timed out does not wait the limit again."""
+    deadline = Deadline(cfg.db_timeout, len(candidates))
+    chosen = choose_on_database(cfg, db, schema, candidates, deadline)
+    translation = dialect.translate(chosen.sql, schema, source=cfg.db_dialect, target=db.dialect)
+    run = chosen.runs[chosen.chosen] if chosen.runs else None
+    error = candidates[chosen.chosen].error
+    if error or not translation.ok:
+        result = ExecResult(ok=False, error_kind=translation.error_kind or "generation",
+                            error=translation.error or error)
+    elif run is not None and run.results:
+        result = run.results[0]
+    else:  # refused by the SQLite checker, yet the database's dialect reads it: run it in what is left
+        with open_runner(db, timeout_s=cfg.db_timeout, row_cap=cfg.db_row_cap) as runner:
+            result = deadline.run(runner, translation.sql)
+    return chosen, translation, result
 
 
 def ask(cfg: config.Config, question: str, *, sources: dict[str, str] | None = None, sql: str | None = None,
@@ -180,24 +236,27 @@ def ask(cfg: config.Config, question: str, *, sources: dict[str, str] | None = N
             if selection.left_out:
                 logs.event(log, "tables left out of the context", given=selection.tables,
                            left_out=selection.left_out, how=selection.how)
-            chosen = None
+            candidates: list[vote.Candidate] = []
             if cfg.candidates > 1 and writer.kind == "model":  # voted here, on the real database
                 candidates = writer.candidates(question, selection.context, cfg.candidates)
-                chosen = choose_on_database(cfg, db, schema.to_schema(), candidates)
-                model_sql, raw, gen_error = chosen.sql, chosen.sql, candidates[chosen.chosen].error
             else:
                 model_sql, raw, gen_error = writer.write(question, selection.context)
         finally:
             writer.close()
-        picked = chosen.to_dict() if chosen else writer.server_vote
         t2 = time.perf_counter()
-        translation = dialect.translate(model_sql, schema.to_schema(), source=cfg.db_dialect, target=db.dialect)
-        if gen_error or not translation.ok:
-            result = ExecResult(ok=False, error_kind=translation.error_kind or "generation",
-                                error=translation.error or gen_error)
+        chosen = None
+        if candidates:
+            chosen, translation, result = answer_candidates(cfg, db, schema.to_schema(), candidates)
+            model_sql, raw, gen_error = chosen.sql, chosen.sql, candidates[chosen.chosen].error
         else:
-            with open_runner(db, timeout_s=cfg.db_timeout, row_cap=cfg.db_row_cap) as runner:
-                result = runner.run(translation.sql)
+            translation = dialect.translate(model_sql, schema.to_schema(), source=cfg.db_dialect, target=db.dialect)
+            if gen_error or not translation.ok:
+                result = ExecResult(ok=False, error_kind=translation.error_kind or "generation",
+                                    error=translation.error or gen_error)
+            else:
+                with open_runner(db, timeout_s=cfg.db_timeout, row_cap=cfg.db_row_cap) as runner:
+                    result = runner.run(translation.sql)
+        picked = chosen.to_dict() if chosen else writer.server_vote
         t3 = time.perf_counter()
         out = AskResult(question, db.describe(), selection, translation, result, writer.kind, raw, gen_error, warnings,
                         {"schema_s": round(t1 - t0, 3), "generate_s": round(t2 - t1, 3), "query_s": round(t3 - t2, 3)},
@@ -244,6 +303,10 @@ def render_table(res: AskResult) -> str:
         where = "the database" if "runs" in v else "databases the server synthesised from the schema"
         lines.append(f"-- chosen among {v['candidates']} candidates: {v['ran']} ran on {where}, {v['agreed']} agreed"
                      if v["ran"] else f"-- none of {v['candidates']} candidates ran; this is the first one, unchecked")
+        if v.get("timed_out"):
+            late = v["timed_out"]
+            lines.append(f"-- timed out: candidate{'s' if len(late) > 1 else ''} {', '.join(str(i) for i in late)} "
+                         f"(the question's --db-timeout is shared by its candidates; numbered from 0, the greedy one)")
     t = res.translation
     if t.changed:
         lines += [f"-- SQL as the model wrote it ({'given' if res.source == 'given' else 'model'}): {t.model_sql}",

@@ -36,7 +36,8 @@ _names = itertools.count()
 
 
 class Runner(Protocol):
-    def run(self, sql: str) -> ExecResult: ...
+    def run(self, sql: str, timeout_s: float | None = None) -> ExecResult:
+        """`timeout_s` shortens this one query's limit (a question's candidates share one deadline)."""
 
     def close(self) -> None: ...
 
@@ -57,8 +58,13 @@ class SqliteRunner:
         self.box = sandbox.Sandbox([], time_budget_s=timeout_s, instruction_budget=10**18, row_cap=row_cap,
                                    database=str(db.path))
 
-    def run(self, sql: str) -> ExecResult:
-        return self.box.run(sql)
+    def run(self, sql: str, timeout_s: float | None = None) -> ExecResult:
+        full = self.box.time_budget_s
+        self.box.time_budget_s = min(full, timeout_s) if timeout_s is not None else full
+        try:
+            return self.box.run(sql)
+        finally:
+            self.box.time_budget_s = full
 
     def close(self) -> None:
         self.box.close()
@@ -81,12 +87,13 @@ class PostgresRunner:
             self.conn.autocommit = False
         return self.conn
 
-    def run(self, sql: str) -> ExecResult:
+    def run(self, sql: str, timeout_s: float | None = None) -> ExecResult:
         import psycopg
 
         text = sql.strip().rstrip(";").strip()
         if not text:
             return ExecResult(ok=False, error_kind=sandbox.EMPTY, error="empty query")
+        limit = min(self.timeout_s, timeout_s) if timeout_s is not None else self.timeout_s
         conn = self._connection()
         start = time.perf_counter()
         cancelled = threading.Event()
@@ -96,18 +103,18 @@ class PostgresRunner:
             getattr(conn, "cancel_safe", conn.cancel)()
 
         # the server's statement_timeout acts first; this is for when it cannot
-        watchdog = threading.Timer(self.timeout_s + 2.0, cancel)
+        watchdog = threading.Timer(limit + 2.0, cancel)
         watchdog.daemon = True
         watchdog.start()
         try:
             conn.execute("SET TRANSACTION READ ONLY")
-            conn.execute("SELECT set_config('statement_timeout', %s, true)", (f"{max(1, int(self.timeout_s * 1000))}ms",))
+            conn.execute("SELECT set_config('statement_timeout', %s, true)", (f"{max(1, int(limit * 1000))}ms",))
             with conn.cursor(name=f"sqltune_{next(_names)}") as cur:
                 cur.execute(text)
                 fetched = cur.fetchmany(self.row_cap + 1)
                 columns = tuple(d.name for d in cur.description or ())
         except psycopg.Error as e:
-            return self._failure(e, start, cancelled.is_set())
+            return self._failure(e, start, cancelled.is_set(), limit)
         finally:
             watchdog.cancel()
             watchdog.join()
@@ -121,14 +128,14 @@ class PostgresRunner:
                               error=f"more than {self.row_cap} rows", truncated=True, elapsed_ms=_ms(start))
         return ExecResult(ok=True, rows=rows, columns=columns, elapsed_ms=_ms(start))
 
-    def _failure(self, e: Any, start: float, cancelled: bool) -> ExecResult:
+    def _failure(self, e: Any, start: float, cancelled: bool, limit: float) -> ExecResult:
         state = getattr(e, "sqlstate", None) or ""
         message = (str(e).strip().splitlines() or [type(e).__name__])[0]
         kind = _KINDS.get(state, sandbox.RUNTIME)
         if cancelled:
-            kind, message = sandbox.TIMEOUT, f"cancelled by sqltune after {self.timeout_s:g} s: {message}"
+            kind, message = sandbox.TIMEOUT, f"cancelled by sqltune after {limit:g} s: {message}"
         elif kind == sandbox.TIMEOUT:
-            message = f"stopped after {self.timeout_s:g} s (statement_timeout): {message}"
+            message = f"stopped after {limit:g} s (statement_timeout): {message}"
         logs.event(log, "query failed", level=10, sqlstate=state, kind=kind, error=message)
         return ExecResult(ok=False, error_kind=kind, error=message, timed_out=kind == sandbox.TIMEOUT,
                           elapsed_ms=_ms(start))

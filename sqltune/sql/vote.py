@@ -68,9 +68,14 @@ class CandidateRun:
     def ran(self) -> bool:
         return not self.failure
 
+    @property
+    def timed_out(self) -> bool:
+        """It hit its time limit (or the question's deadline had passed before its turn)."""
+        return any(r.timed_out for r in self.results)
+
     def to_dict(self) -> dict[str, Any]:
         return {"index": self.index, "sql": self.sql, "logprob": _finite(self.logprob), "ran": self.ran,
-                "failure": self.failure, "error": self.error, "group": self.group}
+                "failure": self.failure, "error": self.error, "group": self.group, "timed_out": self.timed_out}
 
 
 @dataclass(frozen=True)
@@ -84,9 +89,16 @@ class Vote:
     runs: tuple[CandidateRun, ...] = ()
     error: str = ""  # why nothing could run at all (a schema SQLite cannot build), "" otherwise
 
+    @property
+    def timed_out(self) -> list[int]:
+        """Indices of the candidates that timed out (or never got their turn before the deadline)."""
+        return [r.index for r in self.runs if r.timed_out]
+
     def to_dict(self, *, runs: bool = True) -> dict[str, Any]:
         out: dict[str, Any] = {"candidates": self.candidates, "ran": self.ran, "agreed": self.agreed,
                                "chosen": self.chosen, "fallback": self.fallback}
+        if self.timed_out:
+            out["timed_out"] = self.timed_out
         if self.error:
             out["error"] = self.error
         if runs:
