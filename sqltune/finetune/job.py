@@ -81,6 +81,10 @@ def check_output(output: str) -> None:
 def finetune(cfg: Config, sources: dict[str, str] | None = None) -> Path:
     """Run the whole job; returns the local folder of the finished model."""
     check_output(cfg.output_dir)
+    if cfg.method == "grpo":  # reinforcement from execution: its own trainer, the same checkpoints and export
+        from sqltune.finetune import grpo
+
+        return grpo.run(cfg, sources)
     import torch
     import transformers
 
