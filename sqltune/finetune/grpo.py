@@ -61,15 +61,19 @@ def start_template(base_name: str, tokenizer: Any, cfg: Config) -> tuple[Any, in
     return (prompts.chat_template(tokenizer) if style == "chat" else prompts.DEFAULT_TEMPLATE), None
 
 
-def to_dataset(examples: list[Any], template: Any) -> Any:
-    """Prompt rows built exactly as SFT builds its prompts, with what the rewards need beside each."""
+def to_dataset(examples: list[Any], template: Any, tokenizer: Any, max_len: int) -> tuple[Any, int]:
+    """Prompt rows built exactly as SFT builds its prompts, with what the rewards need beside each; a prompt longer
+    than max_len tokens is left out and counted (a cut schema would reward guessing at the missing tables)."""
     from datasets import Dataset
 
     from sqltune.finetune.trainer import build_pairs
+    from sqltune.prompts import encode_prompt
 
     rows = [{"prompt": prompt, "gold": ex.answer, "context": ex.context, "database": ex.database,
-             "question": ex.question} for (prompt, _), ex in zip(build_pairs(examples, template), examples, strict=True)]
-    return Dataset.from_list(rows)
+             "question": ex.question} for (prompt, _), ex in zip(build_pairs(examples, template), examples, strict=True)
+            if len(encode_prompt(tokenizer, prompt)) <= max_len]
+    empty = {k: [] for k in ("prompt", "gold", "context", "database", "question")}
+    return (Dataset.from_list(rows) if rows else Dataset.from_dict(empty)), len(examples) - len(rows)
 
 
 def check_databases(examples: list[Any]) -> int:
@@ -252,12 +256,15 @@ def run(cfg: Config, sources: dict[str, str] | None = None) -> Path:
     base_name, base_info = base_models.resolve_source(cfg.model_name)
     tokenizer = base_models.load_tokenizer(base_name, cfg.trust_remote_code)
     template, answer_tokens = start_template(base_name, tokenizer, cfg)
-    train_ds = to_dataset(splits.train, template)
+    train_ds, too_long = to_dataset(splits.train, template, tokenizer, cfg.max_seq_length)
+    if too_long:
+        splits.report.skipped["too_long"] += too_long
     splits.report.train = len(train_ds)
     logs.event(log, "prompt template", prompt=template.prompt, stops=list(template.stops))
     logs.event(log, "data ready", **splits.report.to_dict(), rows_with_real_database=real)
     if len(train_ds) == 0:
-        raise DataError("no training rows", "check --dataset and --dataset-limit")
+        raise DataError(f"no training rows (longer than max_seq_length={cfg.max_seq_length} tokens: {too_long})",
+                        "check --dataset and --dataset-limit, or raise --max-seq-length")
     model = base_models.load_base(base_name, base_models.weight_precision(precision, policy),
                                   trust_remote_code=cfg.trust_remote_code)
 
