@@ -247,6 +247,8 @@ def test_the_page_asks_the_database_shows_rows_and_a_chart_and_refuses_a_write(s
     assert by_id(browser, "sql-edit").get_attribute("value") == expected["model_sql"]
 
     # edit and rerun: rows as a table and a bar chart, one bar per row
+    by_id(browser, "question").clear()
+    by_id(browser, "question").send_keys("How many customers live in each city?")
     _run(browser, BY_CITY, 0)
     assert not by_id(browser, "error").is_displayed(), by_id(browser, "error").text
     columns, rows = rows_of(shop_file, BY_CITY)
@@ -261,6 +263,8 @@ def test_the_page_asks_the_database_shows_rows_and_a_chart_and_refuses_a_write(s
     assert by_id(browser, "result-note").text.startswith("4 rows ·")
 
     # a month and two numbers: a line chart, one line per number column
+    by_id(browser, "question").clear()
+    by_id(browser, "question").send_keys("Revenue and orders per month")
     _run(browser, BY_MONTH, 1)
     columns, rows = rows_of(shop_file, BY_MONTH)
     chart = by_id(browser, "chart")
@@ -276,7 +280,7 @@ def test_the_page_asks_the_database_shows_rows_and_a_chart_and_refuses_a_write(s
     _run(browser, "SELECT id, status FROM orders ORDER BY id", 2)
     assert len(result_table(browser)[1]) == 100
     assert by_id(browser, "result-note").text.startswith(f"{ROW_CAP} rows (the query returns more")
-    assert browser.find_elements("id", "chart") == [], "a text column and an id are no chart"
+    assert browser.find_elements("id", "chart") == [], "labels that repeat are no categories: no chart"
 
     # a write is refused, says why, and the file is unchanged
     before = file_checksum(shop_file)
@@ -286,7 +290,9 @@ def test_the_page_asks_the_database_shows_rows_and_a_chart_and_refuses_a_write(s
     assert "bad" in badge.get_attribute("class") and by_id(browser, "rows").text == ""
     assert file_checksum(shop_file) == before
 
-    # a bare column under GROUP BY runs on SQLite, but gets warnings, not a green badge
+    # a bare column under GROUP BY runs on SQLite, but gets a warning, not a green badge
+    by_id(browser, "question").clear()
+    by_id(browser, "question").send_keys("Name a customer in each city")
     _run(browser, "SELECT city, name FROM customers GROUP BY city", 4)
     badge = by_id(browser, "valid-badge")
     assert badge.text == "ran read-only on sqlite · 1 warning" and "warn" in badge.get_attribute("class")

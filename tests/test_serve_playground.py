@@ -208,7 +208,7 @@ def test_the_page_asks_for_the_key_once_then_streams_the_sql_its_check_and_its_r
     hints = lint(expected["sql"], parse_schema(SCHEMA), QUESTION) if expected["valid"] else []
     warned = f" · {len(hints)} warning{'s' if len(hints) > 1 else ''}" if hints else ""
     assert badge == ("runs safely on this schema" + warned if expected["valid"] else f"refused: {expected['error']}")
-    assert [li.text for li in browser.find_elements("css selector", "#lint li")] == [f"warning: {h}" for h in hints]
+    assert [li.text for li in browser.find_elements("css selector", "#lint li")] == hints
     run = post(server, "/v1/sql/run", {"context": SCHEMA, "sql": expected["sql"], "question": QUESTION,
                                        "max_rows": 100}).json()["result"]
     if run["ok"]:
@@ -318,9 +318,9 @@ def test_the_badge_says_what_was_checked_and_warnings_stand_apart(server, browse
     assert "does not say the SQL answers the question" in badge.get_attribute("title")
     warnings = [li.text for li in browser.find_elements("css selector", "#lint li")]
     assert warnings == [
-        "warning: `last_name` is neither grouped nor aggregated (under GROUP BY): SQLite takes a value from an "
+        "`last_name` is neither grouped nor aggregated (under GROUP BY): SQLite takes a value from an "
         "arbitrary row of each group, PostgreSQL refuses the query",
-        "warning: the question names `candidates` but the SQL never reads that table"]
+        "the question names `candidates` but the SQL never reads that table"]
 
     run("SELECT p.first_name, p.last_name FROM people AS p JOIN candidates AS c ON p.people_id = c.people_id", 2)
     assert by_id(browser, "valid-badge").text == "runs safely on this schema"
