@@ -69,8 +69,11 @@ class Config:
     trust_remote_code: bool = _f(False, "Allow model repositories to run their own code.")
 
     # --- data -------------------------------------------------------------------------------
-    dataset: str = _f("synthetic:3000", "Training data: a hub id, a .json/.jsonl/.parquet/.csv file, "
-                      "or synthetic:N.")
+    dataset: str = _f("synthetic:3000", "Training data: a hub id, a .json/.jsonl/.parquet/.csv file, synthetic:N, "
+                      "or spider:DIR (a folder in the Spider / BIRD layout: question files, tables.json, "
+                      "database/<db_id>/<db_id>.sqlite; each row's context read from its own database). Several "
+                      "sources: a YAML list or comma-separated, each with an optional weight, `a.jsonl,spider:DIR*2` "
+                      "(each training row of DIR twice). With --database, a file of question / SQL pairs on it.")
     dataset_split: str = _f("train", "Split to read from a hub dataset.")
     dataset_limit: int = _f(-1, "Use a seeded random subset of this many valid rows; -1 = all.", minimum=-1)
     column_map: str = _f("", "Column mapping for other datasets: question=q,context=schema,answer=sql "
@@ -82,6 +85,12 @@ class Config:
                                  "question's spelling (sql-create-context lowercases them), in training and "
                                  "evaluation alike.")
 
+    heldout_databases: list[str] = _f([], "db_ids whose questions form the eval split of a Spider / BIRD source "
+                                      "(split by database, never by row); empty = sqltune's fixed held-out set of "
+                                      "Spider's train databases where the source has them, else a hash of each "
+                                      "db_id at --eval-fraction.")
+    question_syn: bool = _f(False, "Also train on Spider-Syn's rewrite of each training question (`question_syn`: "
+                            "schema words replaced by synonyms), same gold SQL.")
     multi_table_repeat: int = _f(1, "Train on each multi-table (Spider-style) row this many times per epoch: they "
                                  "are 6% of sql-create-context, and a model that seldom sees a JOIN seldom "
                                  "writes one. 1 = as the data has them.", minimum=1)
@@ -423,6 +432,8 @@ def parse_value(name: str, raw: Any, origin: str) -> Any:
             if not math.isfinite(value):  # inf / nan would train to NaN weights, or never stop
                 raise ValueError
             return value
+        if name == "dataset" and isinstance(raw, list):  # several sources as a YAML list
+            raw = ",".join(str(i).strip() for i in raw)
         if kind == list[str]:
             items = raw if isinstance(raw, list) else str(raw).split(",")
             return [str(i).strip() for i in items if str(i).strip()]

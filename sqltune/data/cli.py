@@ -10,7 +10,7 @@ import argparse
 import json
 
 from sqltune import config
-from sqltune.data.loading import load_splits, write_jsonl
+from sqltune.data.loading import database_options, load_splits, write_jsonl
 from sqltune.errors import DataError
 
 
@@ -23,9 +23,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     synth.add_argument("--out", required=True, help="Output .jsonl path.")
     synth.set_defaults(func=_run_synth)
     check = dsub.add_parser("check", help="Validate a dataset and print the counts by reason.")
-    config.add_arguments(check, groups=[], fields={"dataset": "Hub id, local file, or synthetic:N.", "column_map": "",
+    config.add_arguments(check, groups=[], fields={"dataset": "Hub id, local file, spider:DIR, synthetic:N, or several "
+                                                              "(a.jsonl,spider:DIR*2).", "column_map": "",
                                                    "dataset_split": "", "eval_fraction": "",
-                                                   "keep_literal_case": ""})
+                                                   "keep_literal_case": "", "database": "", "db_schema": "",
+                                                   "db_dialect": "", "db_keys": "", "db_context_chars": "",
+                                                   "heldout_databases": "", "question_syn": ""})
     check.set_defaults(func=_run_check)
 
 
@@ -44,6 +47,6 @@ def _run_check(args: argparse.Namespace) -> int:
     if "dataset" not in sources:
         raise DataError("no dataset to check", "pass --dataset (a hub id, a local file or synthetic:N)")
     splits = load_splits(cfg.dataset, split=cfg.dataset_split, columns=cfg.column_map, eval_fraction=cfg.eval_fraction,
-                         keep_literal_case=cfg.keep_literal_case)
+                         keep_literal_case=cfg.keep_literal_case, db=database_options(cfg))
     print(json.dumps(splits.report.to_dict(), indent=2))
     return 0

@@ -63,6 +63,14 @@ class DataReport:
     literal_case_literals: int = 0
     # training rows added by repeating the multi-table ones (--multi-table-repeat)
     multi_table_repeated: int = 0
+    # rows on real databases (the Spider / BIRD layout, --database): per database, gold queries that failed
+    databases: dict[str, Any] | None = None
+    held_out_databases: list[str] = field(default_factory=list)
+    # several sources in one job: each one's own report, and the training rows dropped because their question
+    # is an eval question of a held-out database (sql-create-context repeats Spider's questions)
+    sources: list[dict[str, Any]] = field(default_factory=list)
+    weight: float = 1.0
+    leaked_dropped: int = 0
 
     def to_dict(self) -> dict[str, Any]:
         return {"source": self.source, "rows_read": self.rows_read, "skipped": dict(self.skipped),
@@ -70,7 +78,10 @@ class DataReport:
                 "limited_to": self.limited_to, "train": self.train, "eval": self.eval,
                 "fingerprint": self.fingerprint, "literal_case_rows": self.literal_case_rows,
                 "literal_case_literals": self.literal_case_literals,
-                "multi_table_repeated": self.multi_table_repeated}
+                "multi_table_repeated": self.multi_table_repeated, "weight": self.weight,
+                **({"databases": self.databases, "held_out_databases": self.held_out_databases}
+                   if self.databases is not None else {}),
+                **({"sources": self.sources, "leaked_dropped": self.leaked_dropped} if self.sources else {})}
 
 
 @dataclass
@@ -172,11 +183,27 @@ def validate(row: Any, mapping: dict[str, str]) -> Example | str:
 _JOIN = re.compile(r"\bJOIN\b", re.IGNORECASE)
 
 
-def table_kind(context: str, answer: str) -> str:
+def table_kind(context: str, answer: str, on_database: bool = False) -> str:
     """`multi_table` (Spider-style: several CREATE TABLEs in the context, or a JOIN in the answer) or
-    `single_table` (WikiSQL-style): the two behave very differently, so every EX figure is split by it."""
+    `single_table` (WikiSQL-style): the two behave very differently, so every EX figure is split by it.
+    A row on a real database has every table of it in its context: there, the gold's own tables decide."""
+    if on_database:
+        import sqlglot
+        from sqlglot import exp
+
+        try:
+            tree = sqlglot.parse_one(answer, read="sqlite")
+        except Exception:  # sqlglot raises several types for unreadable SQL; the context rule decides then
+            tree = None
+        if tree is not None:
+            tables = {t.name.lower() for t in tree.find_all(exp.Table)}
+            return "multi_table" if len(tables) > 1 else "single_table"
     tables = sum(1 for s in context.split(";") if s.strip())
     return "multi_table" if tables > 1 or _JOIN.search(answer) else "single_table"
+
+
+def kind_of(ex: Example) -> str:
+    return table_kind(ex.context, ex.answer, on_database=bool(ex.db_id))
 
 
 def repeat_multi_table(examples: list[Example], times: int) -> tuple[list[Example], int]:
@@ -184,7 +211,7 @@ def repeat_multi_table(examples: list[Example], times: int) -> tuple[list[Exampl
     seeded shuffle orders them anyway); returns the rows and how many copies were added."""
     if times <= 1:
         return examples, 0
-    multi = [ex for ex in examples if table_kind(ex.context, ex.answer) == "multi_table"]
+    multi = [ex for ex in examples if kind_of(ex) == "multi_table"]
     return examples + multi * (times - 1), len(multi) * (times - 1)
 
 
@@ -245,26 +272,142 @@ def fingerprint(examples: Iterable[Example]) -> str:
     return h.hexdigest()[:16]
 
 
+@dataclass(frozen=True)
+class DatabaseOptions:
+    """How rows on real databases get their context (the same budget and keys `ask` uses) and their split."""
+
+    database: str = ""  # --database: the one database of a file of question / SQL pairs
+    context_chars: int = 6000
+    keys: bool = True
+    question_syn: bool = False  # Spider-Syn's rewrites of the training questions as more training rows
+    held_out: tuple[str, ...] = ()  # db_ids of the eval split; () = sqltune's fixed set, else a hash of db_id
+    written: str = "sqlite"  # the dialect the gold SQL of --database pairs is written in
+
+
+_WEIGHT = re.compile(r"^(.+?)\s*\*\s*(\d+(?:\.\d+)?)$")
+
+
+def needs_databases(source: str) -> bool:
+    """Whether `source` is read through load_splits' database path: rows on real databases, or several sources."""
+    from sqltune.data import databases
+
+    return len(parse_sources(source)) > 1 or any(databases.layout_root(name) for name, _ in parse_sources(source))
+
+
+def database_options(cfg: Any) -> DatabaseOptions:
+    """The DatabaseOptions of a Config: the same budget, keys and dialect `ask` uses."""
+    return DatabaseOptions(database=cfg.database, context_chars=cfg.db_context_chars, keys=cfg.db_keys,
+                           question_syn=cfg.question_syn, held_out=tuple(cfg.heldout_databases),
+                           written=cfg.db_dialect)
+
+
+def parse_sources(spec: str) -> list[tuple[str, float]]:
+    """`a.jsonl, spider:DIR*2` -> [("a.jsonl", 1.0), ("spider:DIR", 2.0)]: sources with their weight (how many
+    times each training row is used: 2 = twice, 0.5 = a seeded half)."""
+    out = []
+    for part in filter(None, (p.strip() for p in spec.split(","))):
+        m = _WEIGHT.match(part)
+        name, weight = (m.group(1).strip(), float(m.group(2))) if m else (part, 1.0)
+        if weight <= 0:
+            raise DataError(f"dataset `{part}`: the weight must be above 0", "use e.g. --dataset a.jsonl,spider:DIR*2")
+        out.append((name, weight))
+    if not out:
+        raise DataError("--dataset is empty", "pass a hub id, a file, spider:DIR or synthetic:N")
+    return out
+
+
+def _weighted(examples: list[Example], weight: float, seed: int) -> list[Example]:
+    whole, part = int(weight), weight - int(weight)
+    extra = random.Random(seed).sample(examples, round(part * len(examples))) if part else []
+    return examples * whole + extra
+
+
 def load_splits(source: str, *, split: str = "train", columns: str = "", limit: int = -1,
-                eval_fraction: float = 0.05, seed: int = 42, keep_literal_case: bool = False) -> Splits:
-    """Read, validate, respell literals as the question does, deduplicate, subsample (seeded) and split."""
+                eval_fraction: float = 0.05, seed: int = 42, keep_literal_case: bool = False,
+                db: DatabaseOptions | None = None) -> Splits:
+    """Read, validate, respell literals as the question does, deduplicate, subsample (seeded) and split each
+    source (`a,b*2`: several, with weights), then join them; an eval question of a held-out database is
+    never a training row of another source."""
     if not 0.0 <= eval_fraction < 1.0:
         raise DataError(f"eval_fraction {eval_fraction} must be in [0, 1)", "use e.g. --eval-fraction 0.05")
+    parts = parse_sources(source)
+    db = db or DatabaseOptions()
+    loaded = [_load_one(name, split=split, columns=columns, limit=limit, eval_fraction=eval_fraction, seed=seed,
+                        keep_literal_case=keep_literal_case, db=db) for name, _ in parts]
+    if len(parts) == 1 and parts[0][1] == 1.0:
+        return loaded[0]
+    held = {normalise_question(ex.question) for s in loaded if s.report.databases is not None for ex in s.eval}
     report = DataReport(source=source)
-    examples = clean(read_rows(source, split, seed), parse_columns(columns), report, keep_literal_case)
+    train: list[Example] = []
+    held_out: list[Example] = []
+    for (_, weight), one in zip(parts, loaded, strict=True):
+        kept = [ex for ex in one.train if ex.db_id or normalise_question(ex.question) not in held]
+        one.report.weight, one.report.leaked_dropped = weight, len(one.train) - len(kept)
+        report.leaked_dropped += one.report.leaked_dropped
+        train += _weighted(kept, weight, seed)
+        held_out += one.eval
+        report.rows_read += one.report.rows_read
+        report.skipped.update(one.report.skipped)
+        report.duplicates += one.report.duplicates
+        report.held_out_databases += one.report.held_out_databases
+        report.sources.append(one.report.to_dict())
+    report.train, report.eval = len(train), len(held_out)
+    report.fingerprint = fingerprint(train + held_out)
+    return Splits(train, held_out, report)
+
+
+def _load_one(source: str, *, split: str, columns: str, limit: int, eval_fraction: float, seed: int,
+              keep_literal_case: bool, db: DatabaseOptions) -> Splits:
+    from sqltune.data import databases
+
+    report = DataReport(source=source)
+    layout = databases.layout_root(source)
+    variants: set[Example] = set()
+    if layout is not None or db.database:
+        if layout is not None:
+            found, dbr = databases.read_layout(source, context_chars=db.context_chars, keys=db.keys,
+                                               question_syn=db.question_syn, skipped=report.skipped)
+        else:
+            found, dbr = databases.read_pairs(read_rows(source, split, seed), db.database, context_chars=db.context_chars,
+                                              keys=db.keys, written=db.written, mapping=parse_columns(columns),
+                                              skipped=report.skipped)
+        if dbr.gold_failed:
+            report.skipped["gold_fails_on_database"] += sum(dbr.gold_failed.values())
+        report.rows_read = len(found) - len(dbr.variants) + sum(report.skipped.values())
+        report.databases = dbr.to_dict()
+        variants = {found[i] for i in dbr.variants}
+        # string literals stay as the database holds them: respelling them as the question does would change
+        # what the gold query selects
+        report.literal_case_rows = None
+        seen: set[Example] = set()
+        examples = []
+        for ex in found:
+            if ex in seen:
+                report.duplicates += 1
+            else:
+                seen.add(ex)
+                examples.append(ex)
+    else:
+        examples = clean(read_rows(source, split, seed), parse_columns(columns), report, keep_literal_case)
     if limit >= 0 and limit < len(examples):
         examples = random.Random(seed).sample(examples, limit)
         report.limited_to = limit
     if not examples:
         raise DataError(f"no usable rows in `{source}` (skipped: {dict(report.skipped) or 'none'})",
                         "check the column mapping (--column-map) and that the file has question/context/answer rows")
-    train = [ex for ex in examples if not is_eval(ex.question, eval_fraction)]
-    held = [ex for ex in examples if is_eval(ex.question, eval_fraction)]
+    if layout is not None:  # by database, never by row: questions on one database share its schema and values
+        held = databases.held_out([ex.db_id for ex in examples], db.held_out, eval_fraction)
+        report.held_out_databases = sorted(held)
+        train = [ex for ex in examples if ex.db_id not in held]
+        evals = [ex for ex in examples if ex.db_id in held and ex not in variants]
+    else:
+        train = [ex for ex in examples if not is_eval(ex.question, eval_fraction)]
+        evals = [ex for ex in examples if is_eval(ex.question, eval_fraction)]
     if not train:
         raise DataError("every row landed in the eval split", "lower --eval-fraction or add rows")
-    report.train, report.eval = len(train), len(held)
+    report.train, report.eval = len(train), len(evals)
     report.fingerprint = fingerprint(examples)
-    return Splits(train, held, report)
+    return Splits(train, evals, report)
 
 
 def write_jsonl(examples: Iterable[dict[str, Any]], path: str | Path) -> int:

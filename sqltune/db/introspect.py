@@ -156,6 +156,7 @@ class Selection:
     tables: list[str]
     left_out: list[str] = field(default_factory=list)
     how: str = "all tables"
+    kept_for_gold: int = 0  # training rows only: tables added because the gold SQL reads them
 
     def to_dict(self) -> dict[str, Any]:
         return {"tables": self.tables, "left_out": self.left_out, "how": self.how}
@@ -204,3 +205,35 @@ def select_tables(schema: DbSchema, question: str, fits: Callable[[str], bool]) 
     chosen.sort(key=order.__getitem__)
     left = [t.name for t in schema.tables if t.name not in chosen]
     return Selection(schema.context(chosen), chosen, left, how)
+
+
+def tables_read(sql: str, schema: DbSchema) -> list[str]:
+    """The schema's tables a query reads (by name, any case), in schema order; [] when it does not parse."""
+    import sqlglot
+    from sqlglot import exp
+
+    try:
+        tree = sqlglot.parse_one(sql, read="sqlite")
+    except Exception:  # sqlglot raises several types for unreadable SQL; all mean "no tables known"
+        return []
+    names = {t.name.lower() for t in tree.find_all(exp.Table)} if tree is not None else set()
+    return [t.name for t in schema.tables if t.name.lower() in names]
+
+
+def context_for(schema: DbSchema, question: str, chars: int, *, gold: str = "",
+                fits: Callable[[str], bool] | None = None) -> Selection:
+    """The one context of (schema, question, budget) that training, evaluation, `ask` and serve build: the whole
+    schema when it fits in `chars` characters (and `fits`, a model's own token room), else `select_tables`.
+    A training row passes its `gold` SQL: a table the gold reads that the selection left out is kept (the row
+    teaches the model to use the table it needs; dropping the row instead would leave every large database's
+    hardest questions out of training), counted in `kept_for_gold`."""
+    within = (lambda c: len(c) <= chars) if fits is None else (lambda c: len(c) <= chars and fits(c))
+    chosen = select_tables(schema, question, within)
+    if not gold or not chosen.left_out:
+        return chosen
+    missing = [t for t in tables_read(gold, schema) if t not in chosen.tables]
+    if not missing:
+        return chosen
+    names = [t.name for t in schema.tables if t.name in chosen.tables or t.name in missing]
+    return Selection(schema.context(names), names, [t for t in chosen.left_out if t not in missing],
+                     chosen.how + "; the tables the gold SQL reads", kept_for_gold=len(missing))

@@ -107,9 +107,21 @@ def load_examples(cfg: config.Config, sources: Mapping[str, str], meta: Mapping[
         raise ConfigError("no dataset to evaluate on", "pass --dataset (a hub id, a .jsonl file or synthetic:N)")
     fraction = cfg.eval_fraction if "eval_fraction" in sources else trained.get("eval_fraction", cfg.eval_fraction)
     report = loading.DataReport(source=source)
-    rows = loading.read_rows(source, cfg.dataset_split, cfg.seed)
-    examples = loading.clean(rows, loading.parse_columns(cfg.column_map), report, cfg.keep_literal_case)
-    examples = loading.select(examples, cfg.eval_split, fraction, cfg.eval_limit, cfg.seed)
+    if loading.needs_databases(source):
+        # rows on real databases, or several sources: split as the job split them (by database), with the
+        # context budget the model was trained with unless --db-context-chars says otherwise
+        chars = cfg.db_context_chars if "db_context_chars" in sources else trained.get("db_context_chars",
+                                                                                       cfg.db_context_chars)
+        options = loading.database_options(dataclasses.replace(cfg, db_context_chars=int(chars)))
+        splits = loading.load_splits(source, split=cfg.dataset_split, columns=cfg.column_map, eval_fraction=fraction,
+                                     seed=cfg.seed, keep_literal_case=cfg.keep_literal_case, db=options)
+        report = splits.report
+        examples = {"eval": splits.eval, "train": splits.train}.get(cfg.eval_split, splits.train + splits.eval)
+        examples = loading.select(examples, "all", fraction, cfg.eval_limit, cfg.seed)
+    else:
+        rows = loading.read_rows(source, cfg.dataset_split, cfg.seed)
+        examples = loading.clean(rows, loading.parse_columns(cfg.column_map), report, cfg.keep_literal_case)
+        examples = loading.select(examples, cfg.eval_split, fraction, cfg.eval_limit, cfg.seed)
     if not examples:
         raise DataError(f"no examples in split `{cfg.eval_split}` of {source}",
                         "use --split all, or a larger dataset / --eval-fraction")
@@ -235,6 +247,12 @@ def run(args: argparse.Namespace) -> int:
             examples, dataset = load_examples(cfg, sources, meta)
     indices = [i for i in range(len(examples)) if i % shard_count == shard_index]
     mine = [examples[i] for i in indices]
+    from sqltune.evaluate import row_databases
+
+    if real_db is None and row_databases.has_databases(examples):  # each row on its own database
+        real_db = row_databases.RowDatabases(dict(enumerate(examples)), timeout_s=cfg.db_timeout,
+                                             row_cap=cfg.eval_row_cap, written=cfg.db_dialect, keys=cfg.db_keys)
+        real_db.order = indices
     logs.event(log, "eval started", mode=mode, examples=len(examples), shard=f"{shard_index}/{shard_count}",
                scoring=len(mine), dataset=dataset["source"])
     out = cfg.eval_output or ""

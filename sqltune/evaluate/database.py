@@ -106,47 +106,7 @@ class DatabaseEval:
         return records
 
     def _score_one(self, runner: Any, item: Any) -> dict[str, Any]:
-        gold_t = dialect.translate(item.gold, self.schema, source=self.cfg.db_dialect, target=self.db.dialect)
-        gold_tree = _tree(item.gold, self.schema, self.cfg.db_dialect)
-        feats = metrics.features(gold_tree, item.gold)
-        record: dict[str, Any] = {
-            "index": item.index, "question": item.question, "context": item.context, "gold": item.gold,
-            "predicted": item.predicted, "source": f"{self.db.kind}", "features": feats,
-            "categories": metrics.categories(feats), "gold_ok": False, "gold_error_kind": "", "gold_error": "",
-            "gold_empty": False, "valid": False, "executable": False, "schema_ok": False, "unknown_names": [],
-            "em_raw": metrics.exact_match_raw(item.gold, item.predicted), "em_norm": False, "ex": False,
-            "error_kind": "", "error": "", "timed_out": False, "gold_sql_run": gold_t.sql, "sql_run": ""}
-        if not gold_t.ok:
-            return {**record, "gold_error_kind": gold_t.error_kind, "gold_error": gold_t.error}
-        gold = runner.run(gold_t.sql)
-        again = runner.run(gold_t.sql) if gold.ok else gold
-        ordered = metrics.is_ordered(item.gold, gold_tree)
-        if not gold.ok:
-            return {**record, "gold_error_kind": gold.error_kind, "gold_error": gold.error}
-        if not metrics.same_result(gold.rows, again.rows, gold_width=len(gold.columns), pred_width=len(again.columns),
-                                   ordered=ordered):
-            return {**record, "gold_error_kind": "nondeterministic", "gold_error": "the gold query's result changed "
-                    "between two runs (LIMIT without ORDER BY, or the data is changing)"}
-        record.update(gold_ok=True, gold_empty=not any(v is not None and v != 0 for row in gold.rows for v in row))
-        pred_tree = _tree(item.predicted, self.schema, self.cfg.db_dialect)
-        unknown = check.unknown_names(pred_tree, self.schema) if pred_tree is not None else []
-        record.update(unknown_names=unknown, schema_ok=pred_tree is not None and not unknown,
-                      em_norm=metrics.exact_match_norm(gold_tree, pred_tree, gold_sql=item.gold, pred_sql=item.predicted))
-        pred_t = dialect.translate(item.predicted, self.schema, source=self.cfg.db_dialect, target=self.db.dialect)
-        if not pred_t.ok:
-            valid = pred_t.error_kind not in (SYNTAX, EMPTY, MULTIPLE, dialect.TRANSPILE)
-            return {**record, "valid": valid, "schema_ok": record["schema_ok"] and valid,
-                    "error_kind": pred_t.error_kind, "error": pred_t.error}
-        result = runner.run(pred_t.sql)
-        record["sql_run"] = pred_t.sql
-        if not result.ok:
-            valid = result.error_kind not in (SYNTAX, EMPTY, MULTIPLE)
-            return {**record, "valid": valid, "schema_ok": record["schema_ok"] and valid,
-                    "error_kind": result.error_kind, "error": result.error, "timed_out": result.timed_out}
-        ex = metrics.same_result(gold.rows, result.rows, gold_width=len(gold.columns), pred_width=len(result.columns),
-                                 ordered=ordered)
-        return {**record, "valid": True, "executable": True, "ex": ex,
-                "error": "" if ex else "result differs from the gold result"}
+        return score_one(runner, self.db, self.schema, item, self.cfg.db_dialect)
 
     def choose(self, pairs: Sequence[tuple[str, str]], candidates: Sequence[Sequence[vote.Candidate]]) -> list[vote.Vote]:
         """--candidates: each question's candidates voted on by running them here, translated and gated as the
@@ -160,6 +120,53 @@ class DatabaseEval:
 
     def close(self) -> None:
         self.db.close()
+
+
+def score_one(runner: Any, db: Any, schema: Any, item: Any, written: str) -> dict[str, Any]:
+    """One prediction against its gold query on a real database (`runner` on `db`, its tables `schema`): both
+    translated and gated as `ask` does, the results compared by the Spider / BIRD rule (multisets, order only
+    under the gold's ORDER BY)."""
+    gold_t = dialect.translate(item.gold, schema, source=written, target=db.dialect)
+    gold_tree = _tree(item.gold, schema, written)
+    feats = metrics.features(gold_tree, item.gold)
+    record: dict[str, Any] = {
+        "index": item.index, "question": item.question, "context": item.context, "gold": item.gold,
+        "predicted": item.predicted, "source": f"{db.kind}", "features": feats,
+        "categories": metrics.categories(feats), "gold_ok": False, "gold_error_kind": "", "gold_error": "",
+        "gold_empty": False, "valid": False, "executable": False, "schema_ok": False, "unknown_names": [],
+        "em_raw": metrics.exact_match_raw(item.gold, item.predicted), "em_norm": False, "ex": False,
+        "error_kind": "", "error": "", "timed_out": False, "gold_sql_run": gold_t.sql, "sql_run": ""}
+    if not gold_t.ok:
+        return {**record, "gold_error_kind": gold_t.error_kind, "gold_error": gold_t.error}
+    gold = runner.run(gold_t.sql)
+    again = runner.run(gold_t.sql) if gold.ok else gold
+    ordered = metrics.is_ordered(item.gold, gold_tree)
+    if not gold.ok:
+        return {**record, "gold_error_kind": gold.error_kind, "gold_error": gold.error}
+    if not metrics.same_result(gold.rows, again.rows, gold_width=len(gold.columns), pred_width=len(again.columns),
+                               ordered=ordered):
+        return {**record, "gold_error_kind": "nondeterministic", "gold_error": "the gold query's result changed "
+                "between two runs (LIMIT without ORDER BY, or the data is changing)"}
+    record.update(gold_ok=True, gold_empty=not any(v is not None and v != 0 for row in gold.rows for v in row))
+    pred_tree = _tree(item.predicted, schema, written)
+    unknown = check.unknown_names(pred_tree, schema) if pred_tree is not None else []
+    record.update(unknown_names=unknown, schema_ok=pred_tree is not None and not unknown,
+                  em_norm=metrics.exact_match_norm(gold_tree, pred_tree, gold_sql=item.gold, pred_sql=item.predicted))
+    pred_t = dialect.translate(item.predicted, schema, source=written, target=db.dialect)
+    if not pred_t.ok:
+        valid = pred_t.error_kind not in (SYNTAX, EMPTY, MULTIPLE, dialect.TRANSPILE)
+        return {**record, "valid": valid, "schema_ok": record["schema_ok"] and valid,
+                "error_kind": pred_t.error_kind, "error": pred_t.error}
+    result = runner.run(pred_t.sql)
+    record["sql_run"] = pred_t.sql
+    if not result.ok:
+        valid = result.error_kind not in (SYNTAX, EMPTY, MULTIPLE)
+        return {**record, "valid": valid, "schema_ok": record["schema_ok"] and valid,
+                "error_kind": result.error_kind, "error": result.error, "timed_out": result.timed_out}
+    ex = metrics.same_result(gold.rows, result.rows, gold_width=len(gold.columns), pred_width=len(result.columns),
+                             ordered=ordered)
+    return {**record, "valid": True, "executable": True, "ex": ex,
+            "error": "" if ex else "result differs from the gold result"}
 
 
 def _tree(sql: str, schema: Any, written: str) -> Any:

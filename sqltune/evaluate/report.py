@@ -17,6 +17,7 @@ from typing import Any
 from sqltune.evaluate.candidates import summary as candidate_summary
 
 REPORT_VERSION = 1
+LEVELS = ("single_table", "multi_table", "easy", "medium", "hard", "extra")  # breakdowns in this order
 METRICS = ("ex", "em_raw", "em_norm", "valid", "executable", "schema_ok")
 LABELS = {"ex": "execution accuracy (EX)", "em_raw": "exact match, raw", "em_norm": "exact match, normalised",
           "valid": "valid SQL (parses)", "executable": "executable", "schema_ok": "schema adherence"}
@@ -47,6 +48,7 @@ def aggregate(records: Sequence[dict[str, Any]]) -> dict[str, Any]:
         "metrics": _metric_block(scored),
         "by_category": {k: {"n": len(v), **_metric_block(v, BREAKDOWN_METRICS)} for k, v in sorted(by_category.items())},
         "by_source": {k: {"n": len(v), **_metric_block(v, BREAKDOWN_METRICS)} for k, v in sorted(by_source.items())},
+        **_row_breakdowns(scored),
         "prediction_errors": dict(Counter(r["error_kind"] for r in scored if r["error_kind"]).most_common()),
         "timed_out": sum(1 for r in scored if r["timed_out"]),
         "candidates": candidate_summary(records),
@@ -60,6 +62,22 @@ def aggregate(records: Sequence[dict[str, Any]]) -> dict[str, Any]:
             "gold_selects_nothing": rate(sum(1 for r in scored if r["gold_empty"]), len(scored)),
         },
     }
+
+
+def _row_breakdowns(scored: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """EX by kind of question (single- / multi-table), Spider hardness and database, where records carry them
+    (rows scored on their own databases, sqltune.evaluate.row_databases)."""
+    out: dict[str, Any] = {}
+    for key, name in (("kind", "by_kind"), ("hardness", "by_hardness"), ("db_id", "by_database")):
+        groups: dict[str, list[dict[str, Any]]] = {}
+        for r in scored:
+            if r.get(key):
+                groups.setdefault(r[key], []).append(r)
+        if groups:
+            order = sorted(groups, key=lambda g: (LEVELS.index(g) if g in LEVELS else len(LEVELS), g))
+            out[name] = {g: {"n": len(groups[g]), "ex": rate(sum(1 for r in groups[g] if r["ex"]), len(groups[g]))}
+                         for g in order}
+    return out
 
 
 def pct(block: dict[str, Any]) -> str:
@@ -94,6 +112,11 @@ def markdown(report: dict[str, Any]) -> str:
             lines.append(f"| {name} | {row['n']} | {100 * row['ex']['value']:.1f}% | "
                          f"{100 * row['em_norm']['value']:.1f}% | {100 * row['executable']['value']:.1f}% |")
         lines.append("")
+    for title, key in (("By kind of question", "by_kind"), ("By Spider hardness", "by_hardness"),
+                       ("By database", "by_database")):
+        if res.get(key):
+            lines += [f"## {title}", "", "| | n | EX |", "|---|---|---|"]
+            lines += [f"| {name} | {row['n']} | {pct(row['ex'])} |" for name, row in res[key].items()] + [""]
     votes = res.get("candidates")
     if votes:
         lines += [f"Answers chosen among {votes['k']} candidates by execution: EX {pct(votes['ex'])} against "

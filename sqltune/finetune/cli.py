@@ -19,10 +19,14 @@ from sqltune.artifacts import manifests
 from sqltune.finetune.job import finetune
 
 
+DATABASE_FIELDS = ("database", "db_schema", "db_dialect", "db_keys", "db_context_chars")
+
+
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("finetune", help="Fine-tune a base model on text-to-SQL data and publish the merged model.",
                        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    config.add_arguments(p, groups=["finetune", "buckets", "tracking"])
+    # rows on a real database (--database pairs, spider:DIR) get their contexts as `ask` builds them
+    config.add_arguments(p, groups=["finetune", "buckets", "tracking"], fields=dict.fromkeys(DATABASE_FIELDS, ""))
     p.set_defaults(func=run)
 
 
@@ -55,6 +59,12 @@ def summary(meta: dict[str, Any], output: str) -> str:
             ok = s["ex"] if "ex" in s else heldout.normalise(s["predicted"]) == heldout.normalise(s["gold"])
             lines += [f"\nQ: {s['question']}", f"{'ok ' if ok else '   '}predicted: {s['predicted']}",
                       "   gold:      " + s["gold"]]
+        tutorial = held.get("tutorial")
+        if tutorial:
+            seen = {True: "a training question", False: "never seen in training"}.get(tutorial["seen_in_training"], "")
+            lines += [f"\nThe reference tutorial's question ({seen}), on its two tables: {tutorial['question']}",
+                      f"{'ok ' if tutorial['ex'] else '   '}predicted: {tutorial['predicted']}",
+                      "   gold:      " + tutorial["gold"]]
         lines.append("\n" + heldout_line(held))
     cut = m.get("cut_short")
     if cut:
@@ -74,7 +84,15 @@ def heldout_line(held: dict[str, Any]) -> str:
         parts = [f"{kind.replace('_', '-')} {_pct(k['ex'])} of {k['examples']}" for kind, k in kinds.items()
                  if k["examples"]]
         line += f"execution accuracy {_pct(held['ex'])} ({', '.join(parts)}), "
-    return line + f"exact match {_pct(held['exact_match'])}, parseable SQL {_pct(held['parseable'])}"
+    line += f"exact match {_pct(held['exact_match'])}, parseable SQL {_pct(held['parseable'])}"
+    dbs, other = held.get("held_out_databases"), held.get("other_rows")
+    if dbs and other:
+        line += (f"\n  on held-out real databases: {_pct(dbs['all']['ex'])} of {dbs['all']['examples']} "
+                 f"(multi-table {_pct(dbs['multi_table']['ex'])} of {dbs['multi_table']['examples']}, single-table "
+                 f"{_pct(dbs['single_table']['ex'])} of {dbs['single_table']['examples']})"
+                 f"\n  on the other sources' eval split: {_pct(other['all']['ex'])} of {other['all']['examples']} "
+                 f"(single-table {_pct(other['single_table']['ex'])} of {other['single_table']['examples']})")
+    return line
 
 
 def cut_short_note(cut: dict[str, Any], output: str) -> str:

@@ -136,7 +136,8 @@ def finetune(cfg: Config, sources: dict[str, str] | None = None) -> Path:
         check_resumable(resume_from, method, cfg.output_dir)
 
     splits = loading.load_splits(cfg.dataset, split=cfg.dataset_split, columns=cfg.column_map, limit=cfg.dataset_limit,
-                              eval_fraction=cfg.eval_fraction, seed=cfg.seed, keep_literal_case=cfg.keep_literal_case)
+                                 eval_fraction=cfg.eval_fraction, seed=cfg.seed, keep_literal_case=cfg.keep_literal_case,
+                                 db=loading.database_options(cfg))
     # the tiny model's tokenizer is trained on the plain template's text; a chat template needs a real tokenizer
     template = prompts.DEFAULT_TEMPLATE
     train_rows, splits.report.multi_table_repeated = loading.repeat_multi_table(splits.train, cfg.multi_table_repeat)
@@ -234,7 +235,7 @@ def finetune(cfg: Config, sources: dict[str, str] | None = None) -> Path:
     final = merge.export(trainer, cfg, method=method, precision=precision, base_name=base_name, run_dir=run_dir,
                          template=template, data_report=splits.report.to_dict(), metrics=metrics, base=base_info,
                          max_new_tokens=max(sum(m) for m in train_ds["completion_mask"]),
-                         check=_heldout_check(cfg, splits.eval), tracking=tracking.describe(tracker))
+                         check=_heldout_check(cfg, splits.eval, splits.train), tracking=tracking.describe(tracker))
     if tracker is not None:
         tracker.log_metrics({**metrics, **(metrics.get("heldout") or {})}, trainer.state.global_step, prefix="final/")
         tracker.close()
@@ -263,10 +264,13 @@ def release_training_state(trainer: Any) -> None:
     trim_heap()  # what was freed leaves the resident set, not only the Python heap
 
 
-def _heldout_check(cfg: Any, examples: list[Any]) -> Any:
+def _heldout_check(cfg: Any, examples: list[Any], train: list[Any]) -> Any:
     """The held-out check the export runs on the staged model (None when eval_generate_limit is 0)."""
     if not cfg.eval_generate_limit or not examples:
         return None
+    from sqltune.data.loading import normalise_question
     from sqltune.finetune import heldout
 
-    return lambda stage, precision: heldout.score(stage, examples[: cfg.eval_generate_limit], precision)
+    seen = {normalise_question(ex.question) for ex in train}
+    return lambda stage, precision: heldout.score(stage, heldout.sample(examples, cfg.eval_generate_limit), precision,
+                                                  trained_on=lambda q: normalise_question(q) in seen)
