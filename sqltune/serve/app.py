@@ -19,6 +19,7 @@ import asyncio
 import contextlib
 import hmac
 import json
+import logging
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -84,6 +85,7 @@ def create_app(config: Config, engine: Engine) -> FastAPI:
     app.include_router(ask_routes.router)
     _install_error_handlers(app)
     app.add_middleware(Gate, config=config, metrics=metrics)
+    logging.getLogger("uvicorn.error").addFilter(_PLANNED_CANCEL)  # once: the same filter object is not added twice
     # Vertex AI sends predictions and health checks to the routes it names in AIP_PREDICT_ROUTE / AIP_HEALTH_ROUTE
     if config.predict_route not in ("", "/predict"):
         app.add_api_route(config.predict_route, routes.predict, methods=["POST"], include_in_schema=False)
@@ -177,7 +179,7 @@ class Gate:
         path = scope["path"]
         headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
         request_id = headers.get("x-request-id") or uuid.uuid4().hex
-        status = {"code": 500, "bytes": 0, "started": 0}
+        status = {"code": 500, "bytes": 0, "started": 0, "sse": 0}
         method = scope["method"]
         if method == "HEAD":  # load balancers probe with HEAD: a GET without its body (RFC 9110 9.3.2)
             scope = dict(scope, method="GET")
@@ -185,6 +187,8 @@ class Gate:
         async def send_logged(message: Message) -> None:
             if message["type"] == "http.response.start":
                 status["code"], status["started"] = message["status"], 1
+                status["sse"] = int(any(k.lower() == b"content-type" and v.startswith(b"text/event-stream")
+                                        for k, v in message.get("headers", [])))
                 message.setdefault("headers", []).append((b"x-request-id", request_id.encode()))
             elif message["type"] == "http.response.body":
                 if method == "HEAD":
@@ -209,13 +213,29 @@ class Gate:
             if not status["started"]:
                 await _reply(send_logged, 408, self.body_timeout(self.body_seconds), {"Connection": "close"})
         except asyncio.CancelledError:
-            # uvicorn cancels what is still running when --shutdown-grace ends; say so in JSON
-            if not status["started"]:
-                with contextlib.suppress(Exception):
-                    await _reply(send_logged, 503, error_body(
-                        "server shut down before this request finished (--shutdown-grace); retry it",
-                        "service_unavailable", "shutdown"), {"Retry-After": "1"})
-            raise
+            # uvicorn cancels what is still running when --shutdown-grace ends: a planned drain. The client
+            # gets a JSON 503 (mid-stream: an error event, then the stream's proper end) and the log one INFO
+            # line; re-raised, uvicorn would log an ERROR traceback per request.
+            if status["started"] and not status["sse"]:
+                raise  # half a JSON body: nothing can end it cleanly
+            answered = False
+            with contextlib.suppress(Exception):
+                if not status["started"]:
+                    await _reply(send_logged, 503, error_body(_SHUTDOWN, "service_unavailable", "shutdown"),
+                                 {"Retry-After": "1"})
+                else:
+                    event = json.dumps(error_body(_SHUTDOWN, "service_unavailable", "shutdown"))
+                    await send_logged({"type": "http.response.body", "body": f"data: {event}\n\n".encode(),
+                                       "more_body": False})  # the event, and the stream's end
+                answered = True
+            logs.event(log, "request cut by the shutdown (--shutdown-grace)", path=path, request_id=request_id,
+                       answered=answered, streaming=bool(status["sse"]),
+                       seconds=round(time.perf_counter() - started, 3))
+            if not answered:
+                raise
+            task = asyncio.current_task()
+            if task is not None:
+                task.uncancel()  # handled: the task ends normally
         except Exception:
             log.exception("unhandled error", extra={"fields": {"path": path, "request_id": request_id}})
             if status["started"]:
@@ -283,6 +303,22 @@ class Gate:
             return message
 
         return wrapped
+
+
+_SHUTDOWN = "server shut down before this request finished (--shutdown-grace); retry it"
+
+
+class _PlannedCancel(logging.Filter):
+    """uvicorn logs the cut at the end of --shutdown-grace as an ERROR; it is the planned drain doing
+    its job (the gate logs each cut request), so it is logged at INFO."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if str(record.msg).startswith("Cancel ") and "timeout graceful shutdown exceeded" in str(record.msg):
+            record.levelno, record.levelname = logging.INFO, "INFO"
+        return True
+
+
+_PLANNED_CANCEL = _PlannedCancel()
 
 
 class _BodyTooLarge(Exception):
