@@ -178,7 +178,8 @@ def test_grpo_steps_publish_a_model_that_serves(tiny_model_dir: Path, tmp_path: 
     from sqltune.engines import batch
 
     with batch.open_model(str(out), engine="transformers") as llm:
-        [sql] = llm.generate_sql([("How many singers are older than 30?", "CREATE TABLE singer (name TEXT, age INT)")])
+        [sql] = llm.generate_sql([("How many employees are older than 30?",
+                                   "CREATE TABLE employees (name VARCHAR, age INTEGER)")])
     assert sql.upper().startswith("SELECT")
 
 

@@ -313,7 +313,7 @@ def run(cfg: Config, sources: dict[str, str] | None = None) -> Path:
     final = merge.export(trainer, cfg, method=policy, precision=precision, base_name=base_name, run_dir=run_dir,
                          template=template, data_report=splits.report.to_dict(), metrics=metrics, base=base_info,
                          max_new_tokens=answer_tokens or cfg.grpo_max_completion_length,
-                         check=job._heldout_check(cfg, splits.eval), tracking=tracking.describe(tracker))
+                         check=job._heldout_check(cfg, splits.eval, splits.train), tracking=tracking.describe(tracker))
     if tracker is not None:
         tracker.log_metrics({k: v for k, v in metrics.items() if isinstance(v, (int, float))}, trainer.state.global_step,
                             prefix="final/")
