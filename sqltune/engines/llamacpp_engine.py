@@ -25,6 +25,7 @@ import asyncio
 import json
 import os
 import re
+import signal
 import subprocess
 import sys
 import threading
@@ -169,9 +170,32 @@ def export_once(model_dir: Path, quant: str, cache_root: Path) -> Path:
                    "--quant", quant, "--modelfile", "none"]
             done = subprocess.run(cmd, capture_output=True, text=True)
             if done.returncode != 0 or not target.is_file():
-                raise ModelError(f"exporting {model_dir} to GGUF failed: {done.stderr.strip()[-400:]}",
-                                 "run `sqltune export gguf --model ...` to see the whole error")
+                why, fix = export_failure(done.returncode, done.stderr)
+                raise ModelError(f"exporting {model_dir} to GGUF in the model cache ({target.parent}) failed: {why}",
+                                 fix or f"run `sqltune export gguf --model {model_dir} --out model.gguf` to see the "
+                                        "whole error")
     return target
+
+
+def export_failure(returncode: int, stderr: str) -> tuple[str, str]:
+    """(why, fix) of a failed export child: its own one-line error and fix when it printed one (a full
+    disk, a model it cannot export), the signal that killed it, or its last line of output."""
+    if returncode < 0:
+        try:
+            name = signal.Signals(-returncode).name
+        except ValueError:
+            name = f"signal {-returncode}"
+        oom = " (the kernel's out-of-memory killer sends SIGKILL: the export holds the whole model in memory)"
+        return f"the export process was killed by {name}{oom if name == 'SIGKILL' else ''}", ""
+    lines = [line for line in stderr.splitlines() if line.strip()]
+    at = next((i for i in range(len(lines) - 1, -1, -1) if lines[i].startswith("sqltune: error: ")), -1)
+    if at >= 0:
+        fix = next((line.strip().removeprefix("fix:").strip() for line in lines[at + 1:at + 2]
+                    if line.strip().startswith("fix:")), "")
+        return lines[at].removeprefix("sqltune: error: "), fix
+    if not lines:
+        return f"the export process exited {returncode} without a word", ""
+    return f"the export process exited {returncode}: {lines[-1].strip()[-300:]}", ""
 
 
 class LlamaCppEngine(EngineBase):

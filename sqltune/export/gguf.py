@@ -16,8 +16,10 @@ The round-trip tests load every export in llama.cpp itself (xllamacpp) and in tr
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,7 +27,7 @@ from typing import Any
 
 from sqltune import __version__, logs, prompts
 from sqltune.artifacts import manifests
-from sqltune.errors import ConfigError, ModelError
+from sqltune.errors import ConfigError, ModelError, disk_full
 from sqltune.export import modelfile
 
 log = logs.get("export.gguf")
@@ -269,9 +271,12 @@ def export_gguf(model_dir: Path, out: Path, quant: str = "q8_0", *, modelfile_pa
         writer.write_tensors_to_file(progress=logs.show_progress())
         writer.close()
         os.replace(tmp, out)
-    except BaseException:
-        writer.close()
+    except BaseException as e:
+        with contextlib.suppress(OSError):  # closing flushes, which fails again on a full disk
+            writer.close()
         tmp.unlink(missing_ok=True)
+        if isinstance(e, OSError) and (disk_full(e) or _short_write(e)):
+            raise ModelError(_no_space(out, _planned_bytes(writer)), NO_SPACE_FIX) from None
         raise
 
     written_modelfile = None
@@ -287,6 +292,33 @@ def export_gguf(model_dir: Path, out: Path, quant: str = "q8_0", *, modelfile_pa
                         config.model_type)
     logs.event(log, "gguf exported", **result.to_dict(), megabytes=round(result.bytes / 2**20, 1))
     return result
+
+
+NO_SPACE_FIX = ("free space there, or write the file to a disk with room: --out for `sqltune export gguf`, "
+                "--model-cache (MODEL_CACHE) for the copy `sqltune serve --engine llamacpp` exports once")
+
+
+def _short_write(e: OSError) -> bool:
+    """numpy's tofile on a full disk: "940032 requested and 927584 written", with no errno."""
+    return e.errno is None and " requested and " in str(e) and str(e).rstrip().endswith("written")
+
+
+def _planned_bytes(writer: Any) -> int:
+    try:
+        return sum(int(t.nbytes) for shard in writer.tensors for t in shard.values())
+    except (AttributeError, TypeError):
+        return 0
+
+
+def _no_space(out: Path, planned: int) -> str:
+    """What a full disk looks like to the user: where, how much the file needed, how much is free."""
+    try:
+        free = shutil.disk_usage(out.parent).free
+    except OSError:
+        free = -1
+    need = f"the GGUF needs about {planned / 2**20:.1f} MB; " if planned else ""
+    room = f"{free / 2**20:.1f} MB free there" if free >= 0 else "free space unknown"
+    return f"writing {out} failed: no space left on the disk of {out.parent} ({need}{room})"
 
 
 def read_back(path: Path, template: prompts.PromptTemplate) -> Any:
