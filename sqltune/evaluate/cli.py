@@ -45,7 +45,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                    "their folders) side by side, with the examples where they disagree.")
     config.add_arguments(p, groups=["eval", "buckets", "tracking"], fields={
         "model_name": "A finished model folder or bucket URL.",
-        "dataset": "Examples with gold SQL: hub id, local file or synthetic:N; default: the model's training data.",
+        "dataset": "Examples with gold SQL: hub id, local file, synthetic:N or spider:DIR (each row run on its own "
+                   "database); default: the model's training data.",
+        "heldout_databases": "", "question_syn": "",
         "dataset_split": "", "column_map": "", "keep_literal_case": "",
         "eval_fraction": "Held-out share for --split eval; default: the model's own.",
         "seed": "Seed for --limit sampling and the databases.",
