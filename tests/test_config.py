@@ -168,3 +168,16 @@ def test_serve_listens_locally_unless_the_deployment_says_otherwise() -> None:
     assert serving, manifests
     for manifest in serving:
         assert "- --host\n" in manifest.read_text() and "- 0.0.0.0\n" in manifest.read_text(), manifest
+
+
+def test_several_datasets_from_a_yaml_list_env_or_flag(tmp_path: Path) -> None:
+    from sqltune.data.loading import parse_sources
+
+    y = tmp_path / "c.yaml"
+    y.write_text("dataset:\n  - a.jsonl\n  - spider:../data/spider*2\n")
+    cfg, _ = config.load(["--config", str(y)], {})
+    assert parse_sources(cfg.dataset) == [("a.jsonl", 1.0), ("spider:../data/spider", 2.0)]
+    cfg, _ = config.load([], {"SQLTUNE_DATASET": "a.jsonl,b.jsonl*0.5"})
+    assert parse_sources(cfg.dataset) == [("a.jsonl", 1.0), ("b.jsonl", 0.5)]
+    cfg, _ = config.load(["--dataset", "spider:DIR", "--heldout-databases", "wedding,cinema"], {})
+    assert cfg.heldout_databases == ["wedding", "cinema"]
