@@ -25,11 +25,13 @@ from typing import Any
 from sqltune import logs
 from sqltune.config import Config
 from sqltune.constrain import closing
+from sqltune.engines import fair
 from sqltune.engines.base import Delta, EngineBase, SamplingParams
 from sqltune.engines.text import TextStream
 from sqltune.prompts import PromptTemplate, encode_prompt
 
 log = logs.get("serve.engine")
+SLICE_STEPS = 8  # decode steps between two looks at the queue for a request that waits for its share
 
 
 @dataclass(eq=False)
@@ -46,6 +48,15 @@ class _Request:
     failed: str = ""  # why this row cannot go on; the batch drops it at the next step
     matcher: Any = None  # the row's grammar state (sqltune.constrain) when it decodes constrained
     logprob: float = 0.0  # cumulative log-probability of the tokens generated so far
+    group: str = ""  # the request this row belongs to (sqltune.engines.fair)
+
+    def gone(self) -> bool:
+        return self.cancelled.is_set()
+
+    def context_ids(self) -> list[int]:
+        """What the model reads when this row (re)enters a batch: its prompt, and what it generated
+        before it was preempted."""
+        return self.prompt_ids + (self.text.ids if self.text is not None else [])
 
     def send(self, delta: Delta) -> None:
         if not self.deltas and not delta.finish_reason:  # non-streaming: one message at the end
@@ -66,6 +77,8 @@ class TransformersEngine(EngineBase):
         from a GGUF; otherwise `start()` loads `model_dir`."""
         super().__init__(cfg, model_dir, template, meta)
         self._pending: queue.Queue[_Request | None] = queue.Queue()
+        self._waiting = fair.FairQueue()  # the worker's own: rows admitted round-robin across requests
+        self._stop = False
         self._thread: threading.Thread | None = None
         self._on_batch: Callable[[int], None] | None = None
         self._preloaded = loaded
@@ -123,7 +136,7 @@ class TransformersEngine(EngineBase):
     async def stream(self, prompt_ids: Sequence[int], params: SamplingParams,
                      deltas: bool = True) -> AsyncIterator[Delta]:
         loop = asyncio.get_running_loop()
-        req = _Request(list(prompt_ids), params, asyncio.Queue(), loop, deltas)
+        req = _Request(list(prompt_ids), params, asyncio.Queue(), loop, deltas, group=fair.group_key())
         self._pending.put(req)
         try:
             while True:
@@ -143,34 +156,51 @@ class TransformersEngine(EngineBase):
             self._serve_batches()
 
     def _serve_batches(self) -> None:
-        while True:
-            first = self._pending.get()
-            if first is None:
-                return
-            batch = [first]
-            deadline = time.monotonic() + self.cfg.batch_wait_ms / 1000
-            stop = False
-            while len(batch) < self.capacity:
-                try:
-                    nxt = self._pending.get(timeout=max(0.0, deadline - time.monotonic()))
-                except queue.Empty:
-                    break
-                if nxt is None:
-                    stop = True
-                    break
-                batch.append(nxt)
-            batch = [r for r in batch if not r.cancelled.is_set()]
+        self._stop = False
+        while not self._stop:
+            if not len(self._waiting):
+                first = self._pending.get()
+                if first is None:
+                    return
+                self._waiting.add(first)
+                deadline = time.monotonic() + self.cfg.batch_wait_ms / 1000
+                while len(self._waiting) < self.capacity and not self._stop:
+                    try:
+                        nxt = self._pending.get(timeout=max(0.0, deadline - time.monotonic()))
+                    except queue.Empty:
+                        break
+                    self._arrived(nxt)
+            self._drain_pending()
+            batch = self._waiting.take(self.capacity)
             if batch:
                 try:
-                    self._run(batch)
+                    self._waiting.requeue(self._run(batch))
                 except Exception as e:  # a failed batch fails its requests, not the server
                     log.exception("generation failed")
                     for r in batch:
                         r.send(Delta("", len(r.prompt_ids), 0, "error", f"{type(e).__name__}: {e}"))
-            if stop:
+
+    def _arrived(self, item: _Request | None) -> None:
+        if item is None:
+            self._stop = True
+        else:
+            self._waiting.add(item)
+
+    def _drain_pending(self) -> None:
+        while True:
+            try:
+                self._arrived(self._pending.get_nowait())
+            except queue.Empty:
                 return
 
-    def _run(self, batch: list[_Request]) -> None:
+    def _preempt(self, rows: list[_Request]) -> bool:
+        """Every SLICE_STEPS steps: whether a waiting request has less than its share of the batch."""
+        self._drain_pending()
+        return self._stop or self._waiting.starved(rows, self.capacity)
+
+    def _run(self, batch: list[_Request]) -> list[_Request]:
+        """Decode `batch` until its rows finish, or until waiting requests deserve rows (fair.py): then
+        the unfinished rows are returned, to wait for their next turn with what they generated."""
         import torch
         from transformers import DynamicCache
 
@@ -181,13 +211,15 @@ class TransformersEngine(EngineBase):
         # rows with the same prompt (a question's candidates, the n choices of one request) share one prefill:
         # each distinct prompt runs once, and its cache rows are copied to the rows that asked it
         distinct: dict[tuple[int, ...], int] = {}
-        owner = [distinct.setdefault(tuple(r.prompt_ids), len(distinct)) for r in batch]
-        width = max(len(r.prompt_ids) for r in batch)
+        owner = [distinct.setdefault(tuple(r.context_ids()), len(distinct)) for r in batch]
+        width = max(len(p) for p in distinct)
         pad = tok.pad_token_id if tok.pad_token_id is not None else 0
         ids = torch.tensor([[pad] * (width - len(p)) + list(p) for p in distinct], device=device)
         mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in distinct], device=device)
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
         for r in batch:
+            if r.text is not None:
+                continue  # preempted before: its text, generator and grammar state go on where they were
             r.text = TextStream(tok, r.params.stop, r.params.min_tokens)
             if r.params.temperature > 0:
                 try:
@@ -209,7 +241,11 @@ class TransformersEngine(EngineBase):
             index = torch.tensor(owner, device=device)
             cache.batch_select_indices(index)
             logits, mask, positions = logits[index], mask[index], positions[index]
+        steps = 0
         while rows:
+            steps += 1
+            if steps % SLICE_STEPS == 0 and self._preempt(rows):
+                return [r for r in rows if not r.cancelled.is_set()]
             # the chosen tokens' log-softmax under the raw logits (vLLM's raw_logprobs), taken before
             # _sample masks or scales them
             logprobs = torch.log_softmax(logits.float(), dim=-1)
@@ -218,7 +254,7 @@ class TransformersEngine(EngineBase):
             keep = [i for i, (r, t, lp) in enumerate(zip(rows, tokens.tolist(), chosen, strict=True))
                     if self._advance(r, t, lp)]
             if not keep:
-                return
+                return []
             if len(keep) < len(rows):
                 index = torch.tensor(keep, device=device)
                 cache.batch_select_indices(index)

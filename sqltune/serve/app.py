@@ -34,6 +34,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from sqltune import __version__, logs
 from sqltune.config import Config
 from sqltune.engines.base import Engine, SamplingParams, complete
+from sqltune.engines.fair import client_request
 from sqltune.serve.metrics import Metrics
 from sqltune.serve.protocol import error_body
 from sqltune.serve.service import ApiError, Service, request_started
@@ -179,6 +180,7 @@ class Gate:
         path = scope["path"]
         headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
         request_id = headers.get("x-request-id") or uuid.uuid4().hex
+        client_request.set(uuid.uuid4().hex)  # the engine's fair share is per request (sqltune.engines.fair)
         status = {"code": 500, "bytes": 0, "started": 0, "sse": 0}
         method = scope["method"]
         if method == "HEAD":  # load balancers probe with HEAD: a GET without its body (RFC 9110 9.3.2)
