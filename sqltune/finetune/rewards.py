@@ -18,6 +18,7 @@ import functools
 import math
 import multiprocessing
 import os
+import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -83,9 +84,17 @@ _LIMITS = Limits()
 _OPEN: dict[str, Any] = {}  # database -> (Database, Schema, runner), opened once per worker
 
 
-def _init(limits: Limits) -> None:
+def _init(limits: Limits, parent: int) -> None:
     global _LIMITS
     _LIMITS = limits
+    threading.Thread(target=_exit_with, args=(parent,), daemon=True).start()
+
+
+def _exit_with(parent: int) -> None:
+    """End this worker once the trainer is gone: a SIGKILLed job leaves no workers behind to hold its databases."""
+    while os.getppid() == parent:
+        time.sleep(1.0)
+    os._exit(0)
 
 
 def execute(task: Task, limits: Limits | None = None) -> Outcome:
@@ -167,7 +176,7 @@ class Scorer:
     def _start(self) -> Any:
         if self._pool is None:
             ctx = multiprocessing.get_context("spawn")
-            self._pool = ctx.Pool(self.workers, initializer=_init, initargs=(self.limits,))
+            self._pool = ctx.Pool(self.workers, initializer=_init, initargs=(self.limits, os.getpid()))
         return self._pool
 
     def backstop_s(self, tasks: int) -> float:
