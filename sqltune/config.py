@@ -117,6 +117,10 @@ class Config:
     gradient_checkpointing: bool = _f(False, "Recompute activations to save memory (slower).")
     max_seq_length: int = _f(512, "Longest example in tokens; longer examples are skipped and counted.",
                              minimum=16)
+    batch_token_budget: int = _f(0, "Most tokens (rows x padded length) one forward and backward pass computes: a "
+                                 "batch of longer rows runs as several passes over groups of its rows, with the "
+                                 "same gradient, so memory stays bounded when schemas are long; 0 = whole batches.",
+                                 minimum=0)
     logging_steps: int = _f(10, "Log one JSON line every N steps.", minimum=1)
     save_steps: int = _f(100, "Checkpoint every N steps.", minimum=1)
     save_total_limit: int = _f(2, "Checkpoints kept; older ones are pruned.", minimum=1)

@@ -70,6 +70,43 @@ def limit_loss_tiles(tokens: int, vocab: int) -> dict[str, int]:
     return done
 
 
+def split_rows(inputs: dict[str, Any], budget: int) -> list[dict[str, Any]]:
+    """A padded batch as consecutive groups of rows of at most `budget` tokens each (at least one row per group):
+    the whole batch when it fits."""
+    ids = inputs["input_ids"]
+    rows, length = ids.shape[0], ids.shape[1]
+    if budget <= 0 or rows * length <= budget:
+        return [inputs]
+    per = max(1, budget // length)
+    return [{k: v[i:i + per] if hasattr(v, "shape") and v.shape[:1] == ids.shape[:1] else v for k, v in inputs.items()}
+            for i in range(0, rows, per)]
+
+
+def token_budget_trainer(base: type) -> type:
+    """`base` (TRL's SFTTrainer) whose step runs a batch longer than `token_budget` tokens as several forward and
+    backward passes over groups of its rows. The loss of each group is its completion tokens' summed loss over the
+    whole batch's count (`num_items_in_batch`, which the Trainer computes before the step), so the gradient is the
+    batch's own: the same rows, the same update, and activation memory bounded by the budget instead of growing
+    with the longest rows (a Spider schema of 700 tokens at batch 8 held 10 GB)."""
+
+    class TokenBudgetTrainer(base):  # type: ignore[misc, valid-type]
+        token_budget = 0
+
+        def training_step(self, model: Any, inputs: dict[str, Any], num_items_in_batch: Any = None) -> Any:
+            groups = split_rows(inputs, self.token_budget)
+            if len(groups) == 1:
+                return super().training_step(model, inputs, num_items_in_batch)
+            if num_items_in_batch is None:  # each group's mean would then weigh its few rows as a whole batch
+                num_items_in_batch = int((inputs["labels"][:, 1:] != -100).sum())
+            total = None
+            for group in groups:
+                loss = super().training_step(model, group, num_items_in_batch)
+                total = loss if total is None else total + loss
+            return total
+
+    return TokenBudgetTrainer
+
+
 def build_trainer(cfg: Config, method: str, precision: Any, model: Any, tokenizer: Any, train_ds: Any,
                    eval_ds: Any, run_dir: Path, callbacks: list[Any], extra_args: dict[str, Any] | None = None) -> Any:
     """TRL's SFTTrainer for the Config; `extra_args` (SFTConfig fields) are for benchmarks measuring a change."""
@@ -125,8 +162,9 @@ def build_trainer(cfg: Config, method: str, precision: Any, model: Any, tokenize
             targets = "all-linear"
         peft_config = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
                                  target_modules=targets, bias="none", task_type="CAUSAL_LM")
-    trainer = SFTTrainer(model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds,
-                         processing_class=tokenizer, peft_config=peft_config, callbacks=callbacks)
+    trainer = token_budget_trainer(SFTTrainer)(model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds,
+                                               processing_class=tokenizer, peft_config=peft_config, callbacks=callbacks)
+    trainer.token_budget = cfg.batch_token_budget
     trainer.remove_callback(PrinterCallback)  # our JSON lines replace the raw dict prints
     if not logs.show_progress():
         trainer.remove_callback(ProgressCallback)

@@ -28,7 +28,7 @@ from fastapi import APIRouter, Request
 from pydantic import Field
 
 from sqltune import logs, prompts
-from sqltune.ask.answer import AskResult, choose_on_database
+from sqltune.ask.answer import AskResult, answer_candidates
 from sqltune.config import Config
 from sqltune.db import dialect, introspect
 from sqltune.db.connect import Database, connect, warn_if_writable
@@ -186,15 +186,16 @@ def _from_completions(cfg: Config, database: LiveDatabase, question: str, select
     engine = service.engine
     texts = [prompts.extract_sql(r.text, engine.eos_token, engine.template) for r in results]
     errors = [r.error if r.finish_reason == "error" else "" for r in results]
-    picked = None
-    if len(results) > 1:  # voted here, on the real database, as `sqltune ask --candidates` does
+    picked, ran = None, None
+    if len(results) > 1:  # voted here, on the real database, as `sqltune ask --candidates` does: one --db-timeout
+        # for the question, and the chosen candidate's result from the vote (never a second run)
         candidates = [vote.Candidate(t, r.logprob, e) for t, r, e in zip(texts, results, errors, strict=True)]
-        picked = choose_on_database(cfg, database.db, database.schema.to_schema(), candidates)
-        sql, error = picked.sql, errors[picked.chosen]
+        picked, translation, result = answer_candidates(cfg, database.db, database.schema.to_schema(), candidates)
+        sql, error, ran = picked.sql, errors[picked.chosen], (translation, result)
     else:
         sql, error = texts[0], errors[0]
     out = _answer(cfg, database, question, sql, "model", [], selection, error, results[0].text, timing,
-                  picked.to_dict() if picked else None)
+                  picked.to_dict() if picked else None, ran)
     usage = {"prompt_tokens": results[0].prompt_tokens, "completion_tokens": sum(r.completion_tokens for r in results)}
     return {**out, "model": engine.model_id, "finish_reason": results[picked.chosen if picked else 0].finish_reason,
             "usage": usage}
@@ -202,12 +203,16 @@ def _from_completions(cfg: Config, database: LiveDatabase, question: str, select
 
 def _answer(cfg: Config, database: LiveDatabase, question: str, sql: str, source: str, warnings: list[str],
             selection: introspect.Selection | None = None, gen_error: str = "", raw: str = "",
-            timing: dict[str, float] | None = None, picked: dict[str, Any] | None = None) -> dict[str, Any]:
-    """`sql` translated, gated and run read-only on the database: `ask --format json`'s object, plus `lint`."""
+            timing: dict[str, float] | None = None, picked: dict[str, Any] | None = None,
+            ran: tuple[Any, ExecResult] | None = None) -> dict[str, Any]:
+    """`sql` translated, gated and run read-only on the database (or, with `ran`, the translation and result a vote
+    already has): `ask --format json`'s object, plus `lint`."""
     t0 = time.perf_counter()
     db, schema = database.db, database.schema.to_schema()
-    translation = dialect.translate(sql, schema, source=cfg.db_dialect, target=db.dialect)
-    if gen_error or not translation.ok:
+    translation = ran[0] if ran else dialect.translate(sql, schema, source=cfg.db_dialect, target=db.dialect)
+    if ran:
+        result = ran[1]
+    elif gen_error or not translation.ok:
         result = ExecResult(ok=False, error_kind=translation.error_kind or "generation",
                             error=translation.error or gen_error)
     else:

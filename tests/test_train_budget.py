@@ -1,0 +1,47 @@
+"""A batch longer than --batch-token-budget runs as several passes over groups of its rows with the batch's own
+gradient: the same weights as whole batches, with less memory per pass.
+
+    pytest tests/test_train_budget.py
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from sqltune.finetune.trainer import split_rows
+from tests.conftest import log_events, run_sqltune
+
+pytestmark = pytest.mark.slow
+
+
+def test_split_rows_keeps_every_row_once_within_the_budget() -> None:
+    batch = {"input_ids": torch.arange(40).reshape(8, 5), "labels": torch.ones(8, 5), "flag": True}
+    groups = split_rows(batch, 12)
+    assert [g["input_ids"].shape[0] for g in groups] == [2, 2, 2, 2]
+    assert torch.equal(torch.cat([g["input_ids"] for g in groups]), batch["input_ids"])
+    assert all(g["flag"] is True for g in groups)
+    assert split_rows(batch, 40) == [batch] and split_rows(batch, 0) == [batch]
+    assert [g["input_ids"].shape[0] for g in split_rows(batch, 3)] == [1] * 8  # a row longer than the budget: alone
+
+
+def _train(out: Path, budget: int) -> tuple[dict[str, torch.Tensor], list[float]]:
+    done = run_sqltune("finetune", "--model", "tiny", "--method", "full", "--dataset", "synthetic:96",
+                       "--max-steps", "3", "--train-batch-size", "8", "--tiny-layers", "1", "--max-seq-length", "128",
+                       "--save-steps", "1000", "--logging-steps", "1", "--eval-generate-limit", "0", "--dtype", "fp32",
+                       "--batch-token-budget", str(budget), "--output", str(out))
+    assert done.returncode == 0, done.stderr[-2000:]
+    losses = [e["loss"] for e in log_events(done.stderr, "train step") if "loss" in e]
+    return load_file(next(out.glob("*.safetensors"))), losses
+
+
+def test_a_token_budget_gives_the_same_weights_as_whole_batches(tmp_path: Path) -> None:
+    whole, whole_losses = _train(tmp_path / "whole", 0)
+    split, split_losses = _train(tmp_path / "split", 64)  # rows of ~30 tokens: groups of 1-2 rows
+    assert whole_losses and split_losses == pytest.approx(whole_losses, rel=1e-4)
+    assert whole.keys() == split.keys()
+    for name in whole:
+        assert torch.allclose(whole[name], split[name], atol=1e-5), name
