@@ -13,6 +13,7 @@ the same thing.
 from __future__ import annotations
 
 import csv
+import dataclasses
 import io
 import json
 import time
@@ -89,6 +90,10 @@ class Writer:
             trained = self.llm.meta.get("max_new_tokens")
             if trained and "eval_max_new_tokens" not in sources:
                 self.max_new_tokens = int(trained)
+            chars = (self.llm.meta.get("config") or {}).get("db_context_chars")
+            if "db_context_chars" not in sources and isinstance(chars, int) and chars > 0:
+                # the schema budget the model was trained with (sqltune.db.introspect.context_for)
+                self.cfg = dataclasses.replace(cfg, db_context_chars=chars)
 
     def close(self) -> None:
         if self.llm is not None:

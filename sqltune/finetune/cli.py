@@ -18,7 +18,6 @@ from sqltune import config, logs
 from sqltune.artifacts import manifests
 from sqltune.finetune.job import finetune
 
-
 DATABASE_FIELDS = ("database", "db_schema", "db_dialect", "db_keys", "db_context_chars")
 
 
