@@ -90,15 +90,19 @@ class FairQueue:
         return batch
 
     def starved(self, running: Sequence[Any], capacity: int) -> bool:
-        """Whether a waiting group holds fewer rows in `running` than its share of the capacity
-        (capacity / the groups running or waiting), or a free row slot could take a waiting row."""
+        """Whether to end the running batch for the waiting rows: a request holds more than its share of the
+        capacity (capacity / the requests running or waiting) while a waiting one holds less, or half the
+        batch's rows are free. A preempted row re-reads its prompt and text at its next turn, a prefill that
+        costs as much as hundreds of decode steps of the batch, so rows that hold no more than their share
+        are never swapped for others (an eval of 200 one-row requests would otherwise recompute its batch
+        every few steps), and a few free slots wait for the batch to end as before."""
         self._prune()
         if not self.groups:
             return False
-        if len(running) < capacity:
+        if len(running) <= capacity // 2:
             return True
         held: dict[str, int] = {}
         for row in running:
             held[row.group] = held.get(row.group, 0) + 1
         share = max(1, capacity // len(set(held) | set(self.groups)))
-        return any(held.get(key, 0) < share for key in self.groups)
+        return any(n > share for n in held.values()) and any(held.get(key, 0) < share for key in self.groups)
