@@ -208,7 +208,7 @@ def with_hint(question: str, hint: str) -> str:
 def read_layout(source: str, *, context_chars: int, keys: bool = True, question_syn: bool = False,
                 skipped: Counter[str] | None = None) -> tuple[list[Any], DatabaseReport]:
     """The rows of a Spider / BIRD folder as Examples with their database, context and gold checked."""
-    from sqltune.data.loading import Example
+    from sqltune.data.examples import Example
     from sqltune.db import introspect
 
     found = layout_root(source)
@@ -271,7 +271,7 @@ def read_pairs(rows: Iterable[Any], database: str, *, context_chars: int, keys: 
     """Question / SQL pairs on one database (`--dataset pairs.jsonl --database URL`): contexts from its schema
     as `ask` builds them, each gold query run read-only first and counted."""
     from sqltune.config import redact_url
-    from sqltune.data.loading import Example
+    from sqltune.data.examples import Example
     from sqltune.db import introspect
 
     mapping = mapping or {"question": "question", "answer": "answer"}
@@ -307,7 +307,7 @@ def held_out(db_ids: Sequence[str], chosen: Sequence[str], fraction: float) -> s
     """The databases whose questions form the eval split: `chosen` when given; else Spider's train databases
     fixed above where the source has them; else a hash of each db_id at `fraction` (never by row: questions on
     one database share its schema and values)."""
-    from sqltune.data.loading import is_eval
+    from sqltune.data.examples import is_eval
 
     ids = set(db_ids)
     if chosen:

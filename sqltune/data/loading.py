@@ -21,28 +21,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from sqltune.data.examples import Example, is_eval, normalise_question
 from sqltune.errors import DataError
 
 FIELDS = ("question", "context", "answer")
 _CREATE = re.compile(r"^\s*CREATE\s+TABLE\s+[\w\"`\[\].]+\s*\(.+\)\s*$", re.IGNORECASE | re.DOTALL)
 LOCAL_SUFFIXES = {".json": "json", ".jsonl": "json", ".parquet": "parquet", ".csv": "csv"}
-
-
-@dataclass(frozen=True)
-class Example:
-    question: str
-    context: str
-    answer: str
-    # a row of a real database (the Spider / BIRD layout, or --database): its id, and the SQLite file or URL the
-    # gold SQL runs on; "" for rows whose databases are synthesised from the context
-    db_id: str = ""
-    database: str = ""
-    hint: str = ""  # BIRD's `evidence`: domain knowledge the question needs, given to the model with the question
-
-    def to_dict(self) -> dict[str, str]:
-        row = {"question": self.question, "context": self.context, "answer": self.answer}
-        row.update({k: v for k, v in (("db_id", self.db_id), ("database", self.database), ("hint", self.hint)) if v})
-        return row
 
 
 @dataclass
@@ -213,16 +197,6 @@ def repeat_multi_table(examples: list[Example], times: int) -> tuple[list[Exampl
         return examples, 0
     multi = [ex for ex in examples if kind_of(ex) == "multi_table"]
     return examples + multi * (times - 1), len(multi) * (times - 1)
-
-
-def normalise_question(question: str) -> str:
-    return " ".join(re.sub(r"[^\w\s]", " ", question.lower()).split())
-
-
-def is_eval(question: str, fraction: float) -> bool:
-    """Deterministic split: a hash of the normalised question, not the row's position."""
-    digest = hashlib.sha256(normalise_question(question).encode()).digest()
-    return int.from_bytes(digest[:8], "big") / 2**64 < fraction
 
 
 def select(examples: list[Example], split: str, fraction: float, limit: int, seed: int) -> list[Example]:

@@ -218,7 +218,7 @@ def run(cfg: Config, sources: dict[str, str] | None = None) -> Path:
     from sqltune import generation, tracking
     from sqltune.data import loading
     from sqltune.export import merge
-    from sqltune.finetune import attempts, job
+    from sqltune.finetune import attempts, common
     from sqltune.finetune.callbacks import CheckpointManifest, DiskSpaceCheck, HeapTrim, StopControl
     from sqltune.models import base_models
 
@@ -246,9 +246,9 @@ def run(cfg: Config, sources: dict[str, str] | None = None) -> Path:
         restored = checkpoints.restore(cfg.output_dir, ckpt_root)
     if restored:
         logs.event(log, "restored checkpoints from the output", count=restored)
-    resume_from = job.find_resume_checkpoint(ckpt_root, cfg.resume)
+    resume_from = common.find_resume_checkpoint(ckpt_root, cfg.resume)
     if resume_from is not None:
-        job.check_resumable(resume_from, policy, cfg.output_dir)
+        common.check_resumable(resume_from, policy, cfg.output_dir)
 
     splits = loading.load_splits(cfg.dataset, split=cfg.dataset_split, columns=cfg.column_map, limit=cfg.dataset_limit,
                                  eval_fraction=cfg.eval_fraction, seed=cfg.seed, keep_literal_case=cfg.keep_literal_case)
@@ -305,20 +305,20 @@ def run(cfg: Config, sources: dict[str, str] | None = None) -> Path:
     if stop.reason == "time" and trainer.state.global_step < trainer.state.max_steps:
         metrics["cut_short"] = {"reason": "max_train_minutes", "max_train_minutes": cfg.max_train_minutes,
                                 "steps_run": trainer.state.global_step, "planned_steps": trainer.state.max_steps}
-    metrics["peak_rss_train_mb"] = job.peak_rss_mb()
+    metrics["peak_rss_train_mb"] = common.peak_rss_mb()
     trainer.ref_model = None  # the KL reference (a full policy's second copy) is not needed to export
-    job.release_training_state(trainer)
+    common.release_training_state(trainer)
     if not logs.is_rank0():
         return run_dir
     final = merge.export(trainer, cfg, method=policy, precision=precision, base_name=base_name, run_dir=run_dir,
                          template=template, data_report=splits.report.to_dict(), metrics=metrics, base=base_info,
                          max_new_tokens=answer_tokens or cfg.grpo_max_completion_length,
-                         check=job._heldout_check(cfg, splits.eval, splits.train), tracking=tracking.describe(tracker))
+                         check=common.heldout_check(cfg, splits.eval, splits.train), tracking=tracking.describe(tracker))
     if tracker is not None:
         tracker.log_metrics({k: v for k, v in metrics.items() if isinstance(v, (int, float))}, trainer.state.global_step,
                             prefix="final/")
         tracker.close()
     where = registry.publish(final, cfg.output_dir)
     logs.event(log, "finetune finished", output=where, method="grpo", wall_s=round(time.time() - started, 1),
-               peak_rss_mb=job.peak_rss_mb(), steps=trainer.state.global_step)
+               peak_rss_mb=common.peak_rss_mb(), steps=trainer.state.global_step)
     return final

@@ -20,37 +20,16 @@ from sqltune.artifacts import checkpoints, manifests, registry
 from sqltune.config import Config
 from sqltune.errors import ConfigError, DataError, TrainingInterrupted
 
+# shared with the GRPO job (sqltune.finetune.grpo), which imports them from there
+from sqltune.finetune.common import (
+    check_resumable,
+    find_resume_checkpoint,
+    heldout_check,
+    peak_rss_mb,
+    release_training_state,
+)
+
 log = logs.get("train")
-
-def find_resume_checkpoint(root: Path, resume: str) -> Path | None:
-    """The checkpoint to resume from: newest complete one (auto), none (never), or an explicit path."""
-    if resume == "never":
-        return None
-    if resume != "auto":
-        path = Path(resume)
-        if not manifests.is_complete(path):
-            raise ConfigError(f"--resume {resume}: not a complete checkpoint (missing or without manifest.json)",
-                              "pass a checkpoint-<step> folder written by sqltune, or --resume auto")
-        return path
-    if not root.is_dir():
-        return None
-    found = sorted(((int(m.group(1)), p) for p in root.iterdir() if (m := checkpoints.NAME.match(p.name))), reverse=True)
-    for _step, path in found:
-        if manifests.is_complete(path):
-            return path
-        log.warning(f"skipping incomplete checkpoint {path.name} (no manifest: the job died while saving it)")
-    return None
-
-
-def check_resumable(checkpoint: Path, method: str, output: str) -> None:
-    """A checkpoint of another method cannot be resumed: a LoRA checkpoint holds an adapter, a full one the
-    whole model. Say so before loading anything (a folder that once held another recipe's run)."""
-    has_adapter = (checkpoint / "adapter_config.json").exists()
-    if has_adapter == (method in ("lora", "qlora")):
-        return
-    kind, other = ("a LoRA adapter", "full") if has_adapter else ("a fully fine-tuned model", method)
-    raise ConfigError(f"{checkpoint.name} in {output} holds {kind}, and this run's method is {other}: it cannot "
-                      "resume from it", f"pass a new --output, or delete {checkpoint.parent} to start over there")
 
 
 def _stop_reason_message(reason: str) -> str:
@@ -235,7 +214,7 @@ def finetune(cfg: Config, sources: dict[str, str] | None = None) -> Path:
     final = merge.export(trainer, cfg, method=method, precision=precision, base_name=base_name, run_dir=run_dir,
                          template=template, data_report=splits.report.to_dict(), metrics=metrics, base=base_info,
                          max_new_tokens=max(sum(m) for m in train_ds["completion_mask"]),
-                         check=_heldout_check(cfg, splits.eval, splits.train), tracking=tracking.describe(tracker))
+                         check=heldout_check(cfg, splits.eval, splits.train), tracking=tracking.describe(tracker))
     if tracker is not None:
         tracker.log_metrics({**metrics, **(metrics.get("heldout") or {})}, trainer.state.global_step, prefix="final/")
         tracker.close()
@@ -243,34 +222,3 @@ def finetune(cfg: Config, sources: dict[str, str] | None = None) -> Path:
     logs.event(log, "finetune finished", output=where, wall_s=round(time.time() - started, 1), peak_rss_mb=peak_rss_mb(),
                **{k: v for k, v in metrics.items() if isinstance(v, (int, float))})
     return final
-
-
-def peak_rss_mb() -> float:
-    """This process's peak resident memory so far (Linux reports kB)."""
-    import resource
-
-    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
-
-
-def release_training_state(trainer: Any) -> None:
-    """Free what only training needs before the export loads more models: the optimizer's state (AdamW keeps
-    twice the trained weights: 1.1 GB for a full fine-tune of a 135M model) lives on in the trainer and in
-    accelerate's references; the checkpoints already hold it for a resume."""
-    trainer.optimizer = trainer.lr_scheduler = None
-    trainer.callback_handler.optimizer = trainer.callback_handler.lr_scheduler = None
-    trainer.accelerator.free_memory()
-    from sqltune.finetune.callbacks import trim_heap
-
-    trim_heap()  # what was freed leaves the resident set, not only the Python heap
-
-
-def _heldout_check(cfg: Any, examples: list[Any], train: list[Any]) -> Any:
-    """The held-out check the export runs on the staged model (None when eval_generate_limit is 0)."""
-    if not cfg.eval_generate_limit or not examples:
-        return None
-    from sqltune.data.loading import normalise_question
-    from sqltune.finetune import heldout
-
-    seen = {normalise_question(ex.question) for ex in train}
-    return lambda stage, precision: heldout.score(stage, heldout.sample(examples, cfg.eval_generate_limit), precision,
-                                                  trained_on=lambda q: normalise_question(q) in seen)
