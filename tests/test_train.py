@@ -204,7 +204,7 @@ def test_demo_command_runs(tmp_path: Path) -> None:
 
 def test_resume_path_must_be_a_complete_checkpoint(tmp_path: Path) -> None:
     from sqltune.errors import ConfigError
-    from sqltune.finetune.job import find_resume_checkpoint
+    from sqltune.finetune.common import find_resume_checkpoint
 
     ckpts = tmp_path / "checkpoints"
     for step in (5, 10):
@@ -394,7 +394,7 @@ def test_the_optimizer_state_is_freed_before_the_export(tmp_path: Path) -> None:
     from sqltune import config
     from sqltune.data import loading
     from sqltune.finetune import trainer as sft
-    from sqltune.finetune.job import peak_rss_mb, release_training_state
+    from sqltune.finetune.common import peak_rss_mb, release_training_state
     from sqltune.prompts import DEFAULT_TEMPLATE
 
     cfg, _ = config.resolve(None, {}, {"max_steps": "1", "train_batch_size": "4", "save_steps": "1000",

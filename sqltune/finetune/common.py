@@ -3,11 +3,12 @@ held-out check the export runs."""
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any
 
 from sqltune import logs
-from sqltune.artifacts import checkpoints, manifests
+from sqltune.artifacts import checkpoints, manifests, registry
 from sqltune.errors import ConfigError
 
 log = logs.get("train")
@@ -73,3 +74,33 @@ def heldout_check(cfg: Any, examples: list[Any], train: list[Any]) -> Any:
     seen = {normalise_question(ex.question) for ex in train}
     return lambda stage, precision: heldout.score(stage, heldout.sample(examples, cfg.eval_generate_limit), precision,
                                                   trained_on=lambda q: normalise_question(q) in seen)
+
+
+def prepare_run(cfg: Any, method: str) -> tuple[Path, Path, Path | None]:
+    """(run folder, checkpoint folder, checkpoint to resume from): the output's checkpoints restored from the
+    bucket first, by one process per machine while the others wait (they then find the same checkpoint on the
+    local disk, so every rank resumes at the same step); a checkpoint of another method is refused."""
+    from accelerate import PartialState
+
+    run_dir = registry.work_dir(cfg.output_dir)
+    ckpt_root = run_dir / manifests.CHECKPOINTS
+    ckpt_root.mkdir(parents=True, exist_ok=True)
+    with PartialState().local_main_process_first():
+        restored = checkpoints.restore(cfg.output_dir, ckpt_root)
+    if restored:
+        logs.event(log, "restored checkpoints from the output", count=restored)
+    if cfg.resume == "auto" and int(os.environ.get("CLOUD_RUN_TASK_ATTEMPT", "0") or 0) > 0:
+        logs.event(log, "retried task: resuming", attempt=os.environ["CLOUD_RUN_TASK_ATTEMPT"])
+    resume_from = find_resume_checkpoint(ckpt_root, cfg.resume)
+    if resume_from is not None:
+        check_resumable(resume_from, method, cfg.output_dir)
+    return run_dir, ckpt_root, resume_from
+
+
+def load_data(cfg: Any) -> Any:
+    """The job's Splits: every source of cfg.dataset, rows on real databases with the contexts `ask` builds."""
+    from sqltune.data import loading
+
+    return loading.load_splits(cfg.dataset, split=cfg.dataset_split, columns=cfg.column_map, limit=cfg.dataset_limit,
+                               eval_fraction=cfg.eval_fraction, seed=cfg.seed, keep_literal_case=cfg.keep_literal_case,
+                               db=loading.database_options(cfg))

@@ -213,10 +213,8 @@ def run(cfg: Config, sources: dict[str, str] | None = None) -> Path:
     import datasets
     import torch
     import transformers
-    from accelerate import PartialState
 
     from sqltune import generation, tracking
-    from sqltune.data import loading
     from sqltune.export import merge
     from sqltune.finetune import attempts, common
     from sqltune.finetune.callbacks import CheckpointManifest, DiskSpaceCheck, HeapTrim, StopControl
@@ -239,19 +237,8 @@ def run(cfg: Config, sources: dict[str, str] | None = None) -> Path:
                rewards=cfg.grpo_rewards, generation="vllm " + cfg.grpo_vllm if cfg.grpo_vllm != "off" else "transformers",
                overrides=sources or {}, torch=torch.__version__)
 
-    run_dir = registry.work_dir(cfg.output_dir)
-    ckpt_root = run_dir / manifests.CHECKPOINTS
-    ckpt_root.mkdir(parents=True, exist_ok=True)
-    with PartialState().local_main_process_first():
-        restored = checkpoints.restore(cfg.output_dir, ckpt_root)
-    if restored:
-        logs.event(log, "restored checkpoints from the output", count=restored)
-    resume_from = common.find_resume_checkpoint(ckpt_root, cfg.resume)
-    if resume_from is not None:
-        common.check_resumable(resume_from, policy, cfg.output_dir)
-
-    splits = loading.load_splits(cfg.dataset, split=cfg.dataset_split, columns=cfg.column_map, limit=cfg.dataset_limit,
-                                 eval_fraction=cfg.eval_fraction, seed=cfg.seed, keep_literal_case=cfg.keep_literal_case)
+    run_dir, ckpt_root, resume_from = common.prepare_run(cfg, policy)
+    splits = common.load_data(cfg)
     real = check_databases(splits.train)
     base_name, base_info = base_models.resolve_source(cfg.model_name)
     tokenizer = base_models.load_tokenizer(base_name, cfg.trust_remote_code)

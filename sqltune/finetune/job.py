@@ -22,10 +22,10 @@ from sqltune.errors import ConfigError, DataError, TrainingInterrupted
 
 # shared with the GRPO job (sqltune.finetune.grpo), which imports them from there
 from sqltune.finetune.common import (
-    check_resumable,
-    find_resume_checkpoint,
     heldout_check,
+    load_data,
     peak_rss_mb,
+    prepare_run,
     release_training_state,
 )
 
@@ -97,26 +97,8 @@ def finetune(cfg: Config, sources: dict[str, str] | None = None) -> Path:
                output=cfg.output_dir,
                overrides=sources or {}, torch=torch.__version__)
 
-    run_dir = registry.work_dir(cfg.output_dir)
-    ckpt_root = run_dir / manifests.CHECKPOINTS
-    ckpt_root.mkdir(parents=True, exist_ok=True)
-    from accelerate import PartialState
-
-    # one process per machine restores from the bucket while the others wait; they then find the same
-    # checkpoint on the local disk, so every rank resumes at the same step
-    with PartialState().local_main_process_first():
-        restored = checkpoints.restore(cfg.output_dir, ckpt_root)
-    if restored:
-        logs.event(log, "restored checkpoints from the output", count=restored)
-    if cfg.resume == "auto" and int(os.environ.get("CLOUD_RUN_TASK_ATTEMPT", "0") or 0) > 0:
-        logs.event(log, "retried task: resuming", attempt=os.environ["CLOUD_RUN_TASK_ATTEMPT"])
-    resume_from = find_resume_checkpoint(ckpt_root, cfg.resume)
-    if resume_from is not None:
-        check_resumable(resume_from, method, cfg.output_dir)
-
-    splits = loading.load_splits(cfg.dataset, split=cfg.dataset_split, columns=cfg.column_map, limit=cfg.dataset_limit,
-                                 eval_fraction=cfg.eval_fraction, seed=cfg.seed, keep_literal_case=cfg.keep_literal_case,
-                                 db=loading.database_options(cfg))
+    run_dir, ckpt_root, resume_from = prepare_run(cfg, method)
+    splits = load_data(cfg)
     # the tiny model's tokenizer is trained on the plain template's text; a chat template needs a real tokenizer
     template = prompts.DEFAULT_TEMPLATE
     train_rows, splits.report.multi_table_repeated = loading.repeat_multi_table(splits.train, cfg.multi_table_repeat)
