@@ -96,9 +96,9 @@ class HeapTrim(TrainerCallback):
     where the last trim left it: rows of very different lengths (a Spider schema of 700 tokens beside a
     one-table question of 80) leave glibc holding freed pages, and a run at batch 8 and 768 tokens grew to 9.5 GB
     while under 3 GB were in use. Trimming after every step would cost 20% of the step time in refaulted pages;
-    trimming on growth costs one trim when the heap has grown by a gigabyte."""
+    trimming on growth costs one trim when the heap has grown by half a gigabyte."""
 
-    def __init__(self, growth_mb: float = 1024.0) -> None:
+    def __init__(self, growth_mb: float = 512.0) -> None:
         self.growth_mb, self.floor_mb = growth_mb, 0.0
 
     def _trim(self) -> None:
