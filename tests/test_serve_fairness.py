@@ -11,6 +11,7 @@ import threading
 import time
 
 import httpx
+import pytest
 
 from sqltune.prompts import load_template
 from sqltune.serve.process import ServerProcess
@@ -18,11 +19,15 @@ from sqltune.serve.process import ServerProcess
 SCHEMA = "CREATE TABLE head (age INTEGER, name VARCHAR)"
 
 
-def test_a_bystander_is_answered_while_a_flood_of_one_request_still_decodes(tiny_model_dir) -> None:
+@pytest.mark.parametrize("engine", ["transformers", "llamacpp"])
+def test_a_bystander_is_answered_while_a_flood_of_one_request_still_decodes(tiny_model_dir, engine: str) -> None:
+    """transformers: round-robin admission and preemption; llama.cpp (no preemption): a request holds at most its
+    share of the slots, so the bystander finds one free."""
     prompt = load_template(tiny_model_dir).build_prompt("How many heads?", SCHEMA)
     flood = {"prompt": prompt, "n": 16, "max_tokens": 900, "min_tokens": 900}
     finished: list[str] = []
-    with ServerProcess(["--model", str(tiny_model_dir), "--max-batch-size", "8", "--request-timeout", "600"]) as server:
+    with ServerProcess(["--model", str(tiny_model_dir), "--max-batch-size", "8", "--request-timeout", "600",
+                        "--engine", engine]) as server:
         def attack() -> None:
             r = httpx.post(server.url + "/v1/completions", json=flood, timeout=600)
             finished.append(f"flood {r.status_code}")

@@ -106,3 +106,44 @@ class FairQueue:
             held[row.group] = held.get(row.group, 0) + 1
         share = max(1, capacity // len(set(held) | set(self.groups)))
         return any(n > share for n in held.values()) and any(held.get(key, 0) < share for key in self.groups)
+
+
+class SlotShares:
+    """Admission to an engine with a fixed number of slots and no preemption (llama.cpp's server loop): a request
+    takes a slot only while it holds fewer than its share (capacity / the requests holding or waiting for slots,
+    and never more than half the slots while others may come), so a request's n choices or candidates leave slots
+    for the next client instead of queueing it behind all of them. Rows wait here, not in a slot."""
+
+    def __init__(self, capacity: int) -> None:
+        self.capacity = capacity
+        self.held: dict[str, int] = {}
+        self.waiting: dict[str, int] = {}
+        self._cond: Any = None
+
+    def _share(self) -> int:
+        groups = len(set(self.held) | set(self.waiting))
+        cap = self.capacity if self.capacity == 1 else max(1, self.capacity // 2)
+        return max(1, min(cap, self.capacity // max(1, groups)))
+
+    async def acquire(self, group: str) -> None:
+        import asyncio
+
+        if self._cond is None:
+            self._cond = asyncio.Condition()
+        async with self._cond:
+            self.waiting[group] = self.waiting.get(group, 0) + 1
+            try:
+                await self._cond.wait_for(lambda: sum(self.held.values()) < self.capacity
+                                          and self.held.get(group, 0) < self._share())
+            finally:
+                self.waiting[group] -= 1
+                if not self.waiting[group]:
+                    del self.waiting[group]
+            self.held[group] = self.held.get(group, 0) + 1
+
+    async def release(self, group: str) -> None:
+        async with self._cond:
+            self.held[group] -= 1
+            if not self.held[group]:
+                del self.held[group]
+            self._cond.notify_all()

@@ -8,7 +8,9 @@ llama.cpp runs `--max-batch-size` slots with continuous batching on its own thre
 CPUs this process may use). Each request is one call into llama.cpp's completion handler on a worker
 thread; tokens come back through a callback, which returns True to stop: that is how a client that went
 away cancels its slot. Every request carries its own parameters, so one bad request is answered with
-its own error and never touches the others.
+its own error and never touches the others. llama.cpp does not preempt a slot, so a request takes a slot
+only within its share (sqltune.engines.fair.SlotShares: at most half the slots, and capacity / the requests
+holding or waiting): a request's n choices or candidates leave room for the next client.
 
 The prompt goes in as token ids (`prompts.encode_prompt` of the folder's tokenizer, BOS included), so
 llama.cpp decodes exactly what training saw; the round-trip tests check llama.cpp's own tokenizer gives
@@ -37,6 +39,7 @@ from typing import Any
 
 from sqltune import logs
 from sqltune.config import Config
+from sqltune.engines import fair
 from sqltune.engines.base import Delta, EngineBase, SamplingParams
 from sqltune.errors import ModelError
 from sqltune.prompts import PromptTemplate, encode_prompt
@@ -214,6 +217,7 @@ class LlamaCppEngine(EngineBase):
         self._on_batch: Callable[[int], None] | None = None
         self._active = 0
         self._lock = threading.Lock()
+        self._shares = fair.SlotShares(self.capacity)
 
     @property
     def eos_token(self) -> str | None:
@@ -269,6 +273,8 @@ class LlamaCppEngine(EngineBase):
         except ValueError as e:
             yield Delta("", n_prompt, 0, "error", str(e))
             return
+        group = fair.group_key()
+        await self._shares.acquire(group)  # a fair share of the slots per request (sqltune.engines.fair)
         future = loop.run_in_executor(self._pool, self._run, phases, n_prompt, queue, loop, cancelled, deltas)
         try:
             while True:
@@ -280,6 +286,7 @@ class LlamaCppEngine(EngineBase):
             cancelled.set()  # client gone or done: the callback answers True and llama.cpp frees the slot
             if not future.done():
                 future.add_done_callback(lambda f: f.exception())
+            await self._shares.release(group)
 
     def _run(self, phases: list[dict], n_prompt: int, queue: asyncio.Queue, loop: asyncio.AbstractEventLoop,
              cancelled: threading.Event, deltas: bool) -> None:
