@@ -111,7 +111,8 @@ def plot(results: dict[str, Any], path: Path) -> None:
                 ax.scatter(minutes, 100 * value, marker=marker, label=f"{label} ({key})")
     ax.set_xlabel("minutes of the training job (2 CPU cores)")
     ax.set_ylabel("EX on held-out databases (%)")
-    ax.legend(fontsize=7)
+    if ax.get_legend_handles_labels()[0]:  # only models this script trained have minutes
+        ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
 
