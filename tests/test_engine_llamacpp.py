@@ -72,8 +72,14 @@ def test_served_answers_equal_the_transformers_path(server, tiny_model_dir: Path
     reference = [c.text for c in batch.generate(source, texts, 24)]
     got = [httpx.post(server.url + "/v1/completions", timeout=60, json={
         "model": "tiny-sql", "prompt": t, "max_tokens": 24}).json()["choices"][0]["text"] for t in texts]
-    # f16 rounding may part a source tie; the tiny model's answers are far from ties on these prompts
-    assert got == reference
+    # f16 weights may part a near-tie of the fp32 model: the answers must agree token for token up to the first
+    # step where the fp32 model's two best next tokens are within f16's rounding (a fixed margin)
+    for prompt, ours, theirs in zip(texts, got, reference, strict=True):
+        agreed = _tokens_before_a_near_tie(source, prompt, theirs)
+        assert agreed >= 4, f"a near-tie within the first tokens of {theirs!r}"
+        ids = source.tokenizer(theirs, add_special_tokens=False)["input_ids"][:agreed]
+        assert ours.startswith(source.tokenizer.decode(ids)), (ours, theirs, agreed)
+    exact = got[0]
     streamed = []
     with httpx.stream("POST", server.url + "/v1/completions", timeout=60,
                       json={"model": "tiny-sql", "prompt": texts[0], "max_tokens": 24, "stream": True}) as s:
@@ -82,10 +88,27 @@ def test_served_answers_equal_the_transformers_path(server, tiny_model_dir: Path
                 import json
 
                 streamed.append(json.loads(line[6:])["choices"][0]["text"])
-    assert len(streamed) > 2 and "".join(streamed) == got[0]
+    assert len(streamed) > 2 and "".join(streamed) == exact
     ready = httpx.get(server.url + "/ready").json()
     assert ready["engine"] == "llamacpp"
     assert "sqltune_generation_tokens_total" in httpx.get(server.url + "/metrics").text
+
+
+NEAR_TIE = 0.05  # logits; f16 weights move the tiny model's logits by well under this
+
+
+def _tokens_before_a_near_tie(source, prompt: str, completion: str) -> int:
+    """How many tokens of `completion` the fp32 model chose by more than NEAR_TIE over its second choice."""
+    import torch
+
+    tok = source.tokenizer
+    prompt_ids = prompts.encode_prompt(tok, prompt)
+    ids = tok(completion, add_special_tokens=False)["input_ids"]
+    with torch.no_grad():
+        logits = source.model(torch.tensor([prompt_ids + ids])).logits[0, len(prompt_ids) - 1:-1].float()
+    top2 = logits.topk(2, dim=-1).values
+    close = (top2[:, 0] - top2[:, 1] < NEAR_TIE).nonzero()
+    return int(close[0]) if len(close) else len(ids)
 
 
 def test_client_going_away_frees_the_slot(server, tiny_model_dir: Path) -> None:

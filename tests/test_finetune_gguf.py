@@ -139,13 +139,27 @@ def test_incomplete_folder_is_redone(tmp_path: Path, monkeypatch: pytest.MonkeyP
     assert gguf.resolve("smollm2-135m", tmp_path)[1]["converted"] is True and len(calls) == 2
 
 
+def _small_gguf(path: Path) -> Path:
+    """A small but whole GGUF file (the header check before conversion reads it); the conversion is faked."""
+    import gguf as gguf_format
+    import numpy as np
+
+    writer = gguf_format.GGUFWriter(str(path), "llama")
+    writer.add_string("general.name", "small")
+    writer.add_tensor("token_embd.weight", np.ones((4, 8), dtype=np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path
+
+
 def _resolve_in_child(source: str, cache: str) -> None:
     gguf.resolve(source, Path(cache))
 
 
 def test_two_processes_convert_once(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    source = tmp_path / "x.gguf"
-    source.write_bytes(b"GGUF not really")
+    source = _small_gguf(tmp_path / "x.gguf")
     calls = tmp_path / "calls"
     calls.mkdir()
 
@@ -167,8 +181,7 @@ def test_two_processes_convert_once(tmp_path: Path, monkeypatch: pytest.MonkeyPa
 
 
 def test_failed_conversion_leaves_no_folder(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    source = tmp_path / "x.gguf"
-    source.write_bytes(b"GGUF not really")
+    source = _small_gguf(tmp_path / "x.gguf")
 
     def broken(src: Path, out: Path) -> dict:
         (out / "model.safetensors").write_bytes(b"partial")

@@ -69,9 +69,13 @@ def test_sigterm_cutting_requests_logs_one_info_line_each_and_no_error(tiny_mode
     assert not [e for e in entries if e["severity"] in ("ERROR", "CRITICAL")], log[-4000:]
     assert "Traceback" not in log and "Exception in ASGI application" not in log
     cut = [e for e in entries if e["message"] == CUT]
-    assert sorted(e["path"] for e in cut) == ["/v1/completions", "/v1/completions", "/v1/sql"], answers
+    # the completions cannot end within the grace (950 tokens each); /v1/sql's candidates stop at the end of a
+    # statement, so it may have been answered before the drain: then it is not cut, and says nothing
+    sql_done = isinstance(answers.get("sql"), tuple) and answers["sql"][0] == 200
+    expected = ["/v1/completions", "/v1/completions"] + ([] if sql_done else ["/v1/sql"])
+    assert sorted(e["path"] for e in cut) == expected, answers
     assert all(e["severity"] == "INFO" and e["answered"] for e in cut)
-    for name in ("completion", "sql"):
+    for name in ("completion", *(() if sql_done else ("sql",))):
         status, body = answers[name]
         assert status == 503 and body["error"]["code"] == "shutdown", answers[name]
     events = answers["stream"]
