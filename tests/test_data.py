@@ -166,3 +166,19 @@ def test_multi_table_repeat_is_a_config_field_with_a_floor():
     assert config.load([], {})[0].multi_table_repeat == 1
     with pytest.raises(ConfigError, match="--multi-table-repeat: 0 is below the minimum 1"):
         config.load(["--multi-table-repeat", "0"], {})
+
+
+def test_non_utf8_bytes_in_a_dataset_are_a_skipped_row_not_a_traceback(tmp_path: Path) -> None:
+    from tests.conftest import run_sqltune
+
+    path = tmp_path / "mixed.jsonl"
+    good = b'{"question": "How many heads?", "context": "CREATE TABLE head (age INTEGER)", "answer": "SELECT count(*) FROM head"}\n'
+    path.write_bytes(good + b'{"question": "caf\xe9?", "context": "CREATE TABLE t (a INTEGER)", "answer": "SELECT a FROM t"}\n')
+    splits = loading.load_splits(str(path), eval_fraction=0.0)
+    assert len(splits.train) == 1 and splits.report.skipped == {"not_utf8": 1}
+    done = run_sqltune("eval", "--self-check", "--dataset", str(path), "--report-dir", str(tmp_path / "r"), check=False)
+    assert done.returncode == 0 and "Traceback" not in done.stderr, done.stderr[-2000:]
+    array = tmp_path / "array.json"
+    array.write_bytes(b'[{"question": "caf\xe9?"}]')
+    with pytest.raises(DataError, match="not UTF-8 text"):
+        loading.load_splits(str(array))

@@ -282,7 +282,7 @@ def read_pairs(rows: Iterable[Any], database: str, *, context_chars: int, keys: 
         _, schema, _ = dbs.get(database)
         for row in rows:
             if not isinstance(row, dict):
-                skipped["not_an_object" if row != "invalid_json" else row] += 1
+                skipped[row if row in ("invalid_json", "not_utf8") else "not_an_object"] += 1
                 continue
             q, sql = row.get(mapping["question"]), row.get(mapping["answer"], row.get("sql", row.get("query")))
             if not (isinstance(q, str) and q.strip() and isinstance(sql, str) and sql.strip()):

@@ -88,18 +88,28 @@ def parse_columns(spec: str) -> dict[str, str]:
 
 
 def _read_json_lines(path: Path) -> Iterator[dict[str, Any] | str]:
-    """Yield each row, or the string 'invalid_json' for a line that does not parse."""
-    with path.open(encoding="utf-8") as fh:
+    """Yield each row, or the reason a line is skipped: 'invalid_json', or 'not_utf8' for a line whose bytes are
+    not UTF-8 text (counted like any bad row; the rest of the file still loads)."""
+    with path.open("rb") as fh:
         first = fh.read(1)
         fh.seek(0)
-        if first == "[":  # a JSON array
+        if first == b"[":  # a JSON array
+            data = fh.read()
             try:
-                rows = json.load(fh)
+                rows = json.loads(data.decode("utf-8"))
+            except UnicodeDecodeError as e:
+                raise DataError(f"{path} is not UTF-8 text ({e.reason} at byte {e.start})",
+                                "save it as UTF-8, or as JSON lines so a bad line is skipped and counted") from None
             except json.JSONDecodeError as e:
                 raise DataError(f"{path} is not valid JSON: {e}", "fix the file or save it as JSON lines") from None
             yield from rows
             return
-        for line in fh:
+        for raw in fh:
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError:
+                yield "not_utf8"
+                continue
             if not line.strip():
                 continue
             try:
@@ -147,7 +157,7 @@ def read_rows(source: str, split: str = "train", seed: int = 0) -> Iterator[Any]
 def validate(row: Any, mapping: dict[str, str]) -> Example | str:
     """An Example, or the reason the row is skipped."""
     if not isinstance(row, dict):
-        return row if row == "invalid_json" else "not_an_object"
+        return row if row in ("invalid_json", "not_utf8") else "not_an_object"
     values = {}
     for ours, theirs in mapping.items():
         if theirs not in row or row[theirs] is None:
