@@ -70,10 +70,12 @@ def step_figures(events: list[dict[str, Any]]) -> dict[str, Any]:
     return out
 
 
-def heldout(dataset: str, limit: int, seed: int) -> list[Any]:
+def heldout(dataset: str, limit: int, seed: int, context_chars: int) -> list[Any]:
     from sqltune.data import loading
 
-    splits = loading.load_splits(dataset, eval_fraction=0.05, seed=seed)
+    # contexts cut to the start model's schema budget, as its training and `ask` cut them
+    splits = loading.load_splits(dataset, eval_fraction=0.05, seed=seed,
+                                 db=loading.DatabaseOptions(context_chars=context_chars))
     rows = splits.eval
     if 0 < limit < len(rows):
         import random
@@ -120,13 +122,18 @@ def main() -> None:
     if not (start / "manifest.json").is_file():
         raise SystemExit(f"{start} is not a finished sqltune model: run `make demo` first, or pass --model")
     work.mkdir(parents=True, exist_ok=True)
+    # the minutes stop training, not the steps; a warm-up as a share of 100,000 steps would never end
     common = ["--dataset", SPIDER, "--dataset-limit", str(args.dataset_limit), "--eval-generate-limit", "0",
-              "--report-to", "none", "--seed", str(args.seed), "--max-steps", "100000", "--save-steps", "1000"]
-    multi = heldout(SPIDER, args.eval_limit, args.seed)
-    single = heldout(str(SINGLE), args.eval_limit, args.seed) if SINGLE.is_file() else []
+              "--report-to", "none", "--seed", str(args.seed), "--max-steps", "100000", "--save-steps", "1000",
+              "--warmup-ratio", "0"]
+    from sqltune.artifacts import manifests
+
+    chars = int((manifests.read_meta(start).get("config") or {}).get("db_context_chars") or 6000)
+    multi = heldout(SPIDER, args.eval_limit, args.seed, chars)
+    single = heldout(str(SINGLE), args.eval_limit, args.seed, chars) if SINGLE.is_file() else []
     result: dict[str, Any] = {
         "command": " ".join(["python", "benchmarks/grpo.py", *sys.argv[1:]]), "start_model": str(start),
-        "host_cpus": os.cpu_count(), "omp_threads": os.environ.get("OMP_NUM_THREADS", "2"),
+        "host_cpus": os.cpu_count(), "db_context_chars": chars, "omp_threads": os.environ.get("OMP_NUM_THREADS", "2"),
         "settings": {"num_generations": args.num_generations, "temperature": args.temperature,
                      "learning_rate": args.learning_rate, "sft_learning_rate": args.sft_learning_rate,
                      "dataset_limit": args.dataset_limit},
@@ -140,7 +147,14 @@ def main() -> None:
         out["eval_s"] = round(time.time() - t0, 1)
         return out
 
-    result["start"] = score(start)
+    # the start model's score, kept beside the runs: the same model, questions and budget give the same figures
+    cached = work / f"start-{args.eval_limit}-{args.seed}-{chars}.json"
+    stamp = (start / "model.safetensors").stat().st_mtime if (start / "model.safetensors").exists() else 0
+    if cached.is_file() and json.loads(cached.read_text()).get("stamp") == stamp:
+        result["start"] = json.loads(cached.read_text())["score"]
+    else:
+        result["start"] = score(start)
+        cached.write_text(json.dumps({"stamp": stamp, "score": result["start"]}))
     print(json.dumps({"start": result["start"]}))
     for minutes in args.minutes:
         out = work / f"grpo-{minutes:g}"

@@ -72,7 +72,7 @@ def evaluate(model: Path, work: Path, args: argparse.Namespace) -> dict[str, Any
     common = ["--model", str(model), "--split", "eval", "--seed", "42"]
     sqltune("eval", *common, "--dataset", f"spider:{SPIDER}", "--limit", str(args.spider_limit),
             "--report-dir", str(spider_dir), *(["--db-context-chars", str(args.context_chars)] if args.context_chars else []),
-            log=work / "eval-spider.log")
+            *(["--candidates", str(args.candidates)] if args.candidates > 1 else []), log=work / "eval-spider.log")
     sqltune("eval", *common, "--dataset", str(SINGLE), "--eval-fraction", "0.05", "--limit", str(args.single_limit),
             "--report-dir", str(single_dir), log=work / "eval-single.log")
     spider = json.loads((spider_dir / "report.json").read_text())["results"]
@@ -126,6 +126,8 @@ def main() -> int:
     p.add_argument("--spider-limit", type=int, default=-1, help="Held-out questions scored (-1 = all 493).")
     p.add_argument("--single-limit", type=int, default=200)
     p.add_argument("--context-chars", type=int, default=0, help="Context budget; 0 = the model's own.")
+    p.add_argument("--candidates", type=int, default=1,
+                   help="Answers per held-out question, the one whose rows most of them return scored (ask's vote).")
     p.add_argument("--work", default="", help="Working folder (default: a new one under /tmp).")
     p.add_argument("--out", default=str(RESULTS / "spider_quality.json"))
     args = p.parse_args()
@@ -140,7 +142,8 @@ def main() -> int:
     model = Path(args.model) if args.model else None
     if args.config:
         model, training = train(args, work)
-    result = {"label": args.label, "model": str(model), "training": training, **evaluate(model, work, args),
+    result = {"label": args.label, "model": str(model), "training": training, "candidates": args.candidates,
+              **evaluate(model, work, args),
               "machine": {"cpus": os.cpu_count(), "load_avg_at_end": os.getloadavg()}}
     out = Path(args.out)
     results = json.loads(out.read_text()) if out.is_file() else {}

@@ -554,6 +554,19 @@ def from_namespace(ns: argparse.Namespace, environ: Mapping[str, str] | None = N
     return resolve(getattr(ns, "config", None), os.environ if environ is None else environ, flags)
 
 
+def as_trained(cfg: Config, sources: Mapping[str, str], trained: Mapping[str, Any], *names: str) -> Config:
+    """`cfg` with the fields `names` taken from a model's training config (`config` in its sqltune.json) where
+    the user did not set them (`sources`): a model is asked, evaluated and trained further on contexts like
+    those it learnt on (`db_context_chars`: the schema budget of each context)."""
+    updates = {}
+    for name in names:
+        value = trained.get(name)
+        default = getattr(cfg, name)
+        if name not in sources and value and type(value) is type(default):
+            updates[name] = value
+    return dataclasses.replace(cfg, **updates) if updates else cfg
+
+
 def load(argv: Sequence[str], environ: Mapping[str, str]) -> tuple[Config, dict[str, str]]:
     """Resolve a Config from command-line arguments and an environment, without touching the process."""
     parser = argparse.ArgumentParser(prog="sqltune", exit_on_error=False)

@@ -16,6 +16,7 @@ import subprocess
 import sys
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -98,6 +99,24 @@ def run_sqltune(*args: str, env: dict[str, str] | None = None, timeout: float = 
     if check and proc.returncode != 0:
         raise AssertionError(f"sqltune {' '.join(args)} exited {proc.returncode}\n{proc.stderr[-4000:]}")
     return proc
+
+
+def write_gguf(path: Path, name: str, tensors: dict[str, Any], tokens: list[str] | None = None) -> Path:
+    """A small but whole GGUF file written by the gguf package: `general.name`, a vocabulary if `tokens`
+    are given, and `tensors` (name -> numpy array)."""
+    import gguf
+
+    writer = gguf.GGUFWriter(str(path), "llama")
+    writer.add_string("general.name", name)
+    if tokens is not None:
+        writer.add_token_list(tokens)
+    for tensor, data in tensors.items():
+        writer.add_tensor(tensor, data)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path
 
 
 @pytest.fixture(scope="session")

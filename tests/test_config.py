@@ -181,3 +181,23 @@ def test_several_datasets_from_a_yaml_list_env_or_flag(tmp_path: Path) -> None:
     assert parse_sources(cfg.dataset) == [("a.jsonl", 1.0), ("b.jsonl", 0.5)]
     cfg, _ = config.load(["--dataset", "spider:DIR", "--heldout-databases", "wedding,cinema"], {})
     assert cfg.heldout_databases == ["wedding", "cinema"]
+
+
+def test_a_model_s_training_config_fills_what_the_user_left_unset(tmp_path):
+    import json
+
+    from sqltune.finetune.common import as_start_model
+
+    trained = {"db_context_chars": 1000, "db_keys": False, "seed": "not an int"}
+    cfg, sources = load([], {})
+    assert config.as_trained(cfg, sources, trained, "db_context_chars", "seed").db_context_chars == 1000
+    assert config.as_trained(cfg, sources, trained, "seed").seed == cfg.seed  # a value of the wrong type is ignored
+    cfg, sources = load(["--db-context-chars", "3000"], {})
+    assert config.as_trained(cfg, sources, trained, "db_context_chars").db_context_chars == 3000  # the user's wins
+
+    # GRPO or continued SFT from a finished model: its contexts are cut to the model's own budget
+    (tmp_path / "sqltune.json").write_text(json.dumps({"config": trained}))
+    cfg, sources = load(["--model", str(tmp_path), "--method", "grpo"], {})
+    assert as_start_model(cfg, sources).db_context_chars == 1000
+    cfg, sources = load(["--model", "smollm2-135m"], {})
+    assert as_start_model(cfg, sources).db_context_chars == cfg.db_context_chars  # a base model has no budget

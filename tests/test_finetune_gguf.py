@@ -19,6 +19,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from conftest import write_gguf
 
 pytest.importorskip("gguf", reason="transformers reads GGUF files through the `gguf` package")
 
@@ -141,17 +142,9 @@ def test_incomplete_folder_is_redone(tmp_path: Path, monkeypatch: pytest.MonkeyP
 
 def _small_gguf(path: Path) -> Path:
     """A small but whole GGUF file (the header check before conversion reads it); the conversion is faked."""
-    import gguf as gguf_format
     import numpy as np
 
-    writer = gguf_format.GGUFWriter(str(path), "llama")
-    writer.add_string("general.name", "small")
-    writer.add_tensor("token_embd.weight", np.ones((4, 8), dtype=np.float32))
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
-    return path
+    return write_gguf(path, "small", {"token_embd.weight": np.ones((4, 8), dtype=np.float32)})
 
 
 def _resolve_in_child(source: str, cache: str) -> None:

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import run_sqltune
+from conftest import run_sqltune, write_gguf
 
 from sqltune.errors import ModelError
 from sqltune.models import gguf_file
@@ -26,17 +26,10 @@ gguf = pytest.importorskip("gguf", reason="the gguf package is not installed")
 @pytest.fixture(scope="module")
 def whole(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A small but complete GGUF: metadata, a vocabulary and two tensors of different types."""
-    path = tmp_path_factory.mktemp("gguf") / "whole.gguf"
-    writer = gguf.GGUFWriter(str(path), "llama")
-    writer.add_string("general.name", "whole")
-    writer.add_token_list([f"tok{i}" for i in range(300)])
-    writer.add_tensor("token_embd.weight", np.ones((8, 64), dtype=np.float32))
-    writer.add_tensor("output.weight", np.ones((4, 64), dtype=np.float16))
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
-    return path
+    return write_gguf(tmp_path_factory.mktemp("gguf") / "whole.gguf", "whole",
+                      {"token_embd.weight": np.ones((8, 64), dtype=np.float32),
+                       "output.weight": np.ones((4, 64), dtype=np.float16)},
+                      tokens=[f"tok{i}" for i in range(300)])
 
 
 def damaged(whole: Path, folder: Path) -> dict[str, tuple[Path, str]]:

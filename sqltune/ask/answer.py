@@ -13,7 +13,6 @@ the same thing.
 from __future__ import annotations
 
 import csv
-import dataclasses
 import io
 import json
 import time
@@ -90,10 +89,8 @@ class Writer:
             trained = self.llm.meta.get("max_new_tokens")
             if trained and "eval_max_new_tokens" not in sources:
                 self.max_new_tokens = int(trained)
-            chars = (self.llm.meta.get("config") or {}).get("db_context_chars")
-            if "db_context_chars" not in sources and isinstance(chars, int) and chars > 0:
-                # the schema budget the model was trained with (sqltune.db.introspect.context_for)
-                self.cfg = dataclasses.replace(cfg, db_context_chars=chars)
+            # the schema budget the model was trained with (sqltune.db.introspect.context_for)
+            self.cfg = config.as_trained(cfg, sources, self.llm.meta.get("config") or {}, "db_context_chars")
 
     def close(self) -> None:
         if self.llm is not None:
@@ -207,18 +204,26 @@ def answer_candidates(cfg: config.Config, db: Database, schema: Any, candidates:
     second run, so a fallback to a candidate that timed out does not wait the limit again."""
     deadline = Deadline(cfg.db_timeout, len(candidates))
     chosen = choose_on_database(cfg, db, schema, candidates, deadline)
-    translation = dialect.translate(chosen.sql, schema, source=cfg.db_dialect, target=db.dialect)
     run = chosen.runs[chosen.chosen] if chosen.runs else None
-    error = candidates[chosen.chosen].error
-    if error or not translation.ok:
-        result = ExecResult(ok=False, error_kind=translation.error_kind or "generation",
-                            error=translation.error or error)
-    elif run is not None and run.results:
-        result = run.results[0]
-    else:  # refused by the SQLite checker, yet the database's dialect reads it: run it in what is left
-        with open_runner(db, timeout_s=cfg.db_timeout, row_cap=cfg.db_row_cap) as runner:
-            result = deadline.run(runner, translation.sql)
+    # no run in the vote: refused by the SQLite checker, yet the database's dialect reads it, so it runs in what is left
+    translation, result = run_sql(cfg, db, schema, chosen.sql, candidates[chosen.chosen].error,
+                                  ran=run.results[0] if run is not None and run.results else None, deadline=deadline)
     return chosen, translation, result
+
+
+def run_sql(cfg: config.Config, db: Database, schema: Any, sql: str, error: str = "", *,
+            ran: ExecResult | None = None, deadline: Deadline | None = None) -> tuple[dialect.Translation, ExecResult]:
+    """`sql` (in --db-dialect) translated for the database and gated, then run read-only with --db-row-cap and
+    --db-timeout (or its share of `deadline`), unless `ran` is the result it already has. A generation `error` or
+    a refused translation is the result, and nothing runs."""
+    translation = dialect.translate(sql, schema, source=cfg.db_dialect, target=db.dialect)
+    if error or not translation.ok:
+        return translation, ExecResult(ok=False, error_kind=translation.error_kind or "generation",
+                                       error=translation.error or error)
+    if ran is not None:
+        return translation, ran
+    with open_runner(db, timeout_s=cfg.db_timeout, row_cap=cfg.db_row_cap) as runner:
+        return translation, deadline.run(runner, translation.sql) if deadline is not None else runner.run(translation.sql)
 
 
 def ask(cfg: config.Config, question: str, *, sources: dict[str, str] | None = None, sql: str | None = None,
@@ -254,13 +259,7 @@ def ask(cfg: config.Config, question: str, *, sources: dict[str, str] | None = N
             chosen, translation, result = answer_candidates(cfg, db, schema.to_schema(), candidates)
             model_sql, raw, gen_error = chosen.sql, chosen.sql, candidates[chosen.chosen].error
         else:
-            translation = dialect.translate(model_sql, schema.to_schema(), source=cfg.db_dialect, target=db.dialect)
-            if gen_error or not translation.ok:
-                result = ExecResult(ok=False, error_kind=translation.error_kind or "generation",
-                                    error=translation.error or gen_error)
-            else:
-                with open_runner(db, timeout_s=cfg.db_timeout, row_cap=cfg.db_row_cap) as runner:
-                    result = runner.run(translation.sql)
+            translation, result = run_sql(cfg, db, schema.to_schema(), model_sql, gen_error)
         picked = chosen.to_dict() if chosen else writer.server_vote
         t3 = time.perf_counter()
         out = AskResult(question, db.describe(), selection, translation, result, writer.kind, raw, gen_error, warnings,

@@ -112,9 +112,7 @@ def load_examples(cfg: config.Config, sources: Mapping[str, str], meta: Mapping[
     if loading.needs_databases(source):
         # rows on real databases, or several sources: split as the job split them (by database), with the
         # context budget the model was trained with unless --db-context-chars says otherwise
-        chars = cfg.db_context_chars if "db_context_chars" in sources else trained.get("db_context_chars",
-                                                                                       cfg.db_context_chars)
-        options = loading.database_options(dataclasses.replace(cfg, db_context_chars=int(chars)))
+        options = loading.database_options(config.as_trained(cfg, sources, trained, "db_context_chars"))
         splits = loading.load_splits(source, split=cfg.dataset_split, columns=cfg.column_map, eval_fraction=fraction,
                                      seed=cfg.seed, keep_literal_case=cfg.keep_literal_case, db=options)
         report = splits.report

@@ -4,14 +4,62 @@ held-out check the export runs."""
 from __future__ import annotations
 
 import os
+import time
 from pathlib import Path
 from typing import Any
 
-from sqltune import logs
+from sqltune import config, logs
 from sqltune.artifacts import checkpoints, manifests, registry
-from sqltune.errors import ConfigError
+from sqltune.errors import ArtifactError, ConfigError, TrainingInterrupted
 
 log = logs.get("train")
+
+
+def as_start_model(cfg: config.Config, sources: dict[str, str]) -> config.Config:
+    """A run that starts from a finished sqltune model (GRPO after SFT, SFT continued) builds its contexts
+    with that model's schema budget unless told otherwise: a database's context is cut as the model learnt it."""
+    folder = Path(cfg.model_name)
+    if not (folder / manifests.SQLTUNE_META).is_file():
+        return cfg
+    try:
+        trained = manifests.read_meta(folder).get("config") or {}
+    except ArtifactError:
+        return cfg  # the model load says what is wrong with the folder
+    return config.as_trained(cfg, sources, trained, "db_context_chars")
+
+
+STOP_MESSAGES = {"sigterm": "SIGTERM received: checkpoint saved, exiting so the retry resumes here",
+                 "time": "max_train_minutes reached: training stops here, then merge and publish"}
+
+
+def train(trainer: Any, cfg: config.Config, ckpt_root: Path, resume_from: Path | None, stop: Any, budget: Any,
+          started: float) -> dict[str, Any]:
+    """Train to the end, to max_train_minutes or to SIGTERM, each checkpoint copied to a bucket output as it is
+    written; returns the run's metrics so far (`cut_short` when the time cap stopped it before its steps).
+    SIGTERM raises TrainingInterrupted once its checkpoint is saved (exit 143: the retry resumes there), and
+    the end of a Cloud Run attempt with steps left raises AttemptEnded (exit 75)."""
+    from sqltune.finetune import attempts
+
+    remote_cb = checkpoints.callback(cfg.output_dir, ckpt_root, cfg.save_total_limit)
+    if remote_cb is not None and logs.is_rank0():
+        trainer.add_callback(remote_cb)
+    if resume_from is not None:
+        logs.event(log, "resuming", checkpoint=str(resume_from))
+    with stop.installed():
+        train_loss = attempts.train(trainer, resume_from, budget)
+    if stop.reason == "sigterm":
+        raise TrainingInterrupted(STOP_MESSAGES["sigterm"], "rerun with the same --output to resume")
+    if stop.reason:
+        logs.event(log, STOP_MESSAGES[stop.reason], step=trainer.state.global_step)
+    else:
+        budget.finish(trainer.state.global_step)
+    metrics: dict[str, Any] = {"train_loss": train_loss, "steps": trainer.state.global_step,
+                               "train_runtime_s": round(time.time() - started, 1)}
+    if stop.reason == "time" and trainer.state.global_step < trainer.state.max_steps:
+        # the summary says so: figures of a model trained on a fraction of the plan are not the recipe's
+        metrics["cut_short"] = {"reason": "max_train_minutes", "max_train_minutes": cfg.max_train_minutes,
+                                "steps_run": trainer.state.global_step, "planned_steps": trainer.state.max_steps}
+    return metrics
 
 
 def find_resume_checkpoint(root: Path, resume: str) -> Path | None:

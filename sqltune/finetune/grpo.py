@@ -19,9 +19,9 @@ from pathlib import Path
 from typing import Any
 
 from sqltune import logs
-from sqltune.artifacts import checkpoints, manifests, registry
+from sqltune.artifacts import manifests, registry
 from sqltune.config import Config
-from sqltune.errors import ConfigError, DataError, TrainingInterrupted
+from sqltune.errors import ConfigError, DataError
 from sqltune.finetune.callbacks import JsonLogs, _round
 
 log = logs.get("train")
@@ -263,35 +263,15 @@ def run(cfg: Config, sources: dict[str, str] | None = None) -> Path:
         trainer = build_trainer(cfg, policy, precision, model, tokenizer, train_ds, template, run_dir, scorer=scorer,
                                 callbacks=[GrpoLogs(tracker), CheckpointManifest(), stop, budget, HeapTrim(),
                                            DiskSpaceCheck()])
-        remote_cb = checkpoints.callback(cfg.output_dir, ckpt_root, cfg.save_total_limit)
-        if remote_cb is not None and logs.is_rank0():
-            trainer.add_callback(remote_cb)
-        if resume_from is not None:
-            logs.event(log, "resuming", checkpoint=str(resume_from))
-        with stop.installed():
-            train_loss = attempts.train(trainer, resume_from, budget)
+        metrics = common.train(trainer, cfg, ckpt_root, resume_from, stop, budget, started)
     finally:
         scorer.close()
-    if stop.reason == "sigterm":
-        raise TrainingInterrupted("SIGTERM received: checkpoint saved, exiting so the retry resumes here",
-                                  "rerun with the same --output to resume")
-    if stop.reason:
-        logs.event(log, "max_train_minutes reached: training stops here, then merge and publish",
-                   step=trainer.state.global_step)
-    else:
-        budget.finish(trainer.state.global_step)
-
     history = [h for h in trainer.state.log_history if "reward" in h]
-    metrics: dict[str, Any] = {
-        "train_loss": train_loss, "steps": trainer.state.global_step,
-        "train_runtime_s": round(time.time() - started, 1),
+    metrics.update({
         "reward_history": [{"step": h["step"], "reward": round(h["reward"], 4),
                             **({"ex": round(h["execution/ex"], 4)} if "execution/ex" in h else {})} for h in history],
         "grpo": {"policy": policy, "num_generations": cfg.grpo_num_generations, "temperature": cfg.grpo_temperature,
-                 "beta": cfg.grpo_beta, "loss_type": cfg.grpo_loss_type, "rewards": list(cfg.grpo_rewards)}}
-    if stop.reason == "time" and trainer.state.global_step < trainer.state.max_steps:
-        metrics["cut_short"] = {"reason": "max_train_minutes", "max_train_minutes": cfg.max_train_minutes,
-                                "steps_run": trainer.state.global_step, "planned_steps": trainer.state.max_steps}
+                 "beta": cfg.grpo_beta, "loss_type": cfg.grpo_loss_type, "rewards": list(cfg.grpo_rewards)}})
     metrics["peak_rss_train_mb"] = common.peak_rss_mb()
     trainer.ref_model = None  # the KL reference (a full policy's second copy) is not needed to export
     common.release_training_state(trainer)

@@ -16,25 +16,22 @@ from pathlib import Path
 from typing import Any
 
 from sqltune import logs
-from sqltune.artifacts import checkpoints, manifests, registry
+from sqltune.artifacts import manifests, registry
 from sqltune.config import Config
-from sqltune.errors import ConfigError, DataError, TrainingInterrupted
+from sqltune.errors import ConfigError, DataError
 
 # shared with the GRPO job (sqltune.finetune.grpo), which imports them from there
 from sqltune.finetune.common import (
+    as_start_model,
     heldout_check,
     load_data,
     peak_rss_mb,
     prepare_run,
     release_training_state,
+    train,
 )
 
 log = logs.get("train")
-
-
-def _stop_reason_message(reason: str) -> str:
-    return {"sigterm": "SIGTERM received: checkpoint saved, exiting so the retry resumes here",
-            "time": "max_train_minutes reached: training stops here, then merge and publish"}[reason]
 
 
 EVAL_LOSS_ROWS = 256  # rows of the eval split the eval loss is computed on
@@ -60,6 +57,7 @@ def check_output(output: str) -> None:
 def finetune(cfg: Config, sources: dict[str, str] | None = None) -> Path:
     """Run the whole job; returns the local folder of the finished model."""
     check_output(cfg.output_dir)
+    cfg = as_start_model(cfg, sources or {})
     if cfg.method == "grpo":  # reinforcement from execution: its own trainer, the same checkpoints and export
         from sqltune.finetune import grpo
 
@@ -167,26 +165,7 @@ def finetune(cfg: Config, sources: dict[str, str] | None = None) -> Path:
     trainer = sft.build_trainer(cfg, method, precision, model, tokenizer, train_ds, eval_ds, run_dir,
                              callbacks=[JsonLogs(tracker), CheckpointManifest(), stop, budget,
                                         attempts.EpochSeededOrder(), HeapTrim(), DiskSpaceCheck()])
-    remote_cb = checkpoints.callback(cfg.output_dir, ckpt_root, cfg.save_total_limit)
-    if remote_cb is not None and logs.is_rank0():
-        trainer.add_callback(remote_cb)
-    if resume_from is not None:
-        logs.event(log, "resuming", checkpoint=str(resume_from))
-    with stop.installed():
-        train_loss = attempts.train(trainer, resume_from, budget)
-    if stop.reason == "sigterm":
-        raise TrainingInterrupted(_stop_reason_message("sigterm"), "rerun with the same --output to resume")
-    if stop.reason:
-        logs.event(log, _stop_reason_message(stop.reason), step=trainer.state.global_step)
-    else:
-        budget.finish(trainer.state.global_step)  # AttemptEnded (exit 75) when the next attempt goes on
-
-    metrics: dict[str, Any] = {"train_loss": train_loss, "steps": trainer.state.global_step,
-                               "train_runtime_s": round(time.time() - started, 1)}
-    if stop.reason == "time" and trainer.state.global_step < trainer.state.max_steps:
-        # the summary says so: figures of a model trained on a fraction of the plan are not the recipe's
-        metrics["cut_short"] = {"reason": "max_train_minutes", "max_train_minutes": cfg.max_train_minutes,
-                                "steps_run": trainer.state.global_step, "planned_steps": trainer.state.max_steps}
+    metrics = train(trainer, cfg, ckpt_root, resume_from, stop, budget, started)
     if eval_ds is not None:
         metrics.update({k: v for k, v in trainer.evaluate().items() if k == "eval_loss"})
     metrics["peak_rss_train_mb"] = peak_rss_mb()

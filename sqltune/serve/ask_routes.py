@@ -20,7 +20,7 @@ comes as server-sent events: `{"text"}` per token of the greedy candidate, then 
 from __future__ import annotations
 
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -28,19 +28,18 @@ from fastapi import APIRouter, Request
 from pydantic import Field
 
 from sqltune import logs, prompts
-from sqltune.ask.answer import AskResult, answer_candidates
+from sqltune.ask.answer import AskResult, answer_candidates, run_sql
 from sqltune.config import Config
 from sqltune.db import dialect, introspect
 from sqltune.db.connect import Database, connect, warn_if_writable
-from sqltune.db.execute import open_runner
 from sqltune.engines.base import Completion
-from sqltune.serve.deps import ClosingStream, cancel_on_disconnect, in_thread, open_stream, require_ready
+from sqltune.serve.deps import cancel_on_disconnect, in_thread, require_ready
 from sqltune.serve.lint import lint
-from sqltune.serve.playground import Streamed, event
-from sqltune.serve.protocol import ConstrainMode, Int, SqlRequest, _Request, error_body
+from sqltune.serve.protocol import ConstrainMode, Int, SqlRequest, _Request
 from sqltune.serve.routes import prepare_sql
 from sqltune.serve.service import ApiError, Service
 from sqltune.serve.sql_run import MAX_SQL_CHARS, json_rows
+from sqltune.serve.sse import answer_stream
 from sqltune.sql import vote
 from sqltune.sql.sandbox import ExecResult
 
@@ -133,27 +132,13 @@ async def ask(body: AskRequest, request: Request) -> Any:
                                                            selection, service, results, timing))
 
         return await cancel_on_disconnect(request, whole())
-    deltas, close = await open_stream(service, jobs)
 
-    async def events() -> AsyncIterator[str]:
-        streamed = Streamed(len(jobs))
-        try:
-            async for text in streamed.texts(deltas):
-                yield event({"text": text})
-            if not streamed.complete:
-                return
-            await close()  # the engine's slots are free while the database works
-            timing["generate_s"] = round(time.perf_counter() - started - timing["schema_s"], 3)
-            answer = await _slot(database, lambda: in_thread(_from_completions, cfg, database, body.question, selection,
-                                                             service, streamed.completions, timing))
-            yield event({**answer, "done": True})
-            yield "data: [DONE]\n\n"
-        except ApiError as e:
-            yield event(error_body(e.message, e.kind, e.code))
-        finally:
-            await close()
+    async def answer(completions: list[Completion]) -> dict[str, Any]:  # the engine's slots are free by now
+        timing["generate_s"] = round(time.perf_counter() - started - timing["schema_s"], 3)
+        return await _slot(database, lambda: in_thread(_from_completions, cfg, database, body.question, selection,
+                                                       service, completions, timing))
 
-    return ClosingStream(events(), close, media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+    return await answer_stream(service, jobs, answer)
 
 
 async def _slot(database: LiveDatabase, work: Callable[[], Any]) -> dict[str, Any]:
@@ -204,20 +189,12 @@ def _from_completions(cfg: Config, database: LiveDatabase, question: str, select
 def _answer(cfg: Config, database: LiveDatabase, question: str, sql: str, source: str, warnings: list[str],
             selection: introspect.Selection | None = None, gen_error: str = "", raw: str = "",
             timing: dict[str, float] | None = None, picked: dict[str, Any] | None = None,
-            ran: tuple[Any, ExecResult] | None = None) -> dict[str, Any]:
+            ran: tuple[dialect.Translation, ExecResult] | None = None) -> dict[str, Any]:
     """`sql` translated, gated and run read-only on the database (or, with `ran`, the translation and result a vote
     already has): `ask --format json`'s object, plus `lint`."""
     t0 = time.perf_counter()
     db, schema = database.db, database.schema.to_schema()
-    translation = ran[0] if ran else dialect.translate(sql, schema, source=cfg.db_dialect, target=db.dialect)
-    if ran:
-        result = ran[1]
-    elif gen_error or not translation.ok:
-        result = ExecResult(ok=False, error_kind=translation.error_kind or "generation",
-                            error=translation.error or gen_error)
-    else:
-        with open_runner(db, timeout_s=cfg.db_timeout, row_cap=cfg.db_row_cap) as runner:
-            result = runner.run(translation.sql)
+    translation, result = ran or run_sql(cfg, db, schema, sql, gen_error)
     selection = selection or introspect.Selection("", [t.name for t in database.schema.tables], how="SQL given")
     answer = AskResult(question, db.describe(), selection, translation, result, source, raw or sql, gen_error,
                        warnings, {**(timing or {}), "query_s": round(time.perf_counter() - t0, 3)}, picked)

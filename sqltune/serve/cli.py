@@ -52,10 +52,8 @@ def run(args: argparse.Namespace) -> int:
     storage.configure(cfg)  # bucket_endpoint, transfer_workers and model_cache apply to the model fetch
     url = cfg.model_name if "model_name" in sources else cfg.output_dir
     model_dir, template, meta = resolve(url)
-    trained_chars = (meta.get("config") or {}).get("db_context_chars")
-    if "db_context_chars" not in sources and isinstance(trained_chars, int) and trained_chars > 0:
-        # --database: the schema budget the model was trained with, so it is asked on contexts like its own
-        cfg = dataclasses.replace(cfg, db_context_chars=trained_chars)
+    # --database: the schema budget the model was trained with, so it is asked on contexts like its own
+    cfg = config.as_trained(cfg, sources, meta.get("config") or {}, "db_context_chars")
     if "default_max_tokens" not in sources and meta.get("max_new_tokens"):
         # the longest answer the model was trained on, unless the operator set a default
         cfg = dataclasses.replace(cfg, default_max_tokens=min(int(meta["max_new_tokens"]), cfg.max_tokens_limit))

@@ -18,9 +18,7 @@ from __future__ import annotations
 
 import base64
 import hashlib
-import json
 import re
-from collections.abc import AsyncIterator
 from functools import lru_cache
 from importlib import resources
 from typing import Any
@@ -28,12 +26,13 @@ from typing import Any
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import HTMLResponse
 
-from sqltune.engines.base import Completion, Delta
-from sqltune.serve.deps import ClosingStream, check_model, in_thread, open_stream, require_ready
+from sqltune.engines.base import Completion
+from sqltune.serve.deps import check_model, in_thread, require_ready
 from sqltune.serve.lint import lint
-from sqltune.serve.protocol import SqlRequest, error_body
+from sqltune.serve.protocol import SqlRequest
 from sqltune.serve.routes import finish_sql, prepare_sql
-from sqltune.serve.service import ApiError, Service
+from sqltune.serve.service import Service
+from sqltune.serve.sse import answer_stream
 
 router = APIRouter()
 
@@ -68,59 +67,10 @@ async def sql_stream(body: SqlRequest, request: Request, service: Service = Depe
     """/v1/sql with its tokens streamed as they come (server-sent events), then the checked answer."""
     check_model(request, body.model)
     jobs, schema, constraint = await prepare_sql(service, body)
-    deltas, close = await open_stream(service, jobs)
 
-    async def events() -> AsyncIterator[str]:
-        streamed = Streamed(len(jobs))
-        try:
-            async for text in streamed.texts(deltas):
-                yield event({"text": text})
-            if not streamed.complete:
-                return
-            await close()  # the slots are free before the check runs
-            answer = await finish_sql(service, streamed.completions, schema, constraint, body.question,
-                                      jobs[0].params.max_tokens)
-            hints = await in_thread(lint, answer.sql, schema, body.question) if answer.valid else []
-            yield event({**answer.model_dump(), "lint": hints, "done": True})
-            yield "data: [DONE]\n\n"
-        except ApiError as e:
-            yield event(error_body(e.message, e.kind, e.code))
-        finally:
-            await close()
+    async def answer(completions: list[Completion]) -> dict[str, Any]:
+        done = await finish_sql(service, completions, schema, constraint, body.question, jobs[0].params.max_tokens)
+        hints = await in_thread(lint, done.sql, schema, body.question) if done.valid else []
+        return {**done.model_dump(), "lint": hints}
 
-    return ClosingStream(events(), close, media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
-
-
-class Streamed:
-    """The first (greedy) candidate's text as it comes; the others generate beside it. `completions` holds
-    every candidate once `complete`; a failed generation of a lone candidate is an ApiError."""
-
-    def __init__(self, n: int) -> None:
-        self.parts: list[list[str]] = [[] for _ in range(n)]
-        self.finals: list[Completion | None] = [None] * n
-
-    async def texts(self, deltas: AsyncIterator[tuple[int, Delta]]) -> AsyncIterator[str]:
-        async for i, delta in deltas:
-            if delta.finish_reason == "error" and len(self.finals) == 1:
-                raise ApiError(500, f"generation failed: {delta.error}", "server_error", "engine_error")
-            self.parts[i].append(delta.text)
-            if delta.text and i == 0:
-                yield delta.text
-            if delta.finish_reason:
-                self.finals[i] = Completion("".join(self.parts[i]), delta.prompt_tokens, delta.completion_tokens,
-                                            delta.finish_reason, delta.error, self.parts[i])
-                if self.complete:
-                    return
-
-    @property
-    def complete(self) -> bool:
-        return all(f is not None for f in self.finals)
-
-    @property
-    def completions(self) -> list[Completion]:
-        return [f for f in self.finals if f is not None]
-
-
-def event(data: dict[str, Any]) -> str:
-    """One server-sent event; values JSON cannot carry (a date from PostgreSQL) as their text."""
-    return f"data: {json.dumps(data, default=str)}\n\n"
+    return await answer_stream(service, jobs, answer)

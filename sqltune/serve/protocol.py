@@ -66,18 +66,21 @@ class _Request(BaseModel):
         return data
 
 
-# Parameters sqltune does not implement, each with the values that ask for nothing (accepted as no-ops)
+# Parameters sqltune does not implement, each with the values that ask for nothing (accepted as no-ops). One
+# table for every route: a request checks the ones it declares (Sampling's, CompletionRequest's `suffix`,
+# ChatCompletionRequest's tools and formats), so a parameter of another route is still ignored as unknown.
 _OFF: tuple[Any, ...] = (None,)
-UNSUPPORTED_SAMPLING: dict[str, tuple[Any, ...]] = {
+UNSUPPORTED: dict[str, tuple[Any, ...]] = {
+    # sampling, every generating route
     "best_of": (*_OFF, 1), "frequency_penalty": (*_OFF, 0), "presence_penalty": (*_OFF, 0),
     "logit_bias": (*_OFF, {}), "use_beam_search": (*_OFF, False), "top_k": (*_OFF, 0, -1), "min_p": (*_OFF, 0),
     "repetition_penalty": (*_OFF, 1), "length_penalty": (*_OFF, 1), "stop_token_ids": (*_OFF, []),
     "bad_words": (*_OFF, []), "ignore_eos": (*_OFF, False), "prompt_logprobs": _OFF, "logits_processors": _OFF,
     "guided_json": _OFF, "guided_regex": _OFF, "guided_choice": _OFF, "guided_grammar": _OFF,
     "structured_outputs": _OFF, "truncate_prompt_tokens": _OFF,
-}
-UNSUPPORTED_COMPLETION: dict[str, tuple[Any, ...]] = {"suffix": (*_OFF, "")}
-UNSUPPORTED_CHAT: dict[str, tuple[Any, ...]] = {
+    # completions
+    "suffix": (*_OFF, ""),
+    # chat completions
     "tools": (*_OFF, []), "tool_choice": (*_OFF, "none"), "functions": (*_OFF, []), "function_call": (*_OFF, "none"),
     "response_format": (*_OFF, {"type": "text"}), "top_logprobs": (*_OFF, 0), "audio": _OFF,
     "modalities": (*_OFF, ["text"]), "prediction": _OFF, "web_search_options": _OFF, "reasoning_effort": _OFF,
@@ -90,8 +93,8 @@ _WHY = {
 }
 
 
-def _refuse_unsupported(value: Any, info: ValidationInfo, off: dict[str, tuple[Any, ...]]) -> Any:
-    allowed = off[info.field_name or ""]
+def _refuse_unsupported(value: Any, info: ValidationInfo) -> Any:
+    allowed = UNSUPPORTED[info.field_name or ""]
     # True == 1 in Python, but `best_of: true` is not `best_of: 1`
     if any(value == v and isinstance(value, bool) == isinstance(v, bool) for v in allowed):
         return value
@@ -132,10 +135,11 @@ class Sampling(_Request):
     structured_outputs: Any = None
     truncate_prompt_tokens: Any = None
 
-    @field_validator(*UNSUPPORTED_SAMPLING, mode="before")
+    # the fields of UNSUPPORTED this model or a subclass declares (check_fields=False: not all are Sampling's)
+    @field_validator(*UNSUPPORTED, mode="before", check_fields=False)
     @classmethod
     def _unsupported(cls, value: Any, info: ValidationInfo) -> Any:
-        return _refuse_unsupported(value, info, UNSUPPORTED_SAMPLING)
+        return _refuse_unsupported(value, info)
 
     @field_validator("temperature")
     @classmethod
@@ -182,11 +186,6 @@ class CompletionRequest(Sampling, Constrained):
     logprobs: Int | None = None
     suffix: Any = None
 
-    @field_validator(*UNSUPPORTED_COMPLETION, mode="before")
-    @classmethod
-    def _unsupported_completion(cls, value: Any, info: ValidationInfo) -> Any:
-        return _refuse_unsupported(value, info, UNSUPPORTED_COMPLETION)
-
     def prompts(self) -> list[str]:
         return [self.prompt] if isinstance(self.prompt, str) else list(self.prompt)
 
@@ -224,11 +223,6 @@ class ChatCompletionRequest(Sampling, Constrained):
     prediction: Any = None
     web_search_options: Any = None
     reasoning_effort: Any = None
-
-    @field_validator(*UNSUPPORTED_CHAT, mode="before")
-    @classmethod
-    def _unsupported_chat(cls, value: Any, info: ValidationInfo) -> Any:
-        return _refuse_unsupported(value, info, UNSUPPORTED_CHAT)
 
     @model_validator(mode="after")
     def _max_completion(self) -> ChatCompletionRequest:
