@@ -45,3 +45,21 @@ def test_a_token_budget_gives_the_same_weights_as_whole_batches(tmp_path: Path) 
     assert whole.keys() == split.keys()
     for name in whole:
         assert torch.allclose(whole[name], split[name], atol=1e-5), name
+
+
+def test_the_eta_is_the_time_cap_when_it_comes_before_the_steps() -> None:
+    from types import SimpleNamespace
+
+    from sqltune.finetune.callbacks import JsonLogs
+
+    state = SimpleNamespace(global_step=0, max_steps=100_000)
+    capped, uncapped = JsonLogs(max_minutes=10), JsonLogs()
+    for cb in (capped, uncapped):
+        cb.on_train_begin(SimpleNamespace(per_device_train_batch_size=8, world_size=1), state, None)
+        cb._t0 = 1000.0
+    state.global_step = 2  # two steps in the first minute: 30 s a step
+    now = 1060.0
+    assert uncapped.eta_s(state, now) == 30 * 99_998
+    assert capped.eta_s(state, now) == 9 * 60  # the cap ends training in nine minutes
+    state.global_step = 0
+    assert capped.eta_s(state, now) is None  # no step done: no pace yet

@@ -23,10 +23,22 @@ log = logs.get("train")
 class JsonLogs(TrainerCallback):
     """One JSON line per logging step: step, loss, lr, grad norm, tokens/s, ETA."""
 
-    def __init__(self, tracker: Any = None) -> None:
+    def __init__(self, tracker: Any = None, max_minutes: float = 0.0) -> None:
         self._t0 = time.time()
         self._last: tuple[float, int] | None = None
         self.tracker = tracker  # sqltune.tracking: the same fields go to TensorBoard / MLflow / W&B
+        self.max_s = max_minutes * 60  # max_train_minutes: training ends there if its steps have not
+
+    def eta_s(self, state: Any, now: float) -> float | None:
+        """Seconds of training left: the steps left at the pace so far, or the time left to max_train_minutes
+        when that comes first."""
+        done = state.global_step - self._start_step
+        if done <= 0 or not state.max_steps:
+            return None
+        left = (now - self._t0) / done * (state.max_steps - state.global_step)
+        if self.max_s:
+            left = min(left, max(0.0, self.max_s - (now - self._t0)))
+        return round(left, 1)
 
     def on_train_begin(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
         self._t0 = time.time()
@@ -44,9 +56,8 @@ class JsonLogs(TrainerCallback):
                                   "grad_norm": _round(entry.get("grad_norm")), "epoch": _round(entry.get("epoch"))}
         if self._last and now > self._last[0]:
             fields["tokens_per_s"] = round((seen - self._last[1]) / (now - self._last[0]), 1)
-        done = state.global_step - self._start_step
-        if done > 0 and state.max_steps:
-            fields["eta_s"] = round((now - self._t0) / done * (state.max_steps - state.global_step), 1)
+        if (eta := self.eta_s(state, now)) is not None:
+            fields["eta_s"] = eta
         self._last = (now, seen)
         logs.event(log, "train step", **fields)
         if self.tracker is not None:

@@ -115,9 +115,7 @@ class GrpoLogs(JsonLogs):
                 fields.update(generation_s=round(gen_s, 3), reward_s=round(reward_s, 3),
                               update_s=round(max(0.0, step_s - gen_s - reward_s), 3),
                               reward_share=round(reward_s / step_s, 4) if step_s else None)
-        done = state.global_step - self._start_step
-        if done > 0 and state.max_steps:
-            fields["eta_s"] = round((now - self._t0) / done * (state.max_steps - state.global_step), 1)
+        fields["eta_s"] = self.eta_s(state, now)
         fields = {k: v for k, v in fields.items() if v is not None}
         logs.event(log, "train step", **fields)
         if self.tracker is not None:
@@ -261,7 +259,7 @@ def run(cfg: Config, sources: dict[str, str] | None = None) -> Path:
     scorer = scorer_for(cfg)
     try:
         trainer = build_trainer(cfg, policy, precision, model, tokenizer, train_ds, template, run_dir, scorer=scorer,
-                                callbacks=[GrpoLogs(tracker), CheckpointManifest(), stop, budget, HeapTrim(),
+                                callbacks=[GrpoLogs(tracker, cfg.max_train_minutes), CheckpointManifest(), stop, budget, HeapTrim(),
                                            DiskSpaceCheck()])
         metrics = common.train(trainer, cfg, ckpt_root, resume_from, stop, budget, started)
     finally:

@@ -163,7 +163,7 @@ def finetune(cfg: Config, sources: dict[str, str] | None = None) -> Path:
 
     tracker = tracking.for_finetune(cfg, ckpt_root, resuming=resume_from is not None)
     trainer = sft.build_trainer(cfg, method, precision, model, tokenizer, train_ds, eval_ds, run_dir,
-                             callbacks=[JsonLogs(tracker), CheckpointManifest(), stop, budget,
+                             callbacks=[JsonLogs(tracker, cfg.max_train_minutes), CheckpointManifest(), stop, budget,
                                         attempts.EpochSeededOrder(), HeapTrim(), DiskSpaceCheck()])
     metrics = train(trainer, cfg, ckpt_root, resume_from, stop, budget, started)
     if eval_ds is not None:
