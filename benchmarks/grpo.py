@@ -150,8 +150,9 @@ def main() -> None:
     # the start model's score, kept beside the runs: the same model, questions and budget give the same figures
     cached = work / f"start-{args.eval_limit}-{args.seed}-{chars}.json"
     stamp = (start / "model.safetensors").stat().st_mtime if (start / "model.safetensors").exists() else 0
-    if cached.is_file() and json.loads(cached.read_text()).get("stamp") == stamp:
-        result["start"] = json.loads(cached.read_text())["score"]
+    kept = json.loads(cached.read_text()) if cached.is_file() else {}
+    if kept.get("stamp") == stamp:
+        result["start"] = kept["score"]
     else:
         result["start"] = score(start)
         cached.write_text(json.dumps({"stamp": stamp, "score": result["start"]}))
