@@ -133,8 +133,10 @@ def prepare_run(cfg: Any, method: str) -> tuple[Path, Path, Path | None]:
     run_dir = registry.work_dir(cfg.output_dir)
     ckpt_root = run_dir / manifests.CHECKPOINTS
     ckpt_root.mkdir(parents=True, exist_ok=True)
-    with PartialState().local_main_process_first():
-        restored = checkpoints.restore(cfg.output_dir, ckpt_root)
+    state = PartialState()
+    with state.local_main_process_first():
+        # only the first process looks at the bucket: one that looked later could see a newer checkpoint land
+        restored = checkpoints.restore(cfg.output_dir, ckpt_root) if state.is_local_main_process else 0
     if restored:
         logs.event(log, "restored checkpoints from the output", count=restored)
     if cfg.resume == "auto" and int(os.environ.get("CLOUD_RUN_TASK_ATTEMPT", "0") or 0) > 0:
