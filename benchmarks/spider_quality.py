@@ -44,9 +44,17 @@ def sqltune(*args: str, log: Path | None = None) -> None:
         raise SystemExit(f"sqltune {' '.join(args[:2])} failed ({proc.returncode}):\n{tail}")
 
 
+def flag(field: str, value: str) -> str:
+    """`db_keys=false` -> `--no-db-keys` (a true/false field is a switch); `max_steps=300` -> `--max-steps=300`."""
+    name = field.replace("_", "-")
+    if value.lower() in ("true", "false"):
+        return f"--{name}" if value.lower() == "true" else f"--no-{name}"
+    return f"--{name}={value}"
+
+
 def train(args: argparse.Namespace, work: Path) -> tuple[Path, dict[str, Any]]:
     out = work / "model"
-    sets = [f"--{k.replace('_', '-')}={v}" for k, v in (s.split("=", 1) for s in args.set)]
+    sets = [flag(*s.split("=", 1)) for s in args.set]
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
     started = time.time()
     log = work / "train.log"

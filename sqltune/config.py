@@ -106,7 +106,8 @@ class Config:
                                  minimum=0.0)
     max_steps: int = _f(-1, "Stop after this many optimizer steps; -1 = run the epochs.", minimum=-1)
     max_train_minutes: float = _f(0.0, "Stop training (checkpoint, merge, publish) after this many "
-                                  "minutes; 0 = no limit.", minimum=0.0)
+                                  "minutes; the learning-rate schedule (warm-up, decay) then runs over whichever "
+                                  "ends first, these minutes or max_steps. 0 = no limit.", minimum=0.0)
     attempt_timeout: int = _f(0, "Seconds this attempt of the job may run before its platform stops it (a Cloud "
                               "Run task's timeout; rendered deployments set it from task_timeout). The job trains "
                               "until that minus a margin it measures, saves a checkpoint and exits 75 (more to do) "
@@ -554,15 +555,20 @@ def from_namespace(ns: argparse.Namespace, environ: Mapping[str, str] | None = N
     return resolve(getattr(ns, "config", None), os.environ if environ is None else environ, flags)
 
 
-def as_trained(cfg: Config, sources: Mapping[str, str], trained: Mapping[str, Any], *names: str) -> Config:
+# what a model's contexts were built with: the schema budget, and whether keys were written into them
+AS_TRAINED = ("db_context_chars", "db_keys")
+
+
+def as_trained(cfg: Config, sources: Mapping[str, str], trained: Mapping[str, Any],
+               names: Sequence[str] = AS_TRAINED) -> Config:
     """`cfg` with the fields `names` taken from a model's training config (`config` in its sqltune.json) where
     the user did not set them (`sources`): a model is asked, evaluated and trained further on contexts like
-    those it learnt on (`db_context_chars`: the schema budget of each context)."""
+    those it learnt on (`db_context_chars`: the schema budget of each context; `db_keys`: keys or bare columns)."""
     updates = {}
     for name in names:
         value = trained.get(name)
         default = getattr(cfg, name)
-        if name not in sources and value and type(value) is type(default):
+        if name not in sources and value is not None and type(value) is type(default):
             updates[name] = value
     return dataclasses.replace(cfg, **updates) if updates else cfg
 

@@ -190,14 +190,19 @@ def test_a_model_s_training_config_fills_what_the_user_left_unset(tmp_path):
 
     trained = {"db_context_chars": 1000, "db_keys": False, "seed": "not an int"}
     cfg, sources = load([], {})
-    assert config.as_trained(cfg, sources, trained, "db_context_chars", "seed").db_context_chars == 1000
-    assert config.as_trained(cfg, sources, trained, "seed").seed == cfg.seed  # a value of the wrong type is ignored
-    cfg, sources = load(["--db-context-chars", "3000"], {})
-    assert config.as_trained(cfg, sources, trained, "db_context_chars").db_context_chars == 3000  # the user's wins
+    assert config.as_trained(cfg, sources, trained, ("db_context_chars", "seed")).db_context_chars == 1000
+    assert config.as_trained(cfg, sources, trained, ("seed",)).seed == cfg.seed  # a value of the wrong type is ignored
+    # a model trained on bare columns (--no-db-keys) is asked on bare columns: a false value is inherited too
+    inherited = config.as_trained(cfg, sources, trained)
+    assert (inherited.db_context_chars, inherited.db_keys) == (1000, False)
+    cfg, sources = load(["--db-context-chars", "3000", "--db-keys"], {})
+    inherited = config.as_trained(cfg, sources, trained)
+    assert (inherited.db_context_chars, inherited.db_keys) == (3000, True)  # the user's flags win
 
     # GRPO or continued SFT from a finished model: its contexts are cut to the model's own budget
     (tmp_path / "sqltune.json").write_text(json.dumps({"config": trained}))
     cfg, sources = load(["--model", str(tmp_path), "--method", "grpo"], {})
     assert as_start_model(cfg, sources).db_context_chars == 1000
+    assert as_start_model(cfg, sources).db_keys is False
     cfg, sources = load(["--model", "smollm2-135m"], {})
     assert as_start_model(cfg, sources).db_context_chars == cfg.db_context_chars  # a base model has no budget

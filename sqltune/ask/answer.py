@@ -90,7 +90,7 @@ class Writer:
             if trained and "eval_max_new_tokens" not in sources:
                 self.max_new_tokens = int(trained)
             # the schema budget the model was trained with (sqltune.db.introspect.context_for)
-            self.cfg = config.as_trained(cfg, sources, self.llm.meta.get("config") or {}, "db_context_chars")
+            self.cfg = config.as_trained(cfg, sources, self.llm.meta.get("config") or {})
 
     def close(self) -> None:
         if self.llm is not None:

@@ -112,7 +112,7 @@ def load_examples(cfg: config.Config, sources: Mapping[str, str], meta: Mapping[
     if loading.needs_databases(source):
         # rows on real databases, or several sources: split as the job split them (by database), with the
         # context budget the model was trained with unless --db-context-chars says otherwise
-        options = loading.database_options(config.as_trained(cfg, sources, trained, "db_context_chars"))
+        options = loading.database_options(config.as_trained(cfg, sources, trained))
         splits = loading.load_splits(source, split=cfg.dataset_split, columns=cfg.column_map, eval_fraction=fraction,
                                      seed=cfg.seed, keep_literal_case=cfg.keep_literal_case, db=options)
         report = splits.report
@@ -213,7 +213,9 @@ def run(args: argparse.Namespace) -> int:
     mode = _mode(cfg, sources, getattr(args, "self_check", False))
     shard_index, shard_count = parse_shard(cfg.eval_shard, os.environ)
     rows: list[dict[str, Any]] | None = None
-    meta: dict[str, Any] = {}
+    meta = _model_meta(cfg, mode)
+    # contexts as the model was trained on them (schema budget, keys) unless the flags say otherwise
+    cfg = config.as_trained(cfg, sources, meta.get("config") or {})
     if mode == "predictions":
         from sqltune.evaluate import sources as src
 
@@ -232,7 +234,6 @@ def run(args: argparse.Namespace) -> int:
         dataset = {"source": cfg.eval_predictions, "split": "all", "examples": len(examples),
                    "fingerprint": loading.fingerprint(examples)}
     else:
-        meta = _model_meta(cfg, mode)
         if mode == "model" and "eval_batch_size" not in sources:
             # the engine's own capacity (serve's --max-batch-size, 16) unless --batch-size says otherwise:
             # 3.68 questions/s at 16 against 2.49 at 8 on the demo model, the same SQL

@@ -25,7 +25,7 @@ def as_start_model(cfg: config.Config, sources: dict[str, str]) -> config.Config
         trained = manifests.read_meta(folder).get("config") or {}
     except ArtifactError:
         return cfg  # the model load says what is wrong with the folder
-    return config.as_trained(cfg, sources, trained, "db_context_chars")
+    return config.as_trained(cfg, sources, trained)
 
 
 STOP_MESSAGES = {"sigterm": "SIGTERM received: checkpoint saved, exiting so the retry resumes here",

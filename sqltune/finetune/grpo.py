@@ -152,6 +152,7 @@ def build_trainer(cfg: Config, policy: str, precision: Any, model: Any, tokenize
 
     from sqltune import prompts
     from sqltune.finetune import rewards
+    from sqltune.finetune.schedule import budget_trainer
 
     # every value set from our Config, as the SFT trainer does: TRL's defaults change between releases
     args = GRPOConfig(**{**dict(
@@ -186,8 +187,9 @@ def build_trainer(cfg: Config, policy: str, precision: Any, model: Any, tokenize
         targets: Any = "all-linear" if cfg.target_modules == ["all-linear"] else cfg.target_modules
         peft_config = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
                                  target_modules=targets, bias="none", task_type="CAUSAL_LM")
-    trainer = trainer_class()(model=model, reward_funcs=funcs, args=args, train_dataset=train_ds,
-                              processing_class=tokenizer, peft_config=peft_config, callbacks=callbacks)
+    trainer = budget_trainer(trainer_class(), cfg.max_train_minutes)(
+        model=model, reward_funcs=funcs, args=args, train_dataset=train_ds, processing_class=tokenizer,
+        peft_config=peft_config, callbacks=callbacks)
     trainer.remove_callback(PrinterCallback)
     if not logs.show_progress():
         trainer.remove_callback(ProgressCallback)

@@ -113,6 +113,8 @@ def build_trainer(cfg: Config, method: str, precision: Any, model: Any, tokenize
     from transformers import PrinterCallback, ProgressCallback
     from trl import SFTConfig, SFTTrainer
 
+    from sqltune.finetune.schedule import budget_trainer
+
     if precision.device == "cpu":
         limit_loss_tiles(*CPU_LOSS_TILE)
 
@@ -162,8 +164,9 @@ def build_trainer(cfg: Config, method: str, precision: Any, model: Any, tokenize
             targets = "all-linear"
         peft_config = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
                                  target_modules=targets, bias="none", task_type="CAUSAL_LM")
-    trainer = token_budget_trainer(SFTTrainer)(model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds,
-                                               processing_class=tokenizer, peft_config=peft_config, callbacks=callbacks)
+    trainer_class = budget_trainer(token_budget_trainer(SFTTrainer), cfg.max_train_minutes)
+    trainer = trainer_class(model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds,
+                            processing_class=tokenizer, peft_config=peft_config, callbacks=callbacks)
     trainer.token_budget = cfg.batch_token_budget
     trainer.remove_callback(PrinterCallback)  # our JSON lines replace the raw dict prints
     if not logs.show_progress():

@@ -53,7 +53,7 @@ def run(args: argparse.Namespace) -> int:
     url = cfg.model_name if "model_name" in sources else cfg.output_dir
     model_dir, template, meta = resolve(url)
     # --database: the schema budget the model was trained with, so it is asked on contexts like its own
-    cfg = config.as_trained(cfg, sources, meta.get("config") or {}, "db_context_chars")
+    cfg = config.as_trained(cfg, sources, meta.get("config") or {})
     if "default_max_tokens" not in sources and meta.get("max_new_tokens"):
         # the longest answer the model was trained on, unless the operator set a default
         cfg = dataclasses.replace(cfg, default_max_tokens=min(int(meta["max_new_tokens"]), cfg.max_tokens_limit))
