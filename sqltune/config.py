@@ -106,8 +106,10 @@ class Config:
                                  minimum=0.0)
     max_steps: int = _f(-1, "Stop after this many optimizer steps; -1 = run the epochs.", minimum=-1)
     max_train_minutes: float = _f(0.0, "Stop training (checkpoint, merge, publish) after this many "
-                                  "minutes; the learning-rate schedule (warm-up, decay) then runs over whichever "
-                                  "ends first, these minutes or max_steps. 0 = no limit.", minimum=0.0)
+                                  "minutes; 0 = no limit.", minimum=0.0)
+    time_schedule: bool = _f(False, "Run the learning-rate schedule (warm-up, decay) over max_train_minutes as well "
+                             "as max_steps: its progress is the larger share, so it ends inside the time cap. Off: "
+                             "the schedule follows the steps and the cap only stops training.")
     attempt_timeout: int = _f(0, "Seconds this attempt of the job may run before its platform stops it (a Cloud "
                               "Run task's timeout; rendered deployments set it from task_timeout). The job trains "
                               "until that minus a margin it measures, saves a checkpoint and exits 75 (more to do) "

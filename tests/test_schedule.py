@@ -1,5 +1,6 @@
-"""The learning-rate schedule of a run with max_train_minutes runs over whichever ends training first, steps or
-time, and goes on from its checkpoint's progress after a resume.
+"""With --time-schedule, the learning-rate schedule of a run with max_train_minutes runs over whichever ends
+training first, steps or time, and goes on from its checkpoint's progress after a resume; without it, the
+schedule is transformers' own.
 
     pytest tests/test_schedule.py
 """
@@ -115,7 +116,7 @@ def test_a_job_cut_by_its_time_cap_ends_with_an_annealed_learning_rate(tmp_path:
     proc = run_sqltune("finetune", "--model", "tiny", "--tiny-layers", "1", "--dataset", "synthetic:400",
                        "--train-batch-size", "4", "--max-seq-length", "128", "--eval-generate-limit", "0",
                        "--logging-steps", "1", "--learning-rate", "0.003", "--warmup-ratio", "0.1",
-                       "--max-steps", "100000", "--max-train-minutes", "0.05", "--save-steps", "100000",
+                       "--max-steps", "100000", "--max-train-minutes", "0.05", "--time-schedule", "--save-steps", "100000",
                        "--output", str(out))
     lrs = [e["lr"] for e in log_events(proc.stderr, "train step") if "lr" in e]
     cut = manifests.read_meta(out)["metrics"]["cut_short"]
