@@ -187,8 +187,7 @@ def build_trainer(cfg: Config, policy: str, precision: Any, model: Any, tokenize
         targets: Any = "all-linear" if cfg.target_modules == ["all-linear"] else cfg.target_modules
         peft_config = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
                                  target_modules=targets, bias="none", task_type="CAUSAL_LM")
-    minutes = cfg.max_train_minutes if cfg.time_schedule else 0  # 0: transformers' step schedule
-    trainer = budget_trainer(trainer_class(), minutes)(
+    trainer = budget_trainer(trainer_class(), cfg)(
         model=model, reward_funcs=funcs, args=args, train_dataset=train_ds, processing_class=tokenizer,
         peft_config=peft_config, callbacks=callbacks)
     trainer.remove_callback(PrinterCallback)

@@ -1,17 +1,17 @@
-"""A learning-rate schedule over whichever ends training first: max_steps or max_train_minutes.
+"""A learning-rate schedule over whichever ends training first: max_steps or max_train_minutes (--time-schedule).
 
-A run stopped by its time cap before its planned steps would otherwise stop mid-schedule: a cosine planned over
-200 steps and cut at 82 leaves the learning rate at 70% of its peak, never annealed. With max_train_minutes set,
-the schedule's progress is the larger of the steps done and the share of the time used, so warm-up, decay and the
-final low learning rate all happen inside the budget on a fast machine and on a slow one.
+A run stopped by its time cap before its planned steps stops mid-schedule: a cosine planned over 100 steps and
+cut at 60 leaves the learning rate at 39% of its peak, never annealed. With --time-schedule, the schedule's
+progress is the larger of the steps done and the share of the minutes used, so warm-up, decay and the final low
+learning rate all happen inside the cap on a fast machine and on a slow one. Without it the rates are exactly
+transformers' schedules of the same names (the same scheduler either way, so checkpoints resume across both).
 
     lr = peak * factor(kind, progress, warmup)     progress = max(step / max_steps, seconds / max_train_seconds)
 
 A resumed run (a new attempt gets its own max_train_minutes) goes on from the progress its checkpoint reached
 and spreads what is left of the schedule over its own budget; resumed with no time cap, it finishes the
 planned steps on the step schedule. Under torch.distributed every rank takes rank 0's
-clock, so every replica steps with the same learning rate.
-"""
+clock, so every replica steps with the same learning rate."""
 
 from __future__ import annotations
 
@@ -89,10 +89,10 @@ class BudgetSchedule(LRScheduler):
         self.t0 = time.monotonic()
 
 
-def budget_trainer(base: type, max_minutes: float) -> type:
+def budget_trainer(base: type, cfg: Any) -> type:
     """`base` (a transformers Trainer) whose learning rate follows BudgetSchedule: over max(steps, time) progress
-    when `max_minutes` is set, exactly transformers' schedule of the same name when it is not. The same scheduler
-    either way, so a checkpoint of a run with a time cap resumes without one, and the other way round."""
+    with cfg.time_schedule and a max_train_minutes, exactly transformers' schedule of the same name otherwise."""
+    max_minutes = cfg.max_train_minutes if cfg.time_schedule else 0.0
 
     class BudgetTrainer(base):  # type: ignore[misc, valid-type]
         def create_scheduler(self, num_training_steps: int, optimizer: Any = None) -> Any:

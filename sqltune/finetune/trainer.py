@@ -164,8 +164,7 @@ def build_trainer(cfg: Config, method: str, precision: Any, model: Any, tokenize
             targets = "all-linear"
         peft_config = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
                                  target_modules=targets, bias="none", task_type="CAUSAL_LM")
-    minutes = cfg.max_train_minutes if cfg.time_schedule else 0  # 0: transformers' step schedule
-    trainer_class = budget_trainer(token_budget_trainer(SFTTrainer), minutes)
+    trainer_class = budget_trainer(token_budget_trainer(SFTTrainer), cfg)
     trainer = trainer_class(model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds,
                             processing_class=tokenizer, peft_config=peft_config, callbacks=callbacks)
     trainer.token_budget = cfg.batch_token_budget
