@@ -24,6 +24,9 @@ the same rows in the same order, a fixed number of steps, each variant in its ow
   fp32-full     the same in fp32
   *-bN          any variant at batch size N (the demo's is 8), e.g. bf16-full-b16
   *-gaN         any variant accumulating the gradients of N batches per optimizer step, e.g. bf16-full-ga2
+  *-allpos      any variant with the LM head over every position, prompt included (TRL's default off Triton
+                devices; sqltune's CPU runs score the labelled positions only): -bN / -gaN go before it
+  *-compile     any variant with torch.compile (inductor) on the model, after -allpos
   *-eval        any variant + the end-of-training eval-loss pass over the job's 256 eval rows, timed apart
 
 Reported per variant: input tokens/s and s/step over the steps after the first (warm-up), CPU-seconds of
@@ -120,19 +123,24 @@ def _cpu_s() -> float:
     return r.ru_utime + r.ru_stime
 
 
-def load_recipe(model_name: str, overrides: dict[str, Any], dtype: str | None = None) -> tuple[Any, ...]:
-    """configs/<model>-cpu.yaml with `overrides` (no saves, no logging) on the shared rows: (config, precision,
-    splits, tokenizer, model, train dataset), as the job builds them."""
+def load_recipe(model_name: str, overrides: dict[str, Any], dtype: str | None = None,
+                mix: bool = False) -> tuple[Any, ...]:
+    """configs/<model>-cpu.yaml with `overrides` (no saves, no logging) on the shared rows, or with `mix` on the
+    config's own sources (the demo's: single-table rows and Spider's databases): (config, precision, splits,
+    tokenizer, model, train dataset), as the job builds them."""
     from sqltune import config, generation
     from sqltune.data import loading
+    from sqltune.finetune import common
     from sqltune.finetune import trainer as sft
     from sqltune.models import base_models
     from sqltune.prompts import DEFAULT_TEMPLATE
 
     cfg, _ = config.resolve(str(ROOT / "configs" / f"{model_name}-cpu.yaml"), {},
-                            {"save_steps": "100000", "logging_steps": "100000", **overrides, "dataset": str(SHARED)})
+                            {"save_steps": "100000", "logging_steps": "100000", **overrides,
+                             **({} if mix else {"dataset": str(SHARED)})})
     precision = generation.choose_precision(dtype or cfg.dtype, training=True)
-    splits = loading.load_splits(str(SHARED), eval_fraction=cfg.eval_fraction, seed=cfg.seed)
+    splits = (common.load_data(cfg) if mix else
+              loading.load_splits(str(SHARED), eval_fraction=cfg.eval_fraction, seed=cfg.seed))
     base_name, _ = base_models.resolve_source(model_name)
     tok = base_models.load_tokenizer(base_name)
     model = base_models.load_base(base_name, base_models.weight_precision(precision, cfg.method))
@@ -141,7 +149,7 @@ def load_recipe(model_name: str, overrides: dict[str, Any], dtype: str | None = 
     return cfg, precision, splits, tok, model, train_ds
 
 
-def run_variant(name: str, model_name: str, steps: int, workdir: Path) -> dict:
+def run_variant(name: str, model_name: str, steps: int, workdir: Path, mix: bool = False) -> dict:
     """One variant of the demo recipe for `steps` steps; per-step times from a callback."""
     import torch
     from transformers import TrainerCallback
@@ -151,12 +159,14 @@ def run_variant(name: str, model_name: str, steps: int, workdir: Path) -> dict:
 
     torch.set_num_threads(int(os.environ.get("BENCH_THREADS", "2")))
     base_variant, with_eval = name.removesuffix("-eval"), name.endswith("-eval")
+    base_variant, compiled = base_variant.removesuffix("-compile"), base_variant.endswith("-compile")
+    base_variant, all_positions = base_variant.removesuffix("-allpos"), base_variant.endswith("-allpos")
     batch = BATCH_SUFFIX.search(base_variant)
     dtype, ckpt, padfree, method = VARIANTS[BATCH_SUFFIX.sub("", base_variant)]
     cfg, precision, splits, tok, model, train_ds = load_recipe(
         model_name, {"max_steps": str(steps), "gradient_checkpointing": ckpt, "method": method,
                      **({{"b": "train_batch_size", "ga": "gradient_accumulation_steps"}[batch.group(1)]: batch.group(2)}
-                        if batch else {})}, dtype)
+                        if batch else {})}, dtype, mix)
     eval_ds, _ = sft.to_dataset(sft.build_pairs(splits.eval, DEFAULT_TEMPLATE), tok, cfg.max_seq_length)
     eval_ds = eval_ds.shuffle(seed=cfg.seed).select(range(min(256, len(eval_ds))))
 
@@ -169,13 +179,18 @@ def run_variant(name: str, model_name: str, steps: int, workdir: Path) -> dict:
 
     clock = Clock()
     trainer = sft.build_trainer(cfg, cfg.method, precision, model, tok, train_ds, eval_ds, workdir, [clock],
-                                extra_args={"padding_free": True, "max_length": None} if padfree else None)
+                                extra_args={**({"padding_free": True, "max_length": None} if padfree else {}),
+                                            **({"torch_compile": True} if compiled else {})} or None)
+    if all_positions:  # as TRL does off Triton devices: the LM head and its softmax over every position
+        sft.score_labelled_only(False)
     t0, c0 = time.perf_counter(), _cpu_s()
     trainer.train()
     (t1, c1, n1), (tn, cn, nn) = clock.marks[0], clock.marks[-1]
     out = {"variant": name, "model": model_name, "method": cfg.method, "dtype": precision.name,
            "gradient_checkpointing": ckpt,
-           "padding_free": padfree, "steps": len(clock.marks), "batch_size": cfg.train_batch_size,
+           "rows": "the config's sources" if mix else "sql-create-context", "padding_free": padfree,
+           "torch_compile": compiled,
+           "lm_head_positions": "all" if all_positions else "labelled", "steps": len(clock.marks), "batch_size": cfg.train_batch_size,
            "gradient_accumulation_steps": cfg.gradient_accumulation_steps,
            "s_per_step": round((tn - t1) / (len(clock.marks) - 1), 3),
            "cpu_s_per_step": round((cn - c1) / (len(clock.marks) - 1), 3),
@@ -212,11 +227,13 @@ def run_variants(args: argparse.Namespace) -> int:
     args.created = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
     results = []
     for name in args.variants.split(","):
-        if BATCH_SUFFIX.sub("", name.removesuffix("-eval")) not in VARIANTS:
-            raise SystemExit(f"unknown variant {name}; known: {', '.join(VARIANTS)} (each optionally with -bN, "
-                             "then -eval)")
+        base = name.removesuffix("-eval").removesuffix("-compile").removesuffix("-allpos")
+        if BATCH_SUFFIX.sub("", base) not in VARIANTS:
+            raise SystemExit(f"unknown variant {name}; known: {', '.join(VARIANTS)} (each optionally with -bN or "
+                             "-gaN, then -allpos, -compile, -eval)")
         out = subprocess.run([sys.executable, __file__, "--variant", name, "--model", args.model, "--steps",
-                              str(args.steps), "--workdir", args.workdir], capture_output=True, text=True,
+                              str(args.steps), "--workdir", args.workdir, *(["--mix"] if args.mix else [])],
+                             capture_output=True, text=True,
                              env={**os.environ, "SQLTUNE_NO_PROGRESS": "1"})
         if out.returncode != 0:
             raise SystemExit(f"variant {name} failed:\n{out.stderr[-3000:]}")
@@ -238,10 +255,14 @@ def main() -> int:
     parser.add_argument("--variant", help=argparse.SUPPRESS)
     parser.add_argument("--model", default="smollm2-135m", choices=["smollm2-135m", "gemma3-270m"])
     parser.add_argument("--steps", type=int, default=8, help="Optimizer steps per variant (the first is warm-up).")
+    parser.add_argument("--mix", action="store_true",
+                        help="Train on the config's own sources (the demo's mix with Spider's schemas), not the "
+                             "single-table rows alone.")
     parser.add_argument("--workdir", default="/tmp/sqltune-bench-train")
     args = parser.parse_args()
     if args.variant:  # child process: one variant, result as JSON on stdout
-        print(json.dumps(run_variant(args.variant, args.model, args.steps, Path(args.workdir) / args.variant)))
+        print(json.dumps(run_variant(args.variant, args.model, args.steps, Path(args.workdir) / args.variant,
+                                            args.mix)))
         return 0
     if args.variants:
         return run_variants(args)

@@ -63,3 +63,48 @@ def test_the_eta_is_the_time_cap_when_it_comes_before_the_steps() -> None:
     assert capped.eta_s(state, now) == 9 * 60  # the cap ends training in nine minutes
     state.global_step = 0
     assert capped.eta_s(state, now) is None  # no step done: no pace yet
+
+
+def test_the_cpu_loss_scores_only_the_labelled_positions_with_the_same_loss_and_gradient(monkeypatch) -> None:
+    import trl.trainer.utils as trl_utils
+    from transformers import LlamaConfig, LlamaForCausalLM
+    from trl.trainer.utils import add_fused_lm_head
+
+    from sqltune.finetune.trainer import score_labelled_only
+
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=300, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                         num_attention_heads=2, num_key_value_heads=2, tie_word_embeddings=True))
+    add_fused_lm_head(model, outputs=("log_probs", "entropy", "is_top1"))
+    ids = torch.randint(0, 300, (3, 40))
+    mask = torch.ones_like(ids)
+    mask[2, 30:] = 0  # a padded row
+    labels = ids.clone()
+    labels[:, :28] = -100  # a long prompt, then the answer
+    labels[mask == 0] = -100
+    scored = []
+    kernel = trl_utils._ChunkedLogProbFunction
+
+    class Recording:
+        @staticmethod
+        def apply(hidden, *rest):
+            scored.append(hidden.shape[0])
+            return kernel.apply(hidden, *rest)
+
+    monkeypatch.setattr(trl_utils, "_ChunkedLogProbFunction", Recording)
+
+    def loss_and_grad(labelled_only: bool) -> tuple[float, torch.Tensor]:
+        assert score_labelled_only(labelled_only)
+        model.zero_grad()
+        out = model(input_ids=ids, attention_mask=mask, labels=labels, fused_lm_head=True)
+        out.loss.backward()
+        return out.loss.item(), model.model.layers[0].mlp.up_proj.weight.grad.clone()
+
+    try:
+        every_loss, every_grad = loss_and_grad(False)
+        labelled_loss, labelled_grad = loss_and_grad(True)
+    finally:
+        score_labelled_only(False)
+    assert scored == [3 * 39, int((labels[:, 1:] != -100).sum())]  # every position, then the 29 with a label
+    assert labelled_loss == pytest.approx(every_loss, rel=1e-5)
+    assert torch.allclose(labelled_grad, every_grad, atol=1e-6)

@@ -70,6 +70,35 @@ def limit_loss_tiles(tokens: int, vocab: int) -> dict[str, int]:
     return done
 
 
+def score_labelled_only(enabled: bool = True) -> bool:
+    """Make TRL's fused LM head score only the positions that carry a label (the SQL) on every device (process-wide);
+    returns whether the switch was found.
+
+    TRL compacts the hidden states to the labelled positions on Triton devices only, and elsewhere scores every
+    position, prompt included, then zeroes the unlabelled ones. On a CPU that is the [tokens x vocabulary]
+    projection, its softmax and their backward over a schema prompt several times longer than its answer: the
+    same loss and gradient for a fraction of the work. The decision is `trl.trainer.utils._use_triton`, read at
+    each forward; the kernel keeps its own copy of that function, so its tiles still run in torch here. In another
+    TRL release without it, nothing is changed.
+    """
+    import trl.trainer.utils as trl_utils
+
+    original = getattr(trl_utils, "_use_triton", None)
+    if original is None:
+        return False
+    original = getattr(original, "__wrapped__", original)
+    if not enabled:
+        trl_utils._use_triton = original
+        return True
+
+    def compact(device: Any) -> bool:
+        return True
+
+    compact.__wrapped__ = original  # type: ignore[attr-defined]
+    trl_utils._use_triton = compact
+    return True
+
+
 def split_rows(inputs: dict[str, Any], budget: int) -> list[dict[str, Any]]:
     """A padded batch as consecutive groups of rows of at most `budget` tokens each (at least one row per group):
     the whole batch when it fits."""
@@ -117,6 +146,7 @@ def build_trainer(cfg: Config, method: str, precision: Any, model: Any, tokenize
 
     if precision.device == "cpu":
         limit_loss_tiles(*CPU_LOSS_TILE)
+        score_labelled_only()
 
     # Every value set from our Config: TRL/transformers defaults (bf16, gradient checkpointing, lr 2e-5)
     # change between releases and would silently change the recipe.
