@@ -153,7 +153,9 @@ def build_trainer(cfg: Config, policy: str, precision: Any, model: Any, tokenize
     from sqltune import prompts
     from sqltune.finetune import rewards
     from sqltune.finetune.schedule import budget_trainer
+    from sqltune.finetune.trainer import fit_loss_to_cpu
 
+    fit_loss_to_cpu(precision)  # the policy's log-probabilities of its completions, not of the schema prompt
     # every value set from our Config, as the SFT trainer does: TRL's defaults change between releases
     args = GRPOConfig(**{**dict(
         output_dir=str(run_dir / manifests.CHECKPOINTS),

@@ -99,6 +99,14 @@ def score_labelled_only(enabled: bool = True) -> bool:
     return True
 
 
+def fit_loss_to_cpu(precision: Any) -> None:
+    """On a CPU, TRL's fused loss (SFT's and GRPO's) in tiles sized for its memory, over the labelled positions
+    only."""
+    if precision.device == "cpu":
+        limit_loss_tiles(*CPU_LOSS_TILE)
+        score_labelled_only()
+
+
 def split_rows(inputs: dict[str, Any], budget: int) -> list[dict[str, Any]]:
     """A padded batch as consecutive groups of rows of at most `budget` tokens each (at least one row per group):
     the whole batch when it fits."""
@@ -144,9 +152,7 @@ def build_trainer(cfg: Config, method: str, precision: Any, model: Any, tokenize
 
     from sqltune.finetune.schedule import budget_trainer
 
-    if precision.device == "cpu":
-        limit_loss_tiles(*CPU_LOSS_TILE)
-        score_labelled_only()
+    fit_loss_to_cpu(precision)
 
     # Every value set from our Config: TRL/transformers defaults (bf16, gradient checkpointing, lr 2e-5)
     # change between releases and would silently change the recipe.
