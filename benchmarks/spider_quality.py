@@ -4,6 +4,7 @@ beside EX on the single-table eval split, per model or recipe.
     python benchmarks/spider_quality.py --label demo --model models/smollm2-135m-sql          # score a finished model
     python benchmarks/spider_quality.py --label demo-30min --config configs/smollm2-135m-cpu.yaml \
         --set max_steps=660 --set max_train_minutes=30                                         # train, then score
+    python benchmarks/spider_quality.py --label demo-schema --model models/smollm2-135m-sql --constrain schema
 
 Held-out databases: sqltune.data.databases.SPIDER_TRAIN_HELD_OUT (fixed by db_id; 493 questions, every one run
 on its own SQLite file), with contexts built as `sqltune ask` builds them at the model's own context budget.
@@ -78,11 +79,13 @@ def evaluate(model: Path, work: Path, args: argparse.Namespace) -> dict[str, Any
 
     spider_dir, single_dir = work / "spider-report", work / "single-report"
     common = ["--model", str(model), "--split", "eval", "--seed", "42"]
+    decoding = ["--constrain", args.constrain] if args.constrain != "off" else []
     sqltune("eval", *common, "--dataset", f"spider:{SPIDER}", "--limit", str(args.spider_limit),
             "--report-dir", str(spider_dir), *(["--db-context-chars", str(args.context_chars)] if args.context_chars else []),
-            *(["--candidates", str(args.candidates)] if args.candidates > 1 else []), log=work / "eval-spider.log")
+            *(["--candidates", str(args.candidates)] if args.candidates > 1 else []), *decoding,
+            log=work / "eval-spider.log")
     sqltune("eval", *common, "--dataset", str(SINGLE), "--eval-fraction", "0.05", "--limit", str(args.single_limit),
-            "--report-dir", str(single_dir), log=work / "eval-single.log")
+            "--report-dir", str(single_dir), *decoding, log=work / "eval-single.log")
     spider = json.loads((spider_dir / "report.json").read_text())["results"]
     single_rows = [json.loads(line) for line in (single_dir / "predictions.jsonl").read_text().splitlines() if line]
     single_rows = [r for r in single_rows if r["gold_ok"] and table_kind(r["context"], r["gold"]) == "single_table"]
@@ -136,6 +139,8 @@ def main() -> int:
     p.add_argument("--context-chars", type=int, default=0, help="Context budget; 0 = the model's own.")
     p.add_argument("--candidates", type=int, default=1,
                    help="Answers per held-out question, the one whose rows most of them return scored (ask's vote).")
+    p.add_argument("--constrain", default="off", choices=["off", "schema", "schema+values"],
+                   help="Decode both evaluations under the grammar of each question's schema (ask's --constrain).")
     p.add_argument("--work", default="", help="Working folder (default: a new one under /tmp).")
     p.add_argument("--out", default=str(RESULTS / "spider_quality.json"))
     args = p.parse_args()
@@ -151,6 +156,7 @@ def main() -> int:
     if args.config:
         model, training = train(args, work)
     result = {"label": args.label, "model": str(model), "training": training, "candidates": args.candidates,
+              "constrain": args.constrain,
               **evaluate(model, work, args),
               "machine": {"cpus": os.cpu_count(), "load_avg_at_end": os.getloadavg()}}
     out = Path(args.out)
