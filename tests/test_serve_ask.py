@@ -232,6 +232,7 @@ def test_the_page_asks_the_database_shows_rows_and_a_chart_and_refuses_a_write(s
 
     # ask: the page shows what /v1/ask answers for the question, streamed
     question = "How many orders are shipped?"
+    by_id(browser, "question").clear()  # the page opens with its first example's question in the box
     by_id(browser, "question").send_keys(question)
     by_id(browser, "ask").click()
     wait(browser, lambda b: _asked(b, 1))
