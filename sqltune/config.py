@@ -59,11 +59,13 @@ class Config:
     lora_dropout: float = _f(0.05, "LoRA dropout.", minimum=0.0)
     target_modules: list[str] = _f(["all-linear"], "Modules that get LoRA adapters "
                                    "(comma-separated, or all-linear).")
-    prompt_style: str = _f("plain", "Prompt layout: plain = `Question: ...\\nContext: ...\\nAnswer:`; chat = the "
-                           "question and schema as the user turn of the tokenizer's chat template, the SQL as the "
-                           "assistant turn; auto = chat when the tokenizer has one, else plain. On SmolLM2-Instruct "
-                           "the two are within noise (benchmarks/real_model_quality.py), and plain prompts are shorter.",
-                           choices=["plain", "chat", "auto"])
+    prompt_style: str = _f("plain", "Prompt layout: plain = `Question: ...\\nContext: ...\\nAnswer:`; "
+                           "schema-first = `Context: ...\\nQuestion: ...\\nAnswer:` (questions on one database "
+                           "share their first tokens: see shared_context_rows); chat = the question and schema as the "
+                           "user turn of the tokenizer's chat template, the SQL as the assistant turn; auto = chat "
+                           "when the tokenizer has one, else plain. On SmolLM2-Instruct plain and chat are within "
+                           "noise (benchmarks/real_model_quality.py), and plain prompts are shorter.",
+                           choices=["plain", "schema-first", "chat", "auto"])
     tiny_layers: int = _f(4, "Layers of the `tiny` model.", minimum=1)
     tiny_vocab_size: int = _f(2048, "Tokenizer vocabulary of the `tiny` model.", minimum=300)
     trust_remote_code: bool = _f(False, "Allow model repositories to run their own code.")
@@ -124,6 +126,11 @@ class Config:
                                  "batch of longer rows runs as several passes over groups of its rows, with the "
                                  "same gradient, so memory stays bounded when schemas are long; 0 = whole batches.",
                                  minimum=0)
+    shared_context_rows: int = _f(1, "Training rows whose prompts begin with the same context (questions on one "
+                                  "database, with a schema-first or chat prompt) are packed up to this many to a "
+                                  "row: the context is computed once, and each question attends to it and to "
+                                  "itself only, so the loss and gradient are those of the separate rows. A batch "
+                                  "counts packed rows. 1 = every question its own row.", minimum=1)
     logging_steps: int = _f(10, "Log one JSON line every N steps.", minimum=1)
     save_steps: int = _f(100, "Checkpoint every N steps.", minimum=1)
     save_total_limit: int = _f(2, "Checkpoints kept; older ones are pruned.", minimum=1)

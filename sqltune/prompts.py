@@ -50,6 +50,20 @@ class PromptTemplate:
 
 
 DEFAULT_TEMPLATE = PromptTemplate()
+# the schema before the question: the questions on one database share their prompt's first tokens, which training
+# can then compute once for several of them (`shared_context_rows`)
+SCHEMA_FIRST_TEMPLATE = PromptTemplate(name="context-question-answer",
+                                       prompt="Context: {context}\nQuestion: {question}\nAnswer:")
+
+
+def template_for(style: str, tokenizer: Any) -> tuple[PromptTemplate, str]:
+    """The template of a `prompt_style` for this tokenizer, and the style it resolved to (auto: chat when the
+    tokenizer has a chat template, else plain)."""
+    if style == "auto":
+        style = "chat" if getattr(tokenizer, "chat_template", None) else "plain"
+    if style == "chat":
+        return chat_template(tokenizer), style
+    return (SCHEMA_FIRST_TEMPLATE if style == "schema-first" else DEFAULT_TEMPLATE), style
 
 
 def build_prompt(question: str, context: str, template: PromptTemplate = DEFAULT_TEMPLATE) -> str:

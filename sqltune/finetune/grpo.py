@@ -55,10 +55,7 @@ def start_template(base_name: str, tokenizer: Any, cfg: Config) -> tuple[Any, in
 
     if (Path(base_name) / manifests.SQLTUNE_META).is_file():
         return prompts.load_template(base_name), manifests.read_meta(base_name).get("max_new_tokens")
-    style = cfg.prompt_style
-    if style == "auto":
-        style = "chat" if getattr(tokenizer, "chat_template", None) else "plain"
-    return (prompts.chat_template(tokenizer) if style == "chat" else prompts.DEFAULT_TEMPLATE), None
+    return prompts.template_for(cfg.prompt_style, tokenizer)[0], None
 
 
 def to_dataset(examples: list[Any], template: Any, tokenizer: Any, max_len: int) -> tuple[Any, int]:

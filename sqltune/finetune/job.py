@@ -71,6 +71,7 @@ def finetune(cfg: Config, sources: dict[str, str] | None = None) -> Path:
     from sqltune.finetune import attempts
     from sqltune.finetune import trainer as sft
     from sqltune.finetune.callbacks import CheckpointManifest, DiskSpaceCheck, HeapTrim, JsonLogs, StopControl
+    from sqltune.finetune.shared_context import longest_answer
     from sqltune.models import base_models
 
     started = time.time()
@@ -133,16 +134,13 @@ def finetune(cfg: Config, sources: dict[str, str] | None = None) -> Path:
 
             model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=cfg.gradient_checkpointing)
     model.config.use_cache = False
-    style = cfg.prompt_style
-    if style == "auto":
-        style = "chat" if getattr(tokenizer, "chat_template", None) else "plain"
-    if style == "chat":
-        template = prompts.chat_template(tokenizer)
+    template, style = prompts.template_for(cfg.prompt_style, tokenizer)
+    if template != prompts.DEFAULT_TEMPLATE:
         pairs = sft.build_pairs(train_rows, template)
     logs.event(log, "prompt template", style=style, requested=cfg.prompt_style, prompt=template.prompt,
                stops=list(template.stops))
 
-    train_ds, too_long = sft.to_dataset(pairs, tokenizer, cfg.max_seq_length)
+    train_ds, too_long = sft.to_dataset(pairs, tokenizer, cfg.max_seq_length, cfg.shared_context_rows)
     eval_pairs = sft.build_pairs(splits.eval, template)
     eval_ds, eval_too_long = sft.to_dataset(eval_pairs, tokenizer, cfg.max_seq_length) if eval_pairs else (None, 0)
     if eval_ds is not None and len(eval_ds) > EVAL_LOSS_ROWS:
@@ -151,8 +149,14 @@ def finetune(cfg: Config, sources: dict[str, str] | None = None) -> Path:
         eval_ds = eval_ds.shuffle(seed=cfg.seed).select(range(EVAL_LOSS_ROWS))
     if too_long:
         splits.report.skipped["too_long"] += too_long
-    splits.report.train = len(train_ds)
-    logs.event(log, "data ready", **splits.report.to_dict(), eval_too_long=eval_too_long)
+    splits.report.train = len(pairs) - too_long
+    packed = {}
+    if "segments" in train_ds.column_names:  # questions behind a shared context: rows, and tokens a pass computes
+        packed = {"packed_rows": len(train_ds), "packed_tokens": sum(len(x) for x in train_ds["input_ids"])}
+        if len(train_ds) == len(pairs) - too_long:
+            log.warning("shared_context_rows=%d: no two questions share a context in the %s prompt layout; "
+                        "prompt_style schema-first puts the schema first", cfg.shared_context_rows, style)
+    logs.event(log, "data ready", **splits.report.to_dict(), eval_too_long=eval_too_long, **packed)
     if len(train_ds) == 0:
         raise DataError(f"every training row is longer than max_seq_length={cfg.max_seq_length} tokens",
                         "raise --max-seq-length")
@@ -174,7 +178,7 @@ def finetune(cfg: Config, sources: dict[str, str] | None = None) -> Path:
         return run_dir
     final = merge.export(trainer, cfg, method=method, precision=precision, base_name=base_name, run_dir=run_dir,
                          template=template, data_report=splits.report.to_dict(), metrics=metrics, base=base_info,
-                         max_new_tokens=max(sum(m) for m in train_ds["completion_mask"]),
+                         max_new_tokens=longest_answer(train_ds["completion_mask"]),
                          check=heldout_check(cfg, splits.eval, splits.train), tracking=tracking.describe(tracker))
     if tracker is not None:
         tracker.log_metrics({**metrics, **(metrics.get("heldout") or {})}, trainer.state.global_step, prefix="final/")

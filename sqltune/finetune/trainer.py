@@ -13,6 +13,7 @@ from typing import Any
 from sqltune import logs
 from sqltune.artifacts import manifests
 from sqltune.config import Config
+from sqltune.errors import ConfigError
 
 
 def build_pairs(examples: list[Any], template: Any) -> list[tuple[str, str]]:
@@ -27,25 +28,28 @@ def device_map() -> Any:
     return None
 
 
-def to_dataset(pairs: list[tuple[str, str]], tokenizer: Any, max_len: int) -> tuple[Any, int]:
+def to_dataset(pairs: list[tuple[str, str]], tokenizer: Any, max_len: int, per_row: int = 1) -> tuple[Any, int]:
     """The training rows as token ids, without the rows longer than max_len (counted, never truncated:
     a cut-off answer would teach the model to stop mid-query).
 
     Tokenized here rather than by TRL so that the prompt's ids are exactly `prompts.encode_prompt`,
     which every inference path feeds (special tokens such as Gemma's `<bos>` included); the
-    completion is the SQL, then EOS, and `completion_mask` puts the loss on it alone.
+    completion is the SQL, then EOS, and `completion_mask` puts the loss on it alone. With `per_row` > 1,
+    questions whose prompts begin with the same context share a row (`shared_context.pack_rows`).
     """
     from datasets import Dataset
 
+    from sqltune.finetune.shared_context import pack_rows
     from sqltune.prompts import encode_completion, encode_prompt
 
-    rows = []
-    for prompt, completion in pairs:
-        p_ids, c_ids = encode_prompt(tokenizer, prompt), encode_completion(tokenizer, completion)
-        if len(p_ids) + len(c_ids) <= max_len:
-            rows.append({"input_ids": p_ids + c_ids, "completion_mask": [0] * len(p_ids) + [1] * len(c_ids)})
+    encoded = [(encode_prompt(tokenizer, prompt), encode_completion(tokenizer, completion)) for prompt, completion in pairs]
+    fitting = [(p, c) for p, c in encoded if len(p) + len(c) <= max_len]
+    if per_row > 1:
+        rows = pack_rows(fitting, per_row, max_len)
+    else:
+        rows = [{"input_ids": p + c, "completion_mask": [0] * len(p) + [1] * len(c)} for p, c in fitting]
     empty = {"input_ids": [], "completion_mask": []}
-    return Dataset.from_list(rows) if rows else Dataset.from_dict(empty), len(pairs) - len(rows)
+    return Dataset.from_list(rows) if rows else Dataset.from_dict(empty), len(pairs) - len(fitting)
 
 
 # TRL computes the loss through a fused lm_head in [tokens x vocab] tiles; its defaults (4096 x 32768)
@@ -129,6 +133,22 @@ def token_budget_trainer(base: type) -> type:
     class TokenBudgetTrainer(base):  # type: ignore[misc, valid-type]
         token_budget = 0
 
+        def compute_loss(self, model: Any, inputs: dict[str, Any], *args: Any, **kwargs: Any) -> Any:
+            if "segment_ids" not in inputs:
+                return super().compute_loss(model, inputs, *args, **kwargs)
+            # rows packed behind a shared context (shared_context.py): the mask that keeps their questions apart
+            from sqltune.finetune.shared_context import attention_mask
+
+            eager = getattr(model.config, "_attn_implementation", "sdpa") == "eager"
+            padding = inputs["attention_mask"]
+            packed = {k: v for k, v in inputs.items() if k != "segment_ids"}
+            packed["attention_mask"] = attention_mask(inputs["segment_ids"], model.dtype if eager else None)
+            result = super().compute_loss(model, packed, *args, **kwargs)
+            if model.training and hasattr(self, "_total_train_tokens"):
+                # TRL counts tokens as the sum of the mask it was given: count the real ones
+                self._total_train_tokens += int(padding.sum()) - int(packed["attention_mask"].bool().sum())
+            return result
+
         def training_step(self, model: Any, inputs: dict[str, Any], num_items_in_batch: Any = None) -> Any:
             groups = split_rows(inputs, self.token_budget)
             if len(groups) == 1:
@@ -200,9 +220,21 @@ def build_trainer(cfg: Config, method: str, precision: Any, model: Any, tokenize
             targets = "all-linear"
         peft_config = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
                                  target_modules=targets, bias="none", task_type="CAUSAL_LM")
+    collator = None
+    if "segments" in train_ds.column_names:
+        from sqltune.finetune.shared_context import SharedContextCollator
+
+        if getattr(model.config, "_attn_implementation", "sdpa") not in ("sdpa", "eager"):
+            raise ConfigError(f"shared_context_rows > 1 needs a per-row attention mask, which "
+                              f"{model.config._attn_implementation} attention does not take",
+                              "set shared_context_rows: 1, or load the model with sdpa attention")
+        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        collator = SharedContextCollator(pad)
+        args.remove_unused_columns = False  # the collator reads each row's `segments`
     trainer_class = budget_trainer(token_budget_trainer(SFTTrainer), cfg)
     trainer = trainer_class(model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds,
-                            processing_class=tokenizer, peft_config=peft_config, callbacks=callbacks)
+                            processing_class=tokenizer, peft_config=peft_config, callbacks=callbacks,
+                            data_collator=collator)
     trainer.token_budget = cfg.batch_token_budget
     trainer.remove_callback(PrinterCallback)  # our JSON lines replace the raw dict prints
     if not logs.show_progress():
