@@ -530,6 +530,20 @@ def resolve(yaml_path: str | None, environ: Mapping[str, str], flags: Mapping[st
     return Config(**values), sources
 
 
+class _Joined(argparse.Action):
+    """A flag that may be given several times: its values joined by commas (`--dataset a --dataset b` is
+    `--dataset a,b`), never the last one alone."""
+
+    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace, values: Any,
+                 option_string: str | None = None) -> None:
+        earlier = getattr(namespace, self.dest, None)
+        setattr(namespace, self.dest, f"{earlier},{values}" if isinstance(earlier, str) else values)
+
+
+# fields whose flag may be repeated, each value a source of the list
+REPEATABLE = ("dataset",)
+
+
 def add_arguments(parser: argparse.ArgumentParser, groups: Sequence[str] | None = None,
                   fields: Mapping[str, str] | None = None, aliases: Mapping[str, Sequence[str]] | None = None) -> None:
     """Add `--config` and one flag per field of `groups`, plus the named `fields` from other groups (each
@@ -554,6 +568,9 @@ def add_arguments(parser: argparse.ArgumentParser, groups: Sequence[str] | None 
         if kind is bool:
             section.add_argument(*names, dest=name, default=argparse.SUPPRESS,
                                  action=argparse.BooleanOptionalAction, help=help_text)
+        elif name in REPEATABLE:
+            section.add_argument(*names, dest=name, default=argparse.SUPPRESS, metavar=name.upper(),
+                                 action=_Joined, help=help_text)
         else:
             section.add_argument(*names, dest=name, default=argparse.SUPPRESS, metavar=name.upper(),
                                  choices=f.metadata["choices"], help=help_text)

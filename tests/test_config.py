@@ -181,6 +181,9 @@ def test_several_datasets_from_a_yaml_list_env_or_flag(tmp_path: Path) -> None:
     assert parse_sources(cfg.dataset) == [("a.jsonl", 1.0), ("b.jsonl", 0.5)]
     cfg, _ = config.load(["--dataset", "spider:DIR", "--heldout-databases", "wedding,cinema"], {})
     assert cfg.heldout_databases == ["wedding", "cinema"]
+    # the flags replace the config's list, each repeat one more source: none is dropped
+    cfg, _ = config.load(["--config", str(y), "--dataset", "a.jsonl*0.25", "--dataset", "spider:DIR"], {})
+    assert parse_sources(cfg.dataset) == [("a.jsonl", 0.25), ("spider:DIR", 1.0)]
 
 
 def test_a_model_s_training_config_fills_what_the_user_left_unset(tmp_path):
