@@ -59,12 +59,10 @@ class Config:
     lora_dropout: float = _f(0.05, "LoRA dropout.", minimum=0.0)
     target_modules: list[str] = _f(["all-linear"], "Modules that get LoRA adapters "
                                    "(comma-separated, or all-linear).")
-    prompt_style: str = _f("plain", "Prompt layout: plain = `Question: ...\\nContext: ...\\nAnswer:`; "
-                           "schema-first = `Context: ...\\nQuestion: ...\\nAnswer:` (questions on one database "
-                           "share their first tokens: see shared_context_rows); chat = the question and schema as the "
-                           "user turn of the tokenizer's chat template, the SQL as the assistant turn; auto = chat "
-                           "when the tokenizer has one, else plain. On SmolLM2-Instruct plain and chat are within "
-                           "noise (benchmarks/real_model_quality.py), and plain prompts are shorter.",
+    prompt_style: str = _f("plain", "Prompt layout: plain = `Question: ...\\nContext: ...\\nAnswer:`; schema-first "
+                           "= `Context: ...\\nQuestion: ...\\nAnswer:` (see shared_context_rows); chat = question and "
+                           "schema as the user turn of the tokenizer's chat template, the SQL as the assistant turn; "
+                           "auto = chat when the tokenizer has one, else plain.",
                            choices=["plain", "schema-first", "chat", "auto"])
     tiny_layers: int = _f(4, "Layers of the `tiny` model.", minimum=1)
     tiny_vocab_size: int = _f(2048, "Tokenizer vocabulary of the `tiny` model.", minimum=300)
@@ -83,9 +81,8 @@ class Config:
     eval_fraction: float = _f(0.05, "Share of questions held out for evaluation (by question hash).",
                               minimum=0.0)
     keep_literal_case: bool = _f(False, "Keep the answers' string literals as the dataset spells them; by default "
-                                 "a literal that matches a span of the question apart from letter case takes the "
-                                 "question's spelling (sql-create-context lowercases them), in training and "
-                                 "evaluation alike.")
+                                 "a literal matching a span of the question apart from letter case takes the "
+                                 "question's spelling (sql-create-context lowercases them), in training and eval.")
 
     heldout_databases: list[str] = _f([], "db_ids whose questions form the eval split of a Spider / BIRD source "
                                       "(split by database, never by row); empty = sqltune's fixed held-out set of "
@@ -126,19 +123,16 @@ class Config:
                                  "batch of longer rows runs as several passes over groups of its rows, with the "
                                  "same gradient, so memory stays bounded when schemas are long; 0 = whole batches.",
                                  minimum=0)
-    shared_context_rows: int = _f(1, "Training rows whose prompts begin with the same context (questions on one "
-                                  "database, with a schema-first or chat prompt) are packed up to this many to a "
-                                  "row: the context is computed once, and each question attends to it and to "
-                                  "itself only, so the loss and gradient are those of the separate rows. A batch "
-                                  "counts packed rows. 1 = every question its own row.", minimum=1)
+    shared_context_rows: int = _f(1, "Pack up to this many questions whose prompts start with the same context (one "
+                                  "database, schema-first or chat) into a row, each seeing the context and itself "
+                                  "only: the separate rows' loss, the context computed once. 1 = a row each.", minimum=1)
     logging_steps: int = _f(10, "Log one JSON line every N steps.", minimum=1)
     save_steps: int = _f(100, "Checkpoint every N steps.", minimum=1)
     save_total_limit: int = _f(2, "Checkpoints kept; older ones are pruned.", minimum=1)
     eval_generate_limit: int = _f(200, "Held-out examples to generate SQL for after training "
                                   "(exact match in the artifact); 0 = skip.", minimum=0)
     seed: int = _f(42, "Seed for sampling, splitting and training.")
-    resume: str = _f("auto", "auto = newest complete checkpoint under the output, never, or a "
-                     "checkpoint path.")
+    resume: str = _f("auto", "auto = newest complete checkpoint under the output, never, or a checkpoint path.")
     log_level: str = _f("info", "Log level.", choices=["debug", "info", "warning", "error"], group="common")
 
     # --- reinforcement from execution (--method grpo, docs/grpo.md) ---------------------------------
@@ -196,16 +190,14 @@ class Config:
                          aliases=["--split"], group="eval")
     eval_limit: int = _f(-1, "Evaluate a seeded sample of this many examples; -1 = all.", minimum=-1,
                          aliases=["--limit"], group="eval")
-    eval_output: str = _f("", "Folder or gs:// / s3:// URL for report.json, predictions.jsonl, summary.md "
-                          "and ex_by_category.png; default reports/<model name>.", aliases=["--report-dir"],
-                          group="eval")
+    eval_output: str = _f("", "Folder or gs:// / s3:// URL for report.json, predictions.jsonl, summary.md and "
+                          "ex_by_category.png; default reports/<model name>.", aliases=["--report-dir"], group="eval")
     eval_databases: int = _f(3, "Seeded databases each gold and predicted query run on (test-suite K).",
                              minimum=1, group="eval")
     eval_workers: int = _f(0, "Processes that score examples; 0 = one per CPU core.", minimum=0, group="eval")
     eval_query_timeout: float = _f(1.0, "Seconds one query may run in the SQLite sandbox before it is "
                                    "aborted as a timeout.", minimum=0.01, group="eval")
-    eval_row_cap: int = _f(1000, "Rows a query may return before it counts as a row-limit error.", minimum=1,
-                           group="eval")
+    eval_row_cap: int = _f(1000, "Rows a query may return before it counts as a row-limit error.", minimum=1, group="eval")
     eval_max_new_tokens: int = _f(128, "Tokens generated per question (greedy).", minimum=1, group="eval")
     eval_concurrency: int = _f(8, "Requests in flight at once against --endpoint.", minimum=1, group="eval")
     eval_retries: int = _f(3, "Retries of a request that fails with 5xx, 429 or a connection error.",
@@ -307,8 +299,8 @@ class Config:
     bucket_mode: str = _f("gs", "How the containers reach the bucket: gs (gs:// URLs, atomic publish) or "
                           "gcsfuse (the bucket mounted as a volume at /mnt/models).",
                           choices=["gs", "gcsfuse"], group="deploy")
-    gpu_type: str = _f("nvidia-l4", "GPU type of the job and service (Cloud Run accelerator / GKE node "
-                       "label value).", group="deploy")
+    gpu_type: str = _f("nvidia-l4", "GPU type of the job and service (Cloud Run accelerator / GKE node label value).",
+                       group="deploy")
     gpu_count: int = _f(1, "GPUs per container; 0 = CPU only. Above 1 (Kubernetes only) the job runs "
                         "torchrun with one process per GPU.", minimum=0, group="deploy")
     deploy_cpu: int = _f(8, "vCPUs per container (an L4 needs at least 4).", minimum=1, group="deploy")
@@ -530,20 +522,6 @@ def resolve(yaml_path: str | None, environ: Mapping[str, str], flags: Mapping[st
     return Config(**values), sources
 
 
-class _Joined(argparse.Action):
-    """A flag that may be given several times: its values joined by commas (`--dataset a --dataset b` is
-    `--dataset a,b`), never the last one alone."""
-
-    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace, values: Any,
-                 option_string: str | None = None) -> None:
-        earlier = getattr(namespace, self.dest, None)
-        setattr(namespace, self.dest, f"{earlier},{values}" if isinstance(earlier, str) else values)
-
-
-# fields whose flag may be repeated, each value a source of the list
-REPEATABLE = ("dataset",)
-
-
 def add_arguments(parser: argparse.ArgumentParser, groups: Sequence[str] | None = None,
                   fields: Mapping[str, str] | None = None, aliases: Mapping[str, Sequence[str]] | None = None) -> None:
     """Add `--config` and one flag per field of `groups`, plus the named `fields` from other groups (each
@@ -568,16 +546,14 @@ def add_arguments(parser: argparse.ArgumentParser, groups: Sequence[str] | None 
         if kind is bool:
             section.add_argument(*names, dest=name, default=argparse.SUPPRESS,
                                  action=argparse.BooleanOptionalAction, help=help_text)
-        elif name in REPEATABLE:
+        else:  # a repeated --dataset adds a source (joined in from_namespace), never keeps the last one alone
             section.add_argument(*names, dest=name, default=argparse.SUPPRESS, metavar=name.upper(),
-                                 action=_Joined, help=help_text)
-        else:
-            section.add_argument(*names, dest=name, default=argparse.SUPPRESS, metavar=name.upper(),
-                                 choices=f.metadata["choices"], help=help_text)
+                                 choices=f.metadata["choices"], help=help_text,
+                                 action="append" if name == "dataset" else "store")
 
 
 def from_namespace(ns: argparse.Namespace, environ: Mapping[str, str] | None = None) -> tuple[Config, dict[str, str]]:
-    flags = {k: v for k, v in vars(ns).items() if k in FIELDS}
+    flags = {k: ",".join(v) if k == "dataset" else v for k, v in vars(ns).items() if k in FIELDS}
     return resolve(getattr(ns, "config", None), os.environ if environ is None else environ, flags)
 
 
