@@ -15,18 +15,11 @@ of its own, so the loss and the gradient are the separate rows' sums, for the co
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 # a shorter common start (the template's first words) saves too little to be worth packing on
 MIN_SHARED_TOKENS = 32
-
-
-def _common_prefix(a: list[int], b: list[int]) -> int:
-    n = min(len(a), len(b))
-    i = 0
-    while i < n and a[i] == b[i]:
-        i += 1
-    return i
 
 
 def pack_rows(encoded: list[tuple[list[int], list[int]]], per_row: int, max_len: int) -> list[dict[str, Any]]:
@@ -54,7 +47,7 @@ def pack_rows(encoded: list[tuple[list[int], list[int]]], per_row: int, max_len:
     for i in order:
         prompt, completion = encoded[i]
         if group:
-            s = min(shared, _common_prefix(encoded[group[0]][0], prompt), len(prompt) - 1)
+            s = min(shared, len(os.path.commonprefix([encoded[group[0]][0], prompt])), len(prompt) - 1)
             length = s + sum(len(encoded[j][0]) - s + len(encoded[j][1]) for j in (*group, i))
             if s >= MIN_SHARED_TOKENS and len(group) < per_row and length <= max_len:
                 group.append(i)
