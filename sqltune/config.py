@@ -234,17 +234,17 @@ class Config:
                         "schema+values = also string and number literals copied from the question; off = free. "
                         "In serve, the default of /v1/sql (requests may set `constrain`).",
                         choices=["off", "schema", "schema+values"], group="serve")
-    candidates: int = _f(1, "Answers generated per question (the greedy one plus candidates-1 samples); each runs "
-                         "read-only (on databases synthesised from the schema and the question, or on --database) "
-                         "and the answer whose result most of them share is returned; 1 = the greedy answer, "
-                         "unchecked. In serve, the default of /v1/sql and /predict (requests may set `candidates`).",
+    candidates: int = _f(1, "Answers per question (the greedy one plus candidates-1 samples); each runs read-only (on "
+                         "databases synthesised from the schema and question, or on --database) and the answer whose "
+                         "result most share is returned; 1 = the greedy answer. Serve: /v1/sql and /predict's default.",
                          minimum=1, maximum=16, group="serve")
     candidate_temperature: float = _f(0.8, "Sampling temperature of the candidates after the first (--candidates).",
                                       minimum=0.01, maximum=2.0, group="serve")
+    complete_joins: bool = _f(True, "A column taken from a table without it comes from the nearest table with it, joined "
+                              "along the context's foreign keys (eval, ask, serve, held-out check).", group="serve")
     candidate_top_p: float = _f(0.95, "Nucleus (top-p) share the candidates after the first sample from.",
                                 minimum=0.01, maximum=1.0, group="serve")
-    api_key: str = _f("", "Bearer key required on every route but /health, /ready and the playground page /.",
-                      group="serve")
+    api_key: str = _f("", "Bearer key required on every route but /health, /ready and the page /.", group="serve")
     # choices: sqltune.engines.factory.ENGINES (checked there; the flags read them from there)
     serve_engine: str = _f("auto", "Generation engine; auto = vllm when CUDA and vllm are installed, else "
                            "transformers; llamacpp = llama.cpp on the model's GGUF (xllamacpp).",

@@ -124,7 +124,7 @@ class Writer:
             [done] = self.llm.generate_text([prompt], SamplingParams(max_tokens=self.max_new_tokens))
             if done.error:
                 return "", done.text, done.error
-            return prompts.extract_sql(done.text, self.llm.eos_token, self.llm.template), done.text, ""
+            return self._joined(prompts.extract_sql(done.text, self.llm.eos_token, self.llm.template), context), done.text, ""
         from sqltune.evaluate import sources as src
 
         preds, _ = src.from_endpoint(self.cfg.eval_endpoint, [(question, context)], concurrency=1,
@@ -148,8 +148,14 @@ class Writer:
         done = self.llm.generate([batch.Request(ids, greedy)] + [
             batch.Request(ids, replace(greedy, temperature=self.cfg.candidate_temperature,
                                        top_p=self.cfg.candidate_top_p, seed=j)) for j in range(1, k)])
-        return [vote.Candidate(prompts.extract_sql(c.text, self.llm.eos_token, self.llm.template) if not c.error
-                               else "", c.logprob, c.error) for c in done]
+        return [vote.Candidate(self._joined(prompts.extract_sql(c.text, self.llm.eos_token, self.llm.template), context)
+                               if not c.error else "", c.logprob, c.error) for c in done]
+
+    def _joined(self, sql: str, context: str) -> str:
+        """The model's SQL with the joins its columns need completed (--complete-joins, sqltune.sql.joins)."""
+        from sqltune.sql.joins import with_joins
+
+        return with_joins(sql, context) if self.cfg.complete_joins else sql
 
 
 class Deadline:

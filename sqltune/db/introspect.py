@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from sqltune.errors import SqltuneError
-from sqltune.sql.schema import MAX_COLUMNS, MAX_TABLES, Column, Schema, Table
+from sqltune.sql.schema import MAX_COLUMNS, MAX_TABLES, Column, Link, Schema, Table
 
 _BARE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 # words that cannot stand bare as a table or column name in a CREATE TABLE the model reads
@@ -76,7 +76,8 @@ class DbSchema:
 
     def to_schema(self) -> Schema:
         """The tables as sqltune.sql's Schema (what the SQL checker and parser read)."""
-        return Schema(tuple(Table(t.name, t.columns) for t in self.tables))
+        links = tuple(Link(t.name, fk.columns, fk.table, fk.ref_columns) for t in self.tables for fk in t.foreign_keys)
+        return Schema(tuple(Table(t.name, t.columns) for t in self.tables), links)
 
     def neighbours(self, name: str) -> list[str]:
         """Tables one foreign key away from `name`, in either direction."""

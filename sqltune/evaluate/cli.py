@@ -163,6 +163,10 @@ def predict(cfg: config.Config, mode: str, examples: Sequence[Any], all_examples
             preds, info = src.from_model(cfg.model_name, pairs, batch_size=cfg.eval_batch_size,
                                          max_new_tokens=cfg.eval_max_new_tokens, progress=bar.update,
                                          constrain=cfg.constrain, cfg=cfg, candidates=cfg.candidates)
+            if cfg.complete_joins:  # as ask and serve answer (a sqltune server's /v1/sql already did)
+                preds = [src.with_joins(p, c) for p, (_, c) in zip(preds, pairs, strict=True)]
+                info["joins_completed"] = sum(1 for p in preds if p.model_sql)
+                logs.event(log, "joins completed", count=info["joins_completed"], of=len(preds))
     return preds, info
 
 
@@ -312,6 +316,8 @@ def _evaluate(cfg: config.Config, mode: str, mine: Sequence[Any], rows: list[dic
         annotate(records, votes, {r["index"]: r for r in scored})
     for record, p in zip(records, preds, strict=True):
         record["raw_output"], record["generation_error"] = p.raw, p.error
+        if p.model_sql:
+            record["model_sql"] = p.model_sql  # the model's own SQL, before its joins were completed
         if p.vote is not None:
             record["candidates"] = p.vote
         if cfg.constrain != "off":

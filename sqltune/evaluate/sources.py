@@ -22,6 +22,7 @@ from typing import Any
 from sqltune import logs, prompts
 from sqltune.data.loading import Example
 from sqltune.errors import ConfigError, DataError, SqltuneError
+from sqltune.sql import joins
 
 log = logs.get("eval")
 PRED_KEYS = ("predicted", "prediction", "sql", "pred")
@@ -45,6 +46,14 @@ class Prediction:
     reason: str = ""  # why not, when --constrain asked for it
     candidates: tuple[Any, ...] = ()  # --candidates: every candidate (sqltune.sql.vote.Candidate), greedy first
     vote: dict[str, Any] | None = None  # the server's vote, when an endpoint chose among candidates itself
+    model_sql: str = ""  # the model's SQL when completing its joins changed it (sqltune.sql.joins)
+
+
+def with_joins(p: Prediction, context: str) -> Prediction:
+    """The prediction, and each candidate, with the joins its columns need completed from the context."""
+    sql = joins.with_joins(p.sql, context)
+    candidates = tuple(replace(c, sql=joins.with_joins(c.sql, context)) for c in p.candidates)
+    return replace(p, sql=sql, candidates=candidates, model_sql=p.sql if sql != p.sql else "")
 
 
 class GenerateProgress:

@@ -121,7 +121,8 @@ def heldout_check(cfg: Any, examples: list[Any], train: list[Any]) -> Any:
 
     seen = {normalise_question(ex.question) for ex in train}
     return lambda stage, precision: heldout.score(stage, heldout.sample(examples, cfg.eval_generate_limit), precision,
-                                                  trained_on=lambda q: normalise_question(q) in seen)
+                                                  trained_on=lambda q: normalise_question(q) in seen,
+                                                  complete_joins=cfg.complete_joins)
 
 
 def prepare_run(cfg: Any, method: str) -> tuple[Path, Path, Path | None]:

@@ -49,7 +49,7 @@ TUTORIAL = ("what are the first name and last name of all candidates?",
 
 
 def score(folder: Path, examples: list[Any], precision: Any, samples: int = 5,
-          trained_on: Any = None) -> dict[str, Any]:
+          trained_on: Any = None, complete_joins: bool = True) -> dict[str, Any]:
     from sqltune.data.loading import Example
     from sqltune.engines import batch
 
@@ -57,6 +57,10 @@ def score(folder: Path, examples: list[Any], precision: Any, samples: int = 5,
     # the folder as it is (its manifest is written after this check), on the server's transformers engine
     with batch.open_model(folder, engine="transformers", batch_size=16, precision=precision, resolve=False) as llm:
         predicted = llm.generate_sql([(ex.question, ex.context) for ex in [*examples, tutorial]])
+    if complete_joins:  # as eval, ask and serve answer (sqltune.sql.joins)
+        from sqltune.sql.joins import with_joins
+
+        predicted = [with_joins(sql, ex.context) for sql, ex in zip(predicted, [*examples, tutorial], strict=True)]
     result = summarise(examples, predicted[:-1], samples)
     from sqltune.evaluate.score import Item, Settings, score_example
 

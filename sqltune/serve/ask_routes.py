@@ -40,7 +40,7 @@ from sqltune.serve.routes import prepare_sql
 from sqltune.serve.service import ApiError, Service
 from sqltune.serve.sql_run import MAX_SQL_CHARS, json_rows
 from sqltune.serve.sse import answer_stream
-from sqltune.sql import vote
+from sqltune.sql import joins, vote
 from sqltune.sql.sandbox import ExecResult
 
 log = logs.get("serve")
@@ -170,6 +170,8 @@ def _from_completions(cfg: Config, database: LiveDatabase, question: str, select
                       service: Service, results: list[Completion], timing: dict[str, float]) -> dict[str, Any]:
     engine = service.engine
     texts = [prompts.extract_sql(r.text, engine.eos_token, engine.template) for r in results]
+    if cfg.complete_joins:  # sqltune.sql.joins, on the context the model was given
+        texts = [joins.with_joins(t, selection.context) for t in texts]
     errors = [r.error if r.finish_reason == "error" else "" for r in results]
     picked, ran = None, None
     if len(results) > 1:  # voted here, on the real database, as `sqltune ask --candidates` does: one --db-timeout

@@ -25,6 +25,7 @@ from sqltune.serve.deps import ClosingStream, cancel_on_disconnect, check_model,
 from sqltune.serve.protocol import GenerateRequest, PredictRequest, Sampling, SqlRequest, SqlResponse, Usage
 from sqltune.serve.service import ApiError, Job, Service
 from sqltune.sql.check import check_sql
+from sqltune.sql.joins import complete_joins
 from sqltune.sql.schema import Schema, parse_schema
 from sqltune.sql.vote import Candidate, choose, on_synthesised
 
@@ -128,6 +129,8 @@ async def finish_sql(service: Service, results: Sequence[Completion], schema: Sc
     """The checked answer; with several candidates, the one whose result most of them share when run on
     databases synthesised from the schema and the question (sqltune.sql.vote)."""
     texts = [extract_sql(r.text, service.engine.eos_token, service.engine.template) for r in results]
+    if service.cfg.complete_joins:  # sqltune.sql.joins, on the schema the request gave
+        texts = await asyncio.to_thread(lambda: [complete_joins(t, schema) or t if t else t for t in texts])
     chosen, picked = 0, None
     if len(results) > 1:
         candidates = [Candidate(t, r.logprob, r.error if r.finish_reason == "error" else "")

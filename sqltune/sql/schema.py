@@ -71,8 +71,19 @@ class Table:
 
 
 @dataclass(frozen=True)
+class Link:
+    """A foreign key: `table (columns)` references `ref_table (ref_columns)`."""
+
+    table: str
+    columns: tuple[str, ...]
+    ref_table: str
+    ref_columns: tuple[str, ...]
+
+
+@dataclass(frozen=True)
 class Schema:
     tables: tuple[Table, ...]
+    links: tuple[Link, ...] = ()  # foreign keys, when the context declares them
     _columns: frozenset[str] = field(default=frozenset(), repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -131,6 +142,7 @@ def _parse_schema(context: str) -> Schema:
     if len(statements) > MAX_TABLES:
         raise _too_big(f"context has {len(statements)} statements")
     merged: dict[str, tuple[str, list[Column], set[str]]] = {}
+    links: list[Link] = []
     total = 0
     for st in statements:
         if not isinstance(st, exp.Create) or not isinstance(st.this, exp.Schema):
@@ -139,6 +151,7 @@ def _parse_schema(context: str) -> Schema:
         name = st.this.this.name
         _, cols, seen = merged.setdefault(name.lower(), (name, [], set()))
         for coldef in st.this.expressions:
+            links += _links(name, coldef)
             # a set, not a scan of the list: 8000 columns took 21 s of the event loop with the scan
             if not isinstance(coldef, exp.ColumnDef) or coldef.name.lower() in seen:
                 continue
@@ -154,7 +167,26 @@ def _parse_schema(context: str) -> Schema:
             cols.append(Column(coldef.name, kind.sql() if kind else "", not_null))  # declared name, e.g. VARCHAR
     if not merged:
         raise DataError("context has no CREATE TABLE statement", "give each example its CREATE TABLE context")
-    return Schema(tuple(Table(name, tuple(cols)) for name, cols, _ in merged.values()))
+    return Schema(tuple(Table(name, tuple(cols)) for name, cols, _ in merged.values()), tuple(dict.fromkeys(links)))
+
+
+def _links(table: str, item: exp.Expression) -> list[Link]:
+    """The foreign keys one item of a CREATE TABLE declares: `FOREIGN KEY (a) REFERENCES t (b)`, or a
+    column's own `REFERENCES t (b)`."""
+    if isinstance(item, exp.ForeignKey):
+        columns, reference = tuple(i.name for i in item.expressions), item.args.get("reference")
+    elif isinstance(item, exp.ColumnDef):
+        kinds = [c.args.get("kind") for c in item.args.get("constraints") or []]
+        reference = next((k for k in kinds if isinstance(k, exp.Reference)), None)
+        columns = (item.name,)
+    else:
+        return []
+    target = reference.this if reference is not None else None
+    if isinstance(target, exp.Schema) and isinstance(target.this, exp.Table):
+        refs = tuple(i.name for i in target.expressions)
+        if len(refs) == len(columns):
+            return [Link(table, columns, target.this.name, refs)]
+    return []
 
 
 def _too_big(what: str) -> DataError:
