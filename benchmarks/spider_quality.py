@@ -5,11 +5,13 @@ beside EX on the single-table eval split, per model or recipe.
     python benchmarks/spider_quality.py --label demo-30min --config configs/smollm2-135m-cpu.yaml \
         --set max_steps=660 --set max_train_minutes=30                                         # train, then score
     python benchmarks/spider_quality.py --label demo-schema --model models/smollm2-135m-sql --constrain schema
+    python benchmarks/spider_quality.py --label demo-own-sql --model models/smollm2-135m-sql --no-complete-joins
 
 Held-out databases: sqltune.data.databases.SPIDER_TRAIN_HELD_OUT (fixed by db_id; 493 questions, every one run
 on its own SQLite file), with contexts built as `sqltune ask` builds them at the model's own context budget.
 Single-table: the sql-create-context eval split (question hash, eval_fraction 0.05) with a seeded --single-limit
-sample. Both through `sqltune eval --model`, the evaluation users run. A training run records its wall and
+sample. Both through `sqltune eval --model`, the evaluation users run, with joins completed from the foreign keys as
+`ask` and `serve` answer (`--no-complete-joins`: the model's own SQL). A training run records its wall and
 CPU minutes (this process's children), peak RSS and tokens/s from its JSON log lines. Results merge by label
 into benchmarks/results/spider_quality.json, with a plot of EX against training minutes. Figures are
 reported, never asserted; say what else ran on the machine when you quote them.
@@ -79,7 +81,8 @@ def evaluate(model: Path, work: Path, args: argparse.Namespace) -> dict[str, Any
 
     spider_dir, single_dir = work / "spider-report", work / "single-report"
     common = ["--model", str(model), "--split", "eval", "--seed", "42"]
-    decoding = ["--constrain", args.constrain] if args.constrain != "off" else []
+    decoding = (["--constrain", args.constrain] if args.constrain != "off" else []) + \
+        ([] if args.complete_joins else ["--no-complete-joins"])
     sqltune("eval", *common, "--dataset", f"spider:{SPIDER}", "--limit", str(args.spider_limit),
             "--report-dir", str(spider_dir), *(["--db-context-chars", str(args.context_chars)] if args.context_chars else []),
             *(["--candidates", str(args.candidates)] if args.candidates > 1 else []), *decoding,
@@ -94,11 +97,13 @@ def evaluate(model: Path, work: Path, args: argparse.Namespace) -> dict[str, Any
         return {"ex": block["ex"]["value"], "n": block["ex"]["total"]}
 
     joins = [json.loads(line) for line in (spider_dir / "predictions.jsonl").read_text().splitlines() if line]
+    completed = [r for r in joins if r.get("model_sql")]
     return {"held_out_databases": {"all": {"ex": spider["metrics"]["ex"]["value"], "n": spider["scored"]},
                                    **{k: ex(v) for k, v in spider.get("by_kind", {}).items()},
                                    "by_hardness": {k: ex(v) for k, v in spider.get("by_hardness", {}).items()},
                                    "by_database": {k: ex(v) for k, v in spider.get("by_database", {}).items()},
-                                   "executable": spider["metrics"]["executable"]["value"]},
+                                   "executable": spider["metrics"]["executable"]["value"],
+                                   "joins_completed": {"answers": len(completed), "right": sum(bool(r["ex"]) for r in completed)}},
             "single_table_eval_split": {"ex": round(sum(bool(r["ex"]) for r in single_rows) / max(1, len(single_rows)), 4),
                                         "n": len(single_rows)},
             "join_examples": [{"question": r["question"], "predicted": r["predicted"], "gold": r["gold"], "ex": r["ex"]}
@@ -141,6 +146,8 @@ def main() -> int:
                    help="Answers per held-out question, the one whose rows most of them return scored (ask's vote).")
     p.add_argument("--constrain", default="off", choices=["off", "schema", "schema+values"],
                    help="Decode both evaluations under the grammar of each question's schema (ask's --constrain).")
+    p.add_argument("--no-complete-joins", dest="complete_joins", action="store_false",
+                   help="Score the model's own SQL, its joins not completed from the foreign keys (eval's flag).")
     p.add_argument("--work", default="", help="Working folder (default: a new one under /tmp).")
     p.add_argument("--out", default=str(RESULTS / "spider_quality.json"))
     args = p.parse_args()
@@ -156,7 +163,7 @@ def main() -> int:
     if args.config:
         model, training = train(args, work)
     result = {"label": args.label, "model": str(model), "training": training, "candidates": args.candidates,
-              "constrain": args.constrain,
+              "constrain": args.constrain, "complete_joins": args.complete_joins,
               **evaluate(model, work, args),
               "machine": {"cpus": os.cpu_count(), "load_avg_at_end": os.getloadavg()}}
     out = Path(args.out)

@@ -76,6 +76,7 @@ class Writer:
 
     def __init__(self, cfg: config.Config, sources: dict[str, str], sql: str | None) -> None:
         self.cfg, self.given, self.llm = cfg, sql, None
+        self.joined_from = ""  # the model's own SQL when its joins were completed (the last answer written)
         self.server_vote: dict[str, Any] | None = None
         self.kind = "given" if sql is not None else "endpoint" if cfg.eval_endpoint else "model"
         if self.kind == "model" and "model_name" not in sources:
@@ -155,7 +156,9 @@ class Writer:
         """The model's SQL with the joins its columns need completed (--complete-joins, sqltune.sql.joins)."""
         from sqltune.sql.joins import with_joins
 
-        return with_joins(sql, context) if self.cfg.complete_joins else sql
+        joined = with_joins(sql, context) if self.cfg.complete_joins else sql
+        self.joined_from = sql if joined != sql else ""
+        return joined
 
 
 class Deadline:
@@ -257,6 +260,9 @@ def ask(cfg: config.Config, question: str, *, sources: dict[str, str] | None = N
                 candidates = writer.candidates(question, selection.context, cfg.candidates)
             else:
                 model_sql, raw, gen_error = writer.write(question, selection.context)
+                if writer.joined_from:
+                    warnings.append(f"joins completed from the foreign keys (--no-complete-joins: as written); "
+                                    f"the model wrote: {writer.joined_from}")
         finally:
             writer.close()
         t2 = time.perf_counter()

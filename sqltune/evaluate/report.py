@@ -52,6 +52,7 @@ def aggregate(records: Sequence[dict[str, Any]]) -> dict[str, Any]:
         "prediction_errors": dict(Counter(r["error_kind"] for r in scored if r["error_kind"]).most_common()),
         "timed_out": sum(1 for r in scored if r["timed_out"]),
         "candidates": candidate_summary(records),
+        "joins_completed": _completed(scored),
         "gold_check": {
             "gold_ran": rate(len(scored), len(records)),
             "dataset_errors": len(failed),
@@ -92,6 +93,18 @@ def _where(report: dict[str, Any]) -> str:
     return f"{report['settings']['databases']} databases per example"
 
 
+def _completed(scored: Sequence[dict[str, Any]]) -> dict[str, Any] | None:
+    """Answers whose joins were completed (sqltune.sql.joins): the model's own SQL named a column its tables
+    lack, so it could not run, and completion only ever changes such SQL. EX of the model's own SQL is then
+    EX less the completed answers that are right."""
+    done = [r for r in scored if r.get("model_sql")]
+    if not done:
+        return None
+    right = sum(1 for r in done if r["ex"])
+    return {"answers": len(done), "right": right,
+            "ex_model_sql": rate(sum(1 for r in scored if r["ex"]) - right, len(scored))}
+
+
 def markdown(report: dict[str, Any]) -> str:
     """The summary printed at the end of `sqltune eval` and saved as summary.md."""
     res = report["results"]
@@ -123,6 +136,11 @@ def markdown(report: dict[str, Any]) -> str:
                   f"{pct(votes['ex_greedy'])} for the greedy answer; {votes['changed']} answers changed "
                   f"({votes['gained']} gained, {votes['lost']} lost), {votes['fallback']} with no candidate that ran; "
                   f"on average {votes['mean_ran']} ran and {votes['mean_agreed']} agreed.", ""]
+    joined = res.get("joins_completed")
+    if joined:
+        lines += [f"Joins completed from the foreign keys in {joined['answers']} answers, {joined['right']} of them now "
+                  f"right: EX {pct(res['metrics']['ex'])} against {pct(joined['ex_model_sql'])} for the model's own SQL "
+                  "(--no-complete-joins).", ""]
     if res["prediction_errors"]:
         lines += ["Prediction errors: " + ", ".join(f"{k} {v}" for k, v in res["prediction_errors"].items()), ""]
     return "\n".join(lines)

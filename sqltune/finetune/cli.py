@@ -91,6 +91,11 @@ def heldout_line(held: dict[str, Any]) -> str:
                  f"{_pct(dbs['single_table']['ex'])} of {dbs['single_table']['examples']})"
                  f"\n  on the other sources' eval split: {_pct(other['all']['ex'])} of {other['all']['examples']} "
                  f"(single-table {_pct(other['single_table']['ex'])} of {other['single_table']['examples']})")
+    joined = held.get("joins_completed")
+    if joined:
+        line += (f"\n  joins completed from the foreign keys in {joined['answers']} answers, {joined['right']} of them "
+                 "now right" + (f" (held-out real databases without completion: "
+                                f"{_pct(joined['ex_model_sql_held_out_databases'])})" if dbs else ""))
     return line
 
 

@@ -60,8 +60,11 @@ def score(folder: Path, examples: list[Any], precision: Any, samples: int = 5,
     if complete_joins:  # as eval, ask and serve answer (sqltune.sql.joins)
         from sqltune.sql.joins import with_joins
 
-        predicted = [with_joins(sql, ex.context) for sql, ex in zip(predicted, [*examples, tutorial], strict=True)]
-    result = summarise(examples, predicted[:-1], samples)
+        pairs = zip(predicted, [*examples, tutorial], strict=True)
+        own, predicted = predicted, [with_joins(sql, ex.context) for sql, ex in pairs]
+    else:
+        own = predicted
+    result = summarise(examples, predicted[:-1], samples, own=own[:-1])
     from sqltune.evaluate.score import Item, Settings, score_example
 
     record = score_example(Item(0, tutorial.question, tutorial.context, tutorial.answer, predicted[-1]), Settings())
@@ -82,9 +85,10 @@ def _sample_rows(examples: list[Any], samples: int) -> list[int]:
     return other + joins[: samples - len(other)]
 
 
-def summarise(examples: list[Any], predicted: list[str], samples: int = 5) -> dict[str, Any]:
+def summarise(examples: list[Any], predicted: list[str], samples: int = 5, own: list[str] | None = None) -> dict[str, Any]:
     """The held-out figures of `predicted` against the examples' gold SQL: EX (executed on synthesised
-    databases, sqltune.evaluate.score), exact match and parse rate, overall and per kind of question."""
+    databases, sqltune.evaluate.score), exact match and parse rate, overall and per kind of question. `own`:
+    the model's SQL before its joins were completed, where that changed it (sqltune.sql.joins)."""
     from sqltune.data.loading import kind_of
     from sqltune.evaluate.row_databases import RowDatabases
     from sqltune.evaluate.score import Item, Settings, score_example
@@ -99,7 +103,7 @@ def summarise(examples: list[Any], predicted: list[str], samples: int = 5) -> di
             record = real.score([item])[0] if i in on_db and real is not None else score_example(item, settings)
             rows.append({"kind": kind_of(ex), "ex": bool(record["ex"]), "gold_ok": bool(record["gold_ok"]),
                          "exact": normalise(p) == normalise(ex.answer), "parses": parses(p),
-                         "on_database": bool(ex.db_id)})
+                         "on_database": bool(ex.db_id), "completed": own is not None and own[i] != p})
     finally:
         if real is not None:
             real.close()
@@ -128,6 +132,14 @@ def summarise(examples: list[Any], predicted: list[str], samples: int = 5) -> di
                      "ex": rows[i]["ex"], **({"db_id": examples[i].db_id} if examples[i].db_id else {})}
                     for i in _sample_rows(examples, samples)],
     }
+    done = [r for r in rows if r["completed"]]
+    if done:  # completion only changes SQL that cannot run, so a completed answer that is right was wrong before
+        db_rows = [r for r in rows if r["on_database"] and r["gold_ok"]]
+        result["joins_completed"] = {
+            "answers": len(done), "right": sum(r["ex"] for r in done),
+            "ex_model_sql_held_out_databases":
+                round(sum(r["ex"] and not r["completed"] for r in db_rows) / len(db_rows), 4) if db_rows else None}
+        logs.event(log, "joins completed", **result["joins_completed"])
     if "held_out_databases" in result:
         logs.event(log, "held-out check by source", ex_held_out_databases=result["held_out_databases"]["all"]["ex"],
                    ex_held_out_databases_multi_table=result["held_out_databases"]["multi_table"]["ex"],
