@@ -7,7 +7,7 @@ benchmarks/spider_quality.py writes, under --no-complete-joins or from before co
 `model_sql`, else `predicted`, is the model's own SQL). Its answers are written out twice, as the model
 wrote them and completed against each question's context, and both files are scored by `sqltune eval
 --predictions` on the same questions, contexts and databases. No model runs, so the difference is the
-completion's alone. Results merge by report folder into benchmarks/results/join_completion.json.
+completion's alone. Results merge by run label (the report's folder name) into benchmarks/results/join_completion.json.
 """
 
 from __future__ import annotations
@@ -33,7 +33,8 @@ def score(rows: list[dict[str, Any]], report: dict[str, Any], work: Path, name: 
     out = work / f"{name}-report"
     done = subprocess.run([sys.executable, "-m", "sqltune", "eval", "--predictions", str(preds), "--dataset", f"spider:{SPIDER}",
                            "--split", "eval", "--seed", str(report["config"]["seed"]), "--limit", str(len(rows)),
-                           "--db-context-chars", str(chars), "--report-dir", str(out)], cwd=ROOT, capture_output=True, text=True)
+                           "--db-context-chars", str(chars), "--db-keys" if report["config"]["db_keys"] else "--no-db-keys",
+                           "--report-dir", str(out)], cwd=ROOT, capture_output=True, text=True)
     if done.returncode != 0:
         raise SystemExit(f"sqltune eval failed:\n{done.stderr[-2000:]}")
     res = json.loads((out / "report.json").read_text())["results"]
@@ -66,13 +67,14 @@ def main() -> int:
                       "changed": sum(a["predicted"] != b["predicted"] for a, b in zip(own, completed, strict=True)),
                       "model_sql": score(own, report, Path(tmp), "own"),
                       "completed": score(completed, report, Path(tmp), "completed")}
-        results[str(folder)] = result
+        label = folder.parent.name if folder.name == "spider-report" else folder.name
+        results[label.removeprefix("spider_quality-")] = {"report": str(folder), **result}
         a, b = result["model_sql"], result["completed"]
         print(f"{folder}: {result['changed']} of {a['n']} answers completed; EX {a['ex']:.1%} -> {b['ex']:.1%} "
               f"(multi-table {a.get('multi_table', 0):.1%} -> {b.get('multi_table', 0):.1%}, single-table "
               f"{a.get('single_table', 0):.1%} -> {b.get('single_table', 0):.1%}); answers that run "
               f"{a['executable']:.1%} -> {b['executable']:.1%}")
-    out.write_text(json.dumps(results, indent=2) + "\n")
+        out.write_text(json.dumps(results, indent=2) + "\n")
     return 0
 
 

@@ -124,6 +124,18 @@ def test_two_tables_equally_near_with_the_column_are_not_chosen_between() -> Non
     assert complete_joins("SELECT name FROM a", schema) is None  # a has it: runs as written
 
 
+def test_a_join_that_would_capture_a_correlated_column_or_complete_half_a_query_is_not_made() -> None:
+    schema = parse_schema("CREATE TABLE people (person_id INTEGER, name TEXT, city_id INTEGER REFERENCES cities (id)); "
+                          "CREATE TABLE cities (id INTEGER, city TEXT); "
+                          "CREATE TABLE pets (pet_id INTEGER, owner_id INTEGER REFERENCES people (person_id))")
+    # `person_id` in the subquery is the outer query's; joining people in for `city` would make it the subquery's
+    assert complete_joins("SELECT name FROM people WHERE EXISTS (SELECT 1 FROM pets WHERE owner_id = person_id "
+                          "AND city = 'Oslo')", schema) is None
+    # `city` could be joined in, `salary` cannot: the query is left as the model wrote it, not half done
+    assert complete_joins("SELECT city, salary FROM people", schema) is None
+    assert complete_joins("SELECT city FROM people", schema) is not None
+
+
 def test_contexts_without_keys_link_tables_through_a_shared_id_column(tmp_path: Path) -> None:
     """sql-create-context's contexts carry no keys: `head_id` in both tables is the link."""
     context = ("CREATE TABLE head (head_id INTEGER, name VARCHAR, age INTEGER); "
@@ -154,6 +166,7 @@ def test_eval_keeps_the_models_own_sql_beside_the_completed_one(school: tuple[Pa
     p = with_joins(Prediction(raw, candidates=(Candidate(raw), Candidate("SELECT city FROM addresses"))), context)
     assert p.model_sql == raw and "JOIN people" in p.sql
     assert p.candidates[0].sql == p.sql and p.candidates[1].sql == "SELECT city FROM addresses"
+    assert p.model_candidates == (raw, "")  # the vote's chosen candidate names its own SQL in the report
     same = with_joins(Prediction("SELECT city FROM addresses"), context)
     assert same.sql == "SELECT city FROM addresses" and same.model_sql == ""
 

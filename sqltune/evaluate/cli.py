@@ -314,10 +314,11 @@ def _evaluate(cfg: config.Config, mode: str, mine: Sequence[Any], rows: list[dic
                   for it, v in zip(items, votes, strict=True) if v.chosen != 0]
         scored = real_db.score(greedy) if real_db is not None else score(greedy, settings, cfg.eval_workers)
         annotate(records, votes, {r["index"]: r for r in scored})
-    for record, p in zip(records, preds, strict=True):
+    for i, (record, p) in enumerate(zip(records, preds, strict=True)):
         record["raw_output"], record["generation_error"] = p.raw, p.error
-        if p.model_sql:
-            record["model_sql"] = p.model_sql  # the model's own SQL, before its joins were completed
+        own = p.model_candidates[votes[i].chosen] if votes and p.model_candidates else p.model_sql
+        if own:
+            record["model_sql"] = own  # the model's own SQL of the answer scored, before its joins were completed
         if p.vote is not None:
             record["candidates"] = p.vote
         if cfg.constrain != "off":

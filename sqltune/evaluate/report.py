@@ -96,13 +96,15 @@ def _where(report: dict[str, Any]) -> str:
 def _completed(scored: Sequence[dict[str, Any]]) -> dict[str, Any] | None:
     """Answers whose joins were completed (sqltune.sql.joins): the model's own SQL named a column its tables
     lack, so it could not run, and completion only ever changes such SQL. EX of the model's own SQL is then
-    EX less the completed answers that are right."""
+    EX less the completed answers that are right (greedy answers only: a vote among candidates as written
+    could have chosen another one, so it is not given)."""
     done = [r for r in scored if r.get("model_sql")]
     if not done:
         return None
     right = sum(1 for r in done if r["ex"])
+    voted = any(r.get("candidates") for r in scored)
     return {"answers": len(done), "right": right,
-            "ex_model_sql": rate(sum(1 for r in scored if r["ex"]) - right, len(scored))}
+            "ex_model_sql": None if voted else rate(sum(1 for r in scored if r["ex"]) - right, len(scored))}
 
 
 def markdown(report: dict[str, Any]) -> str:
@@ -138,9 +140,10 @@ def markdown(report: dict[str, Any]) -> str:
                   f"on average {votes['mean_ran']} ran and {votes['mean_agreed']} agreed.", ""]
     joined = res.get("joins_completed")
     if joined:
+        own = joined["ex_model_sql"]
         lines += [f"Joins completed from the foreign keys in {joined['answers']} answers, {joined['right']} of them now "
-                  f"right: EX {pct(res['metrics']['ex'])} against {pct(joined['ex_model_sql'])} for the model's own SQL "
-                  "(--no-complete-joins).", ""]
+                  f"right" + (f": EX {pct(res['metrics']['ex'])} against {pct(own)} for the model's own SQL "
+                              "(--no-complete-joins)." if own else "."), ""]
     if res["prediction_errors"]:
         lines += ["Prediction errors: " + ", ".join(f"{k} {v}" for k, v in res["prediction_errors"].items()), ""]
     return "\n".join(lines)

@@ -47,13 +47,15 @@ class Prediction:
     candidates: tuple[Any, ...] = ()  # --candidates: every candidate (sqltune.sql.vote.Candidate), greedy first
     vote: dict[str, Any] | None = None  # the server's vote, when an endpoint chose among candidates itself
     model_sql: str = ""  # the model's SQL when completing its joins changed it (sqltune.sql.joins)
+    model_candidates: tuple[str, ...] = ()  # the same for each candidate ("" where unchanged)
 
 
 def with_joins(p: Prediction, context: str) -> Prediction:
     """The prediction, and each candidate, with the joins its columns need completed from the context."""
     sql = joins.with_joins(p.sql, context)
     candidates = tuple(replace(c, sql=joins.with_joins(c.sql, context)) for c in p.candidates)
-    return replace(p, sql=sql, candidates=candidates, model_sql=p.sql if sql != p.sql else "")
+    return replace(p, sql=sql, candidates=candidates, model_sql=p.sql if sql != p.sql else "",
+                   model_candidates=tuple(a.sql if a.sql != b.sql else "" for a, b in zip(p.candidates, candidates, strict=True)))
 
 
 class GenerateProgress:

@@ -278,6 +278,7 @@ class SqlResponse(BaseModel):
     candidates_ran: int | None = None  # of those, how many passed the check and ran (None: one answer, not run)
     candidates_agreed: int | None = None  # how many returned the result of the chosen one (0: none ran)
     extra_tokens: int = 0  # tokens past max_tokens that closing a constrained query took (sqltune.constrain)
+    model_sql: str | None = None  # the model's own SQL, when `sql` is it with its joins completed (sqltune.sql.joins)
 
 
 class PredictRequest(_Request):

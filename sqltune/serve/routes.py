@@ -128,9 +128,9 @@ async def finish_sql(service: Service, results: Sequence[Completion], schema: Sc
                      constraint: Constraint | None = None, question: str = "", max_tokens: int = 0) -> SqlResponse:
     """The checked answer; with several candidates, the one whose result most of them share when run on
     databases synthesised from the schema and the question (sqltune.sql.vote)."""
-    texts = [extract_sql(r.text, service.engine.eos_token, service.engine.template) for r in results]
+    own = texts = [extract_sql(r.text, service.engine.eos_token, service.engine.template) for r in results]
     if service.cfg.complete_joins:  # sqltune.sql.joins, on the schema the request gave
-        texts = await asyncio.to_thread(lambda: [complete_joins(t, schema) or t if t else t for t in texts])
+        texts = await asyncio.to_thread(lambda: [complete_joins(t, schema) or t if t else t for t in own])
     chosen, picked = 0, None
     if len(results) > 1:
         candidates = [Candidate(t, r.logprob, r.error if r.finish_reason == "error" else "")
@@ -151,7 +151,8 @@ async def finish_sql(service: Service, results: Sequence[Completion], schema: Sc
                        reason=constraint.reason or None, candidates=len(results),
                        candidates_ran=picked.ran if picked else None,
                        candidates_agreed=picked.agreed if picked else None,
-                       extra_tokens=max(0, result.completion_tokens - max_tokens) if max_tokens else 0)
+                       extra_tokens=max(0, result.completion_tokens - max_tokens) if max_tokens else 0,
+                       model_sql=own[chosen] if own[chosen] != texts[chosen] else None)
 
 
 @router.post("/predict")

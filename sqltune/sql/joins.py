@@ -52,9 +52,16 @@ def complete_joins(sql: str, schema: Schema) -> str | None:
         return None
     tree = parsed.expression
     changed = False
-    for select in list(tree.find_all(exp.Select)):
-        changed = _complete(select, schema, graph) or changed
+    try:
+        for select in list(tree.find_all(exp.Select)):
+            changed = _complete(select, schema, graph) or changed
+    except _NoSingleAnswer:
+        return None  # the tree may be half changed: it is dropped, and the query stays as written
     return tree.sql(dialect=DIALECT) if changed else None
+
+
+class _NoSingleAnswer(Exception):
+    """A missing column no single table supplies, or a join that would change what another column means."""
 
 
 @lru_cache(maxsize=256)
@@ -125,6 +132,7 @@ def _complete(select: exp.Select, schema: Schema, graph: nx.Graph) -> bool:
     outer_keys, outer_columns = _outer_keys(select, schema)
     aliases = {e.alias.lower() for e in select.expressions if isinstance(e, exp.Alias)}
     missing: list[exp.Column] = []
+    outer: set[str] = set()  # unqualified names SQLite resolves in an enclosing SELECT
     for col in _own_columns(select):
         qualifier, name = col.table.lower(), col.name
         if qualifier in by_key:
@@ -133,16 +141,22 @@ def _complete(select: exp.Select, schema: Schema, graph: nx.Graph) -> bool:
         elif qualifier:
             if qualifier not in outer_keys:
                 missing.append(col)
-        elif not any(s.table.column(name) for s in sources) and name.lower() not in aliases | outer_columns:
-            missing.append(col)
+        elif not any(s.table.column(name) for s in sources) and name.lower() not in aliases:
+            if name.lower() in outer_columns:
+                outer.add(name.lower())
+            else:
+                missing.append(col)
     if not missing:
         return False
     plan: dict[int, str] = {}  # id(column) -> the key of the source that supplies it
+    read = len(sources)
     for col in missing:
         key = _supplier(col.name, sources, schema, graph, select)
         if key is None:
-            return False
+            raise _NoSingleAnswer(col.sql())
         plan[id(col)] = key
+    if any(s.table.column(name) for s in sources[read:] for name in outer):
+        raise _NoSingleAnswer("a joined table would capture a column of the enclosing SELECT")
     for col in _own_columns(select):
         key = plan.get(id(col))
         if key is None and not col.table and col.name.lower() not in aliases:
