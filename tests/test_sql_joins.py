@@ -181,3 +181,24 @@ def test_no_gold_query_of_spider_train_is_changed() -> None:
     assert len(examples) > 6000
     changed = [ex.answer for ex in examples if complete_joins(ex.answer, parse_schema(ex.context))]
     assert changed == []
+
+
+def test_eval_summary_gives_ex_with_and_without_completion(school: tuple[Path, str]) -> None:
+    from sqltune.evaluate import report
+    from sqltune.evaluate.score import Item, Settings, score_example
+
+    _, context = school
+    gold = "SELECT T2.first_name FROM candidates AS T1 JOIN people AS T2 ON T1.candidate_id = T2.person_id"
+    own = "SELECT first_name FROM candidates"
+    completed = complete_joins(own, parse_schema(context))
+    records = [score_example(Item(0, "Names of the candidates?", context, gold, completed), Settings()),
+               score_example(Item(1, "Names of the people?", context, "SELECT first_name FROM people",
+                                  "SELECT last_name FROM people"), Settings())]
+    assert [r["ex"] for r in records] == [True, False]
+    records[0]["model_sql"] = own
+    results = report.aggregate(records)
+    assert results["joins_completed"] == {"answers": 1, "right": 1, "ex_model_sql": report.rate(0, 2)}
+    text = report.markdown({"results": results, "settings": {"databases": 3}})
+    assert "Joins completed from the foreign keys in 1 answers, 1 of them now right: EX 50.0% (1/2) against 0.0% (0/2)" in text
+    records[0].update(candidates={"candidates": 2, "chosen": 1, "ran": 2, "agreed": 1, "fallback": False}, ex_greedy=False)
+    assert report.aggregate(records)["joins_completed"]["ex_model_sql"] is None  # a vote could have gone another way
