@@ -1,7 +1,7 @@
 """Join in the tables a query's columns come from, along the schema's foreign keys.
 
     complete_joins("SELECT first_name FROM candidates", schema)
-    # 'SELECT T2.first_name FROM candidates AS T1 JOIN people AS T2 ON T1.candidate_id = T2.person_id'
+    # 'SELECT T2.first_name FROM candidates JOIN people AS T2 ON candidates.candidate_id = T2.person_id'
 
 A small model often names the right columns and the wrong table: `first_name` from `candidates` when
 `first_name` is a column of `people`, or `T2.name` where T1 is the table with `name`. SQLite refuses such a
@@ -18,8 +18,9 @@ Only columns SQLite could not resolve are touched: a column of an enclosing SELE
 an output alias, a derived table's column are left as written, and a SELECT that reads anything but the
 schema's tables is left alone. So a query that ran before runs unchanged; one that could not run either
 stays as it was or becomes one that can. Where the choice is not one table (two tables equally near with
-the column, a qualifier that fits two tables) nothing is guessed. Contexts without FOREIGN KEY clauses link
-two tables through a shared column named `*id`.
+the column, a qualifier that fits two tables, no table at all) or a join would capture a column of an
+enclosing SELECT, nothing is guessed and the whole query stays as written. Contexts without FOREIGN KEY
+clauses link two tables through a shared column named `*id`.
 """
 
 from __future__ import annotations
