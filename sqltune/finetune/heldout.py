@@ -57,13 +57,11 @@ def score(folder: Path, examples: list[Any], precision: Any, samples: int = 5,
     # the folder as it is (its manifest is written after this check), on the server's transformers engine
     with batch.open_model(folder, engine="transformers", batch_size=16, precision=precision, resolve=False) as llm:
         predicted = llm.generate_sql([(ex.question, ex.context) for ex in [*examples, tutorial]])
+    own = predicted
     if complete_joins:  # as eval, ask and serve answer (sqltune.sql.joins)
         from sqltune.sql.joins import with_joins
 
-        pairs = zip(predicted, [*examples, tutorial], strict=True)
-        own, predicted = predicted, [with_joins(sql, ex.context) for sql, ex in pairs]
-    else:
-        own = predicted
+        predicted = [with_joins(sql, ex.context) for sql, ex in zip(own, [*examples, tutorial], strict=True)]
     result = summarise(examples, predicted[:-1], samples, own=own[:-1])
     from sqltune.evaluate.score import Item, Settings, score_example
 

@@ -175,20 +175,13 @@ def _supplier(name: str, sources: list[_Source], schema: Schema, graph: nx.Graph
     if holders:
         return holders[0].key if len(holders) == 1 else None
     read = {s.table.name.lower() for s in sources}
-    best: list[list[str]] = []
-    for table in schema.tables_with(name):
-        paths = [nx.shortest_path(graph, s.table.name.lower(), table.name.lower()) for s in sources
-                 if nx.has_path(graph, s.table.name.lower(), table.name.lower())]
-        if not paths:
-            continue
-        path = min(paths, key=len)
-        if not best or len(path) < len(best[0]):
-            best = [path]
-        elif len(path) == len(best[0]):
-            best.append(path)
-    if len(best) != 1:
+    reach = nx.multi_source_dijkstra_path(graph, read)  # every table's shortest path from one the SELECT reads
+    paths = [reach[t.name.lower()] for t in schema.tables_with(name) if t.name.lower() in reach]
+    shortest = min(map(len, paths), default=0)
+    nearest = [p for p in paths if len(p) == shortest]
+    if len(nearest) != 1:
         return None
-    path = best[0]
+    path = nearest[0]
     key = next(s.key for s in sources if s.table.name.lower() == path[0])
     for prev, node in pairwise(path):
         if node in read:
