@@ -12,7 +12,11 @@ clause follows from the columns chosen and the foreign-key graph); here it runs 
   that has it;
 - a column no table of its SELECT has comes from the schema's table that has it and is fewest foreign keys
   away, joined in along that path (`JOIN t AS Tn ON ...` with the key's columns); every column of that
-  SELECT is then qualified, so none becomes ambiguous.
+  SELECT is then qualified, so none becomes ambiguous;
+- before those, a JOIN whose ON equates columns its tables lack (`a JOIN b ON a.b_id = b.b_id` where `a` has
+  no `b_id`) is dropped when nothing else in the SELECT reads its table, or else joined along the foreign
+  keys from the nearest earlier table of the query (moving the column instead would leave `b.b_id = b.b_id`,
+  a cross join).
 
 Only columns SQLite could not resolve are touched: a column of an enclosing SELECT (a correlated subquery),
 an output alias, a derived table's column are left as written, and a SELECT that reads anything but the
@@ -25,7 +29,7 @@ clauses link two tables through a shared column named `*id`.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from functools import lru_cache
 from itertools import pairwise
@@ -132,31 +136,33 @@ def _complete(select: exp.Select, schema: Schema, graph: nx.Graph) -> bool:
         return False  # one table twice without aliases: SQLite's own error, not a missing join
     outer_keys, outer_columns = _outer_keys(select, schema)
     aliases = {e.alias.lower() for e in select.expressions if isinstance(e, exp.Alias)}
-    missing: list[exp.Column] = []
-    outer: set[str] = set()  # unqualified names SQLite resolves in an enclosing SELECT
-    for col in _own_columns(select):
+
+    def unresolved(col: exp.Column) -> bool:
+        """Whether SQLite finds no column for `col` (neither in this SELECT's tables nor in an enclosing one)."""
         qualifier, name = col.table.lower(), col.name
         if qualifier in by_key:
-            if not by_key[qualifier].table.column(name):
-                missing.append(col)
-        elif qualifier:
-            if qualifier not in outer_keys:
-                missing.append(col)
-        elif not any(s.table.column(name) for s in sources) and name.lower() not in aliases:
-            if name.lower() in outer_columns:
-                outer.add(name.lower())
-            else:
-                missing.append(col)
-    if not missing:
+            return by_key[qualifier].table.column(name) is None
+        if qualifier:
+            return qualifier not in outer_keys
+        return (not any(s.table.column(name) for s in sources) and name.lower() not in aliases
+                and name.lower() not in outer_columns)
+
+    outer = {col.name.lower() for col in _own_columns(select)  # unqualified names SQLite resolves outside
+             if not col.table and not any(s.table.column(col.name) for s in sources)
+             and col.name.lower() not in aliases and col.name.lower() in outer_columns}
+    written = {id(s) for s in sources}
+    mended = _mend_join_conditions(select, sources, schema, graph, unresolved)
+    by_key = {s.key.lower(): s for s in sources}
+    missing = [col for col in _own_columns(select) if unresolved(col)]
+    if not missing and not mended:
         return False
     plan: dict[int, str] = {}  # id(column) -> the key of the source that supplies it
-    read = len(sources)
     for col in missing:
         key = _supplier(col.name, sources, schema, graph, select)
         if key is None:
             raise _NoSingleAnswer(col.sql())
         plan[id(col)] = key
-    if any(s.table.column(name) for s in sources[read:] for name in outer):
+    if any(s.table.column(name) for s in sources if id(s) not in written for name in outer):
         raise _NoSingleAnswer("a joined table would capture a column of the enclosing SELECT")
     for col in _own_columns(select):
         key = plan.get(id(col))
@@ -166,6 +172,72 @@ def _complete(select: exp.Select, schema: Schema, graph: nx.Graph) -> bool:
         if key is not None:
             col.set("table", exp.to_identifier(key))
     return True
+
+
+def _mend_join_conditions(select: exp.Select, sources: list[_Source], schema: Schema, graph: nx.Graph,
+                          unresolved: Callable[[exp.Column], bool]) -> bool:
+    """JOINs whose ON equates a column its tables lack (`a JOIN b ON a.b_id = b.b_id` where `a` has no `b_id`).
+    A joined table nothing else in the SELECT reads is dropped: the query asks nothing of it. One that is read
+    is joined along the foreign keys from the nearest earlier table, through the tables between them where they
+    are not linked directly. Only ON clauses made of column = column terms are mended; `sources` follows what
+    was dropped or added. Whether anything changed."""
+    changed = False
+    for join in list(select.args.get("joins") or []):
+        on = join.args.get("on")
+        terms = list(on.flatten()) if isinstance(on, exp.And) else [on]
+        if on is None or not all(isinstance(t, exp.EQ) and isinstance(t.this, exp.Column)
+                                 and isinstance(t.expression, exp.Column) for t in terms):
+            continue
+        in_on = [c for t in terms for c in (t.this, t.expression)]
+        if not any(unresolved(c) for c in in_on):
+            continue
+        index = next(i for i, s in enumerate(sources) if s.key.lower() == (join.this.alias or join.this.name).lower())
+        source = sources[index]
+        if not _reads(select, source, [c for c in _own_columns(select) if not any(c is o for o in in_on)], unresolved):
+            join.pop()
+            del sources[index]
+            changed = True
+            continue
+        name = source.table.name.lower()
+        path = nx.multi_source_dijkstra_path(graph, {s.table.name.lower() for s in sources[:index]}).get(name)
+        if path is None or len(path) < 2:
+            continue  # not linked to an earlier table, or the same table read twice
+        key = next(s.key for s in sources[:index] if s.table.name.lower() == path[0])
+        added = []
+        for prev, node in pairwise(path):
+            if node == name:
+                join.set("on", _on(graph, prev, node, key, source.key))
+                break
+            table = schema.table(node)
+            assert table is not None
+            alias = _new_alias(sources)
+            added.append(exp.Join(this=_aliased(table, alias), on=_on(graph, prev, node, key, alias)))
+            sources.insert(index + len(added) - 1, _Source(alias, table))
+            key = alias
+        joins = list(select.args["joins"])
+        at = next(i for i, j in enumerate(joins) if j is join)
+        select.set("joins", joins[:at] + added + joins[at:])
+        changed = True
+    return changed
+
+
+def _reads(select: exp.Select, source: _Source, columns: list[exp.Column], unresolved: Callable[[exp.Column], bool]) -> bool:
+    """Whether the SELECT reads anything from `source` through `columns` (or a star): a column qualified with
+    it that it has, or an unqualified or unresolved one it could supply."""
+    if any(isinstance(e, exp.Star) or (isinstance(e, exp.Column) and isinstance(e.this, exp.Star)) for e in select.expressions):
+        return True
+    return any(source.table.column(c.name) is not None
+               and (c.table.lower() == source.key.lower() or not c.table or unresolved(c)) for c in columns)
+
+
+def _on(graph: nx.Graph, prev: str, node: str, key: str, alias: str) -> exp.Expression:
+    """The ON condition joining table `node` (as `alias`) to table `prev` (as `key`) along their foreign key."""
+    return exp.and_(*(exp.EQ(this=exp.column(x, table=key), expression=exp.column(y, table=alias))
+                      for x, y in graph.edges[prev, node]["on"][prev]))
+
+
+def _aliased(table: Table, alias: str) -> exp.Table:
+    return exp.Table(this=exp.to_identifier(table.name), alias=exp.TableAlias(this=exp.to_identifier(alias)))
 
 
 def _supplier(name: str, sources: list[_Source], schema: Schema, graph: nx.Graph, select: exp.Select) -> str | None:
@@ -190,10 +262,7 @@ def _supplier(name: str, sources: list[_Source], schema: Schema, graph: nx.Graph
         alias = _new_alias(sources)
         table = schema.table(node)
         assert table is not None
-        on = exp.and_(*(exp.EQ(this=exp.column(x, table=key), expression=exp.column(y, table=alias))
-                        for x, y in graph.edges[prev, node]["on"][prev]))
-        select.join(exp.Table(this=exp.to_identifier(table.name), alias=exp.TableAlias(this=exp.to_identifier(alias))),
-                    on=on, copy=False)
+        select.join(_aliased(table, alias), on=_on(graph, prev, node, key, alias), copy=False)
         sources.append(_Source(alias, table))
         read.add(node)
         key = alias
