@@ -199,24 +199,12 @@ def _mend_join_conditions(select: exp.Select, sources: list[_Source], schema: Sc
             changed = True
             continue
         name = source.table.name.lower()
-        path = nx.multi_source_dijkstra_path(graph, {s.table.name.lower() for s in sources[:index]}).get(name)
+        path = nx.multi_source_dijkstra_path(graph, [s.table.name.lower() for s in sources[:index]]).get(name)
         if path is None or len(path) < 2:
             continue  # not linked to an earlier table, or the same table read twice
         key = next(s.key for s in sources[:index] if s.table.name.lower() == path[0])
-        added = []
-        for prev, node in pairwise(path):
-            if node == name:
-                join.set("on", _on(graph, prev, node, key, source.key))
-                break
-            table = schema.table(node)
-            assert table is not None
-            alias = _new_alias(sources)
-            added.append(exp.Join(this=_aliased(table, alias), on=_on(graph, prev, node, key, alias)))
-            sources.insert(index + len(added) - 1, _Source(alias, table))
-            key = alias
-        joins = list(select.args["joins"])
-        at = next(i for i, j in enumerate(joins) if j is join)
-        select.set("joins", joins[:at] + added + joins[at:])
+        key = _join_path(select, path[:-1], key, sources, schema, graph, before=join)
+        join.set("on", _on(graph, path[-2], name, key, source.key))
         changed = True
     return changed
 
@@ -246,8 +234,7 @@ def _supplier(name: str, sources: list[_Source], schema: Schema, graph: nx.Graph
     holders = [s for s in sources if s.table.column(name)]
     if holders:
         return holders[0].key if len(holders) == 1 else None
-    read = {s.table.name.lower() for s in sources}
-    reach = nx.multi_source_dijkstra_path(graph, read)  # every table's shortest path from one the SELECT reads
+    reach = nx.multi_source_dijkstra_path(graph, [s.table.name.lower() for s in sources])  # in the order read: ties alike in every run
     paths = [reach[t.name.lower()] for t in schema.tables_with(name) if t.name.lower() in reach]
     shortest = min(map(len, paths), default=0)
     nearest = [p for p in paths if len(p) == shortest]
@@ -255,17 +242,27 @@ def _supplier(name: str, sources: list[_Source], schema: Schema, graph: nx.Graph
         return None
     path = nearest[0]
     key = next(s.key for s in sources if s.table.name.lower() == path[0])
+    return _join_path(select, path, key, sources, schema, graph)
+
+
+def _join_path(select: exp.Select, path: list[str], key: str, sources: list[_Source], schema: Schema, graph: nx.Graph,
+               before: exp.Join | None = None) -> str:
+    """Join in each table of `path` after its first (read as `key`), along the foreign key from the one before it,
+    as a new T{n}: before the JOIN `before`, else at the end, with their sources at the same place in `sources`
+    (the FROM's, then one per JOIN). The key of the path's last table. A shortest path from the tables a SELECT
+    reads passes through none of them, so every table after the first is new."""
+    joins = list(select.args.get("joins") or [])
+    at = len(joins) if before is None else next(i for i, j in enumerate(joins) if j is before)
+    added: list[exp.Join] = []
     for prev, node in pairwise(path):
-        if node in read:
-            key = next(s.key for s in sources if s.table.name.lower() == node)
-            continue
-        alias = _new_alias(sources)
         table = schema.table(node)
         assert table is not None
-        select.join(_aliased(table, alias), on=_on(graph, prev, node, key, alias), copy=False)
-        sources.append(_Source(alias, table))
-        read.add(node)
+        alias = _new_alias(sources)
+        added.append(exp.Join(this=_aliased(table, alias), on=_on(graph, prev, node, key, alias)))
+        sources.insert(at + len(added), _Source(alias, table))
         key = alias
+    if added:
+        select.set("joins", joins[:at] + added + joins[at:])
     return key
 
 
